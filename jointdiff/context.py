@@ -1,0 +1,57 @@
+"""Objects the engine hands to plugins: the job context, window batches, the step state."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from .denoiser import Denoiser
+    from .geometry import Geometry
+
+
+@dataclass
+class JobContext:
+    """What plugins may use during :meth:`setup` and inside the loop.
+
+    ``pipeline`` is a diffusers Stable Diffusion pipeline (components ``unet``, ``vae``,
+    ``text_encoder``, ``tokenizer``, ``scheduler``); ``dtype`` is the UNet's compute dtype.
+    """
+
+    pipeline: Any
+    geometry: Geometry
+    device: torch.device
+    dtype: torch.dtype
+    num_inference_steps: int
+    generator: torch.Generator
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class WindowBatch:
+    """A fixed group of windows denoised together, with its own scheduler copy.
+
+    Multistep schedulers (DPM-Solver++, UniPC) keep a history of model outputs; each batch
+    owns a deep copy so no state leaks between windows.
+    """
+
+    index: int
+    window_ids: tuple[int, ...]
+    scheduler: Any
+
+    def __len__(self) -> int:
+        return len(self.window_ids)
+
+
+@dataclass
+class StepState:
+    """The state of one denoising step, given to synchronizers."""
+
+    step_index: int
+    timestep: torch.Tensor
+    num_steps: int
+    canvas: torch.Tensor
+    denoiser: Denoiser
+    context: JobContext

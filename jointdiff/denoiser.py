@@ -1,0 +1,78 @@
+"""One batched model evaluation for a group of windows: guidance, conditioners, x̂0.
+
+The canvas is kept in float32 (fusion sums many windows); the UNet runs in the job's dtype.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+
+if TYPE_CHECKING:
+    from .conditioner import Conditioner, Prompt
+    from .context import JobContext
+
+
+class Denoiser:
+    """Evaluates the UNet on a window batch with classifier-free guidance batched in.
+
+    The guidance batch is ``[uncond_1..uncond_B, cond_1..cond_B]`` (diffusers' order for a
+    single prompt), so one UNet call serves all windows of the batch and both branches.
+    """
+
+    def __init__(self, context: JobContext, prompt: Prompt, conditioners: Sequence[Conditioner]) -> None:
+        self.context = context
+        self.unet = context.pipeline.unet
+        self.prompt = prompt
+        self.conditioners = list(conditioners)
+        self.prediction_type = context.pipeline.scheduler.config.get("prediction_type", "epsilon")
+        dtype = context.dtype
+        if prompt.uses_guidance:
+            pair = torch.cat([prompt.negative_embeds, prompt.embeds])
+        else:
+            pair = prompt.embeds
+        self._embeds = pair.to(device=context.device, dtype=dtype)
+
+    def _encoder_states(self, batch_size: int) -> torch.Tensor:
+        branches = self._embeds.shape[0]
+        states = self._embeds.unsqueeze(1).expand(branches, batch_size, *self._embeds.shape[1:])
+        return states.reshape(branches * batch_size, *self._embeds.shape[1:])
+
+    def model_output(
+        self, latents: torch.Tensor, timestep: torch.Tensor, window_ids: Sequence[int], scheduler
+    ) -> torch.Tensor:
+        """Guided model output (ε, v or x0 per the scheduler's ``prediction_type``) for
+        window latents ``(B, C, h, w)``; returns float32 ``(B, C, h, w)``."""
+        guided = self.prompt.uses_guidance
+        model_input = torch.cat([latents, latents]) if guided else latents
+        model_input = scheduler.scale_model_input(model_input, timestep).to(self.context.dtype)
+        states = self._encoder_states(latents.shape[0])
+        extra = {}
+        for conditioner in self.conditioners:
+            extra.update(conditioner.unet_kwargs(model_input, timestep, states, window_ids, self.context))
+        output = self.unet(model_input, timestep, encoder_hidden_states=states, return_dict=False, **extra)[0]
+        output = output.float()
+        if guided:
+            uncond, cond = output.chunk(2)
+            output = uncond + self.prompt.guidance_scale * (cond - uncond)
+        return output
+
+    def predicted_x0(
+        self, latents: torch.Tensor, model_output: torch.Tensor, timestep: torch.Tensor, scheduler
+    ) -> torch.Tensor:
+        """Tweedie's / DDIM's predicted clean latent x̂0 (Song et al. 2021, Eq. 12).
+
+        ``x̂0 = (x_t − √(1−ᾱ_t) ε) / √ᾱ_t`` for ε-prediction, ``√ᾱ_t x_t − √(1−ᾱ_t) v`` for
+        v-prediction; ``x_t`` is taken in variance-preserving form (after
+        ``scale_model_input``, which is the identity for DDIM).
+        """
+        sample = scheduler.scale_model_input(latents, timestep).float()
+        alpha_bar = scheduler.alphas_cumprod.to(sample.device)[int(timestep)].float()
+        if self.prediction_type == "epsilon":
+            return (sample - (1 - alpha_bar).sqrt() * model_output) / alpha_bar.sqrt()
+        if self.prediction_type == "v_prediction":
+            return alpha_bar.sqrt() * sample - (1 - alpha_bar).sqrt() * model_output
+        if self.prediction_type == "sample":
+            return model_output
+        raise ValueError(f"prediction_type must be epsilon, v_prediction or sample, got {self.prediction_type!r}")

@@ -1,0 +1,191 @@
+"""The joint-diffusion engine: one denoising loop over a canvas of overlapping windows.
+
+Each step (MultiDiffusion, Bar-Tal et al. 2023, Eq. 5; SyncDiffusion, Lee et al. 2023, Alg. 1):
+
+1. the synchronizer looks at the canvas (e.g. computes the anchor's prediction);
+2. for every window batch: take the windows out of the canvas (geometry), let the
+   synchronizer move them, run the UNet once for all windows and guidance branches,
+   step the batch's own scheduler copy;
+3. add the weighted results back onto the canvas and divide by the summed weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .conditioner import Conditioner
+from .context import JobContext, StepState, WindowBatch
+from .denoiser import Denoiser
+from .errors import ConfigError, NonFiniteLatentsError
+from .geometry import Geometry
+from .synchronizer import Synchronizer
+
+StepCallback = Callable[[int, int, torch.Tensor], None]
+
+
+@dataclass
+class JointResult:
+    """What a job returns: the output images, the final canvas latents ``(S, C, H, W)``
+    (float32, unscaled) and the decoded pixels ``(S, 3, H_px, W_px)`` in [-1, 1]."""
+
+    images: list[Image.Image]
+    latents: torch.Tensor
+    pixels: torch.Tensor | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+class JointDiffusion:
+    """Composes a pipeline with a geometry, conditioners and a synchronizer.
+
+    ``pipeline`` is a diffusers Stable Diffusion 1.x/2.x pipeline (see
+    :func:`jointdiff.models.load_pipeline`). ``view_batch_size`` windows share one UNet call
+    (times two with classifier-free guidance).
+    """
+
+    def __init__(
+        self,
+        pipeline: Any,
+        geometry: Geometry,
+        conditioners: Sequence[Conditioner],
+        synchronizer: Synchronizer | None = None,
+        *,
+        view_batch_size: int = 4,
+        eta: float = 0.0,
+        check_finite: bool = True,
+    ) -> None:
+        if not isinstance(view_batch_size, int) or view_batch_size < 1:
+            raise ConfigError(f"view_batch_size must be a positive integer, got {view_batch_size!r}")
+        if not isinstance(geometry, Geometry):
+            raise ConfigError(f"geometry must be a Geometry, got {geometry!r}")
+        self.pipeline = pipeline
+        self.geometry = geometry
+        self.conditioners = list(conditioners)
+        self.synchronizer = synchronizer
+        self.view_batch_size = view_batch_size
+        self.eta = eta
+        self.check_finite = check_finite
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipeline.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pipeline.unet.dtype
+
+    def _prompt(self):
+        prompts = [c.prompt() for c in self.conditioners]
+        prompts = [p for p in prompts if p is not None]
+        if len(prompts) != 1:
+            names = [c.name for c in self.conditioners]
+            raise ConfigError(f"a job needs exactly one prompt conditioner (e.g. 'text'); got {names}")
+        return prompts[0]
+
+    def _initial_latents(self, latents: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
+        sheets, height, width = self.geometry.canvas_shape_latent
+        shape = (sheets, self.pipeline.unet.config.in_channels, height, width)
+        if latents is None:
+            latents = torch.randn(shape, generator=generator, dtype=torch.float32)
+        elif tuple(latents.shape) != shape:
+            raise ConfigError(f"latents must have shape {shape} for this geometry, got {tuple(latents.shape)}")
+        return latents.to(self.device, torch.float32) * self.pipeline.scheduler.init_noise_sigma
+
+    def _window_batches(self, scheduler: Any) -> list[WindowBatch]:
+        ids = list(range(self.geometry.num_windows))
+        size = self.view_batch_size
+        return [
+            WindowBatch(j, tuple(ids[i : i + size]), copy.deepcopy(scheduler))
+            for j, i in enumerate(range(0, len(ids), size))
+        ]
+
+    def _weight_sum(self, batches: list[WindowBatch], like: torch.Tensor) -> torch.Tensor:
+        weights = torch.zeros(like.shape[0], 1, *like.shape[2:], device=like.device)
+        for batch in batches:
+            self.geometry.insert(weights, self.geometry.window_weights(batch.window_ids, like.device), batch.window_ids)
+        if not bool((weights > 0).all()):
+            raise ConfigError(f"geometry {self.geometry.name!r} leaves canvas cells without any window")
+        return weights
+
+    def _step_kwargs(self, scheduler: Any, generator: torch.Generator) -> dict[str, Any]:
+        accepted = set(inspect.signature(scheduler.step).parameters)
+        kwargs = {"eta": self.eta, "generator": generator}
+        return {k: v for k, v in kwargs.items() if k in accepted}
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        num_inference_steps: int = 50,
+        seed: int = 0,
+        latents: torch.Tensor | None = None,
+        callback: StepCallback | None = None,
+        progress: bool = True,
+        output_type: str = "pil",
+    ) -> JointResult:
+        """Run the job. ``latents`` (optional) is the initial canvas noise ``(S, C, H, W)``,
+        scaled by the scheduler's ``init_noise_sigma`` as in diffusers. ``output_type`` is
+        ``"pil"`` (decode and make images) or ``"latent"`` (skip decoding)."""
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ConfigError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
+        if output_type not in ("pil", "latent"):
+            raise ConfigError(f"output_type must be 'pil' or 'latent', got {output_type!r}")
+
+        # 1. Geometry, conditioners and synchronizer see the model.
+        self.geometry.setup(self.pipeline.vae_scale_factor)
+        generator = torch.Generator("cpu").manual_seed(seed)
+        context = JobContext(self.pipeline, self.geometry, self.device, self.dtype, num_inference_steps, generator)
+        for conditioner in self.conditioners:
+            conditioner.setup(context)
+        denoiser = Denoiser(context, self._prompt(), self.conditioners)
+        if self.synchronizer is not None:
+            self.synchronizer.setup(context)
+
+        # 2. Timesteps (kept on the CPU: indexing them never waits for the GPU) and latents.
+        scheduler = self.pipeline.scheduler
+        scheduler.set_timesteps(num_inference_steps, device="cpu")
+        timesteps = scheduler.timesteps
+        canvas = self._initial_latents(latents, generator)
+
+        # 3. Window batches, each with its own scheduler state, and the fusion weights.
+        batches = self._window_batches(scheduler)
+        weight_sum = self._weight_sum(batches, canvas)
+        step_kwargs = self._step_kwargs(scheduler, generator)
+        fused = torch.empty_like(canvas)
+
+        # 4. Denoising loop.
+        for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="jointdiff")):
+            state = StepState(i, t, len(timesteps), canvas, denoiser, context)
+            if self.synchronizer is not None:
+                self.synchronizer.begin_step(state)
+            fused.zero_()
+            for batch in batches:
+                window_latents = self.geometry.extract(canvas, batch.window_ids)
+                if self.synchronizer is not None:
+                    window_latents = self.synchronizer.update(window_latents, batch, state)
+                output = denoiser.model_output(window_latents, t, batch.window_ids, batch.scheduler)
+                stepped = batch.scheduler.step(output, t, window_latents, **step_kwargs, return_dict=False)[0]
+                weights = self.geometry.window_weights(batch.window_ids, canvas.device)
+                self.geometry.insert(fused, stepped.float() * weights, batch.window_ids)
+            canvas = fused / weight_sum
+            if self.check_finite and not bool(torch.isfinite(canvas).all()):
+                raise NonFiniteLatentsError(f"NaN or inf in the canvas latents at step {i} (timestep {int(t)})")
+            if callback is not None:
+                callback(i, int(t), canvas)
+
+        # 5. Decode.
+        metadata = {"seed": seed, "num_inference_steps": num_inference_steps, "windows": self.geometry.num_windows}
+        if output_type == "latent":
+            return JointResult([], canvas, None, metadata)
+        pixels = self.geometry.decode(canvas, self._vae_decode)
+        return JointResult(self.geometry.to_images(pixels), canvas, pixels, metadata)
+
+    def _vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.pipeline.vae
+        scaled = latents.to(vae.dtype) / vae.config.scaling_factor
+        return vae.decode(scaled, return_dict=False)[0].float()

@@ -1,0 +1,93 @@
+"""The Geometry interface: how fixed-size windows map onto a canvas of any shape.
+
+Conventions (as kornia): tensors are ``(B, C, H, W)``; sizes are ``(h, w)``; latent and pixel
+units are named ``*_latent`` and ``*_px``; angles are degrees and carry ``_deg``.
+
+A canvas is a latent tensor of shape ``(S, C, H, W)``: ``S`` *sheets* (1 for a strip or grid,
+6 for a cubemap, ...). A geometry maps window ``i`` to a ``(C, h, w)`` view of the canvas.
+It must not assume integer crops in the engine's place: a geometry may *resample* (a
+perspective view of an equirectangular canvas), so extraction and insertion are its own.
+
+Fusion follows MultiDiffusion (Bar-Tal et al. 2023, Eq. 5): the fused canvas is
+``sum_i insert_i(w_i * x_i) / sum_i insert_i(w_i)`` where ``insert_i`` maps a window back onto
+the canvas and ``w_i`` is the window's weight map.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Callable, Sequence
+
+import torch
+from PIL import Image
+
+from .options import Configurable
+
+DecodeFn = Callable[[torch.Tensor], torch.Tensor]
+"""Maps latents ``(B, C, h, w)`` (unscaled by the VAE factor) to pixels ``(B, 3, f*h, f*w)`` in [-1, 1]."""
+
+
+class Geometry(Configurable, ABC):
+    """Base class of every geometry plugin.
+
+    Lifecycle: construct with options (validated, no model needed) → :meth:`setup` with the
+    VAE's scale factor (computes the windows) → the engine calls :meth:`extract`,
+    :meth:`insert` and :meth:`window_weights` inside the loop → :meth:`decode` and
+    :meth:`to_images` at the end.
+    """
+
+    def setup(self, latent_scale: int) -> None:
+        """Prepare windows for a VAE with ``latent_scale`` pixels per latent cell.
+
+        Raises :class:`~jointdiff.errors.ConfigError` when sizes do not fit the factor.
+        """
+        self.latent_scale = int(latent_scale)
+
+    @property
+    @abstractmethod
+    def canvas_shape_latent(self) -> tuple[int, int, int]:
+        """``(S, H, W)`` of the canvas in latent cells."""
+
+    @property
+    @abstractmethod
+    def window_size_latent(self) -> tuple[int, int]:
+        """``(h, w)`` of every window in latent cells (the model's native latent size)."""
+
+    @property
+    @abstractmethod
+    def num_windows(self) -> int:
+        """Number of windows."""
+
+    @abstractmethod
+    def extract(self, canvas: torch.Tensor, window_ids: Sequence[int]) -> torch.Tensor:
+        """Take windows out of ``canvas`` ``(S, C, H, W)``; returns ``(B, C, h, w)``."""
+
+    @abstractmethod
+    def insert(self, target: torch.Tensor, values: torch.Tensor, window_ids: Sequence[int]) -> None:
+        """Add ``values`` ``(B, C', h, w)`` into ``target`` ``(S, C', H, W)`` in place.
+
+        The adjoint of :meth:`extract` for crops; for resampling geometries, the inverse warp.
+        Used for both weighted values and weights, so it must be linear in ``values``.
+        """
+
+    def window_weights(self, window_ids: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
+        """Fusion weights ``(B, 1, h, w)`` of the windows; uniform by default (MultiDiffusion)."""
+        h, w = self.window_size_latent
+        return torch.ones(len(window_ids), 1, h, w, device=device)
+
+    def decode(self, canvas: torch.Tensor, decode: DecodeFn) -> torch.Tensor:
+        """Decode the final canvas ``(S, C, H, W)`` into pixels ``(S, 3, f*H, f*W)`` in [-1, 1].
+
+        Geometries that wrap override this to decode with circular context (no seam).
+        """
+        return torch.cat([decode(canvas[s : s + 1]) for s in range(canvas.shape[0])])
+
+    def to_images(self, pixels: torch.Tensor) -> list[Image.Image]:
+        """Turn decoded pixels ``(S, 3, H_px, W_px)`` in [-1, 1] into output images (one per sheet)."""
+        return tensor_to_pil(pixels)
+
+
+def tensor_to_pil(pixels: torch.Tensor) -> list[Image.Image]:
+    """``(B, 3, H, W)`` in [-1, 1] → list of RGB PIL images (rounded, as diffusers does)."""
+    array = ((pixels.detach().float().cpu() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+    return [Image.fromarray(a.permute(1, 2, 0).numpy()) for a in array]

@@ -1,0 +1,141 @@
+"""A reusable base for geometries whose windows are axis-aligned crops of one canvas sheet.
+
+Windows are ``(top, left)`` origins in latent cells on a canvas of shape ``(1, C, H, W)``;
+an axis may *wrap* (the canvas closes into a loop along it), in which case a window may run
+past the edge and continue from the other side. Extraction and insertion use plain slices
+(at most two pieces per wrapped axis), which keeps fusion deterministic on every device.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from typing import Sequence
+
+import torch
+
+from .errors import ConfigError
+from .geometry import DecodeFn, Geometry
+
+
+def axis_starts(extent: int, window: int, stride: int, wrap: bool, axis: str) -> tuple[list[int], int]:
+    """Window origins along one axis, and the stride actually used (all in latent cells).
+
+    Without wrap, windows step by ``stride`` and a last window is added flush with the far
+    edge when ``stride`` does not divide ``extent - window`` (every cell covered). With wrap,
+    the stride is the largest divisor of ``extent`` not above ``stride`` so that every cell is
+    covered by the same number of windows (uniform coverage across the seam).
+    """
+    if extent < window:
+        raise ConfigError(f"canvas {axis} is {extent} latent cells, smaller than one window ({window})")
+    if extent == window:
+        return [0], stride
+    if wrap:
+        used = max(d for d in range(1, stride + 1) if extent % d == 0)
+        return list(range(0, extent, used)), used
+    starts = list(range(0, extent - window + 1, stride))
+    if starts[-1] + window < extent:
+        starts.append(extent - window)
+    return starts, stride
+
+
+def wrapped_segments(start: int, size: int, extent: int) -> list[tuple[int, int, int]]:
+    """Split a window ``[start, start+size)`` on a looping axis of length ``extent`` into
+    ``(canvas_start, window_start, length)`` pieces that do not cross the edge."""
+    pieces, offset = [], 0
+    while offset < size:
+        canvas_start = (start + offset) % extent
+        length = min(size - offset, extent - canvas_start)
+        pieces.append((canvas_start, offset, length))
+        offset += length
+    return pieces
+
+
+class TiledGeometry(Geometry):
+    """Base of crop geometries (strip, grid, torus, atlas tiles).
+
+    Subclasses give the canvas size in pixels, the window and stride in latent cells and
+    which axes wrap; this class computes windows, extracts, inserts and decodes.
+    """
+
+    decode_padding_latent: int = 8
+
+    @abstractmethod
+    def canvas_size_px(self) -> tuple[int, int]:
+        """``(H_px, W_px)`` of the canvas."""
+
+    @abstractmethod
+    def window_stride_latent(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """``((h, w), (stride_y, stride_x))`` in latent cells."""
+
+    def wraps(self) -> tuple[bool, bool]:
+        """Whether the canvas loops along ``(y, x)``."""
+        return (False, False)
+
+    def setup(self, latent_scale: int) -> None:
+        super().setup(latent_scale)
+        height_px, width_px = self.canvas_size_px()
+        for label, value in (("height_px", height_px), ("width_px", width_px)):
+            if value % latent_scale:
+                raise ConfigError(
+                    f"{self.name}: {label} = {value} is not a multiple of the VAE factor {latent_scale}"
+                )
+        (win_h, win_w), (stride_y, stride_x) = self.window_stride_latent()
+        self._size = (height_px // latent_scale, width_px // latent_scale)
+        self._window = (win_h, win_w)
+        wrap_y, wrap_x = self.wraps()
+        tops, used_y = axis_starts(self._size[0], win_h, stride_y, wrap_y, "height")
+        lefts, used_x = axis_starts(self._size[1], win_w, stride_x, wrap_x, "width")
+        self.stride_used_latent = (used_y, used_x)
+        self.origins = [(top, left) for top in tops for left in lefts]
+
+    @property
+    def canvas_shape_latent(self) -> tuple[int, int, int]:
+        return (1, *self._size)
+
+    @property
+    def window_size_latent(self) -> tuple[int, int]:
+        return self._window
+
+    @property
+    def num_windows(self) -> int:
+        return len(self.origins)
+
+    def _pieces(self, window_id: int) -> list[tuple[slice, slice, slice, slice]]:
+        """Canvas and window slices ``(cy, cx, wy, wx)`` that make up one window."""
+        top, left = self.origins[window_id]
+        (h, w), (H, W) = self._window, self._size
+        wrap_y, wrap_x = self.wraps()
+        rows = wrapped_segments(top, h, H) if wrap_y else [(top, 0, h)]
+        cols = wrapped_segments(left, w, W) if wrap_x else [(left, 0, w)]
+        return [
+            (slice(cy, cy + ny), slice(cx, cx + nx), slice(wy, wy + ny), slice(wx, wx + nx))
+            for cy, wy, ny in rows
+            for cx, wx, nx in cols
+        ]
+
+    def extract(self, canvas: torch.Tensor, window_ids: Sequence[int]) -> torch.Tensor:
+        h, w = self._window
+        out = canvas.new_empty(len(window_ids), canvas.shape[1], h, w)
+        for b, window_id in enumerate(window_ids):
+            for cy, cx, wy, wx in self._pieces(window_id):
+                out[b, :, wy, wx] = canvas[0, :, cy, cx]
+        return out
+
+    def insert(self, target: torch.Tensor, values: torch.Tensor, window_ids: Sequence[int]) -> None:
+        for b, window_id in enumerate(window_ids):
+            for cy, cx, wy, wx in self._pieces(window_id):
+                target[0, :, cy, cx] += values[b, :, wy, wx]
+
+    def decode(self, canvas: torch.Tensor, decode: DecodeFn) -> torch.Tensor:
+        """Decode with circular context along wrapped axes, so the VAE's zero padding leaves
+        no seam where the canvas closes (the padding is cropped off afterwards)."""
+        wrap_y, wrap_x = self.wraps()
+        pads = []
+        for dim, wraps in ((-2, wrap_y), (-1, wrap_x)):
+            pad = min(self.decode_padding_latent, canvas.shape[dim]) if wraps else 0
+            if pad:
+                canvas = torch.cat([canvas.narrow(dim, canvas.shape[dim] - pad, pad), canvas, canvas.narrow(dim, 0, pad)], dim)
+            pads.append(pad * self.latent_scale)
+        pixels = super().decode(canvas, decode)
+        pad_y, pad_x = pads
+        return pixels[..., pad_y : pixels.shape[-2] - pad_y, pad_x : pixels.shape[-1] - pad_x]

@@ -1,0 +1,1 @@
+"""jointdiff's built-in plugins, registered through the ``jointdiff`` entry-point group."""

@@ -1,0 +1,17 @@
+"""The ``none`` synchronizer: windows are not synchronized (plain MultiDiffusion)."""
+
+from __future__ import annotations
+
+from jointdiff import hookimpl
+from jointdiff.synchronizer import Synchronizer
+
+
+class NoSynchronizer(Synchronizer):
+    """Leaves every window's latent as it is (the base class's behaviour, named)."""
+
+    name = "none"
+
+
+@hookimpl
+def register_synchronizers(register):
+    register(NoSynchronizer)
