@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from abc import ABC
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
@@ -23,20 +23,29 @@ if TYPE_CHECKING:
 
 @dataclass
 class Prompt:
-    """Encoded text conditioning shared by all windows.
+    """Encoded text conditioning.
 
-    ``embeds`` and ``negative_embeds`` are ``(1, L, D)``; ``guidance_scale`` as in
-    classifier-free guidance (Ho & Salimans 2022): ``eps = eps_u + g (eps_c - eps_u)``,
-    no guidance batch when ``g <= 1`` (as diffusers).
+    ``embeds`` and ``negative_embeds`` are ``(P, L, D)``: ``P`` prompts. By default every
+    window uses prompt 0; ``window_prompt`` maps a window id to its prompt index (e.g. one
+    prompt per texture tile). ``guidance_scale`` as in classifier-free guidance (Ho &
+    Salimans 2022): ``eps = eps_u + g (eps_c - eps_u)``; no unconditional batch when
+    ``g <= 1`` (as diffusers).
     """
 
     embeds: torch.Tensor
     negative_embeds: torch.Tensor
     guidance_scale: float
+    window_prompt: Callable[[int], int] | None = None
 
     @property
     def uses_guidance(self) -> bool:
         return self.guidance_scale > 1.0
+
+    def indices(self, window_ids: Sequence[int]) -> list[int]:
+        """Prompt index of each window."""
+        if self.window_prompt is None:
+            return [0] * len(window_ids)
+        return [self.window_prompt(i) for i in window_ids]
 
 
 class Conditioner(Configurable, ABC):

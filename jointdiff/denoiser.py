@@ -27,17 +27,21 @@ class Denoiser:
         self.prompt = prompt
         self.conditioners = list(conditioners)
         self.prediction_type = context.pipeline.scheduler.config.get("prediction_type", "epsilon")
-        dtype = context.dtype
-        if prompt.uses_guidance:
-            pair = torch.cat([prompt.negative_embeds, prompt.embeds])
-        else:
-            pair = prompt.embeds
-        self._embeds = pair.to(device=context.device, dtype=dtype)
+        self._embeds = prompt.embeds.to(device=context.device, dtype=context.dtype)
+        self._negative = prompt.negative_embeds.to(device=context.device, dtype=context.dtype)
+        self._states_cache: dict[tuple[int, ...], torch.Tensor] = {}
 
-    def _encoder_states(self, batch_size: int) -> torch.Tensor:
-        branches = self._embeds.shape[0]
-        states = self._embeds.unsqueeze(1).expand(branches, batch_size, *self._embeds.shape[1:])
-        return states.reshape(branches * batch_size, *self._embeds.shape[1:])
+    def _encoder_states(self, window_ids: Sequence[int]) -> torch.Tensor:
+        """``(B', L, D)`` text states for the batch, guidance branches first-uncond (cached:
+        batches are fixed for the whole job)."""
+        key = tuple(window_ids)
+        if key not in self._states_cache:
+            index = torch.tensor(self.prompt.indices(window_ids), device=self._embeds.device)
+            states = self._embeds.index_select(0, index)
+            if self.prompt.uses_guidance:
+                states = torch.cat([self._negative.index_select(0, index), states])
+            self._states_cache[key] = states
+        return self._states_cache[key]
 
     def model_output(
         self, latents: torch.Tensor, timestep: torch.Tensor, window_ids: Sequence[int], scheduler
@@ -47,7 +51,7 @@ class Denoiser:
         guided = self.prompt.uses_guidance
         model_input = torch.cat([latents, latents]) if guided else latents
         model_input = scheduler.scale_model_input(model_input, timestep).to(self.context.dtype)
-        states = self._encoder_states(latents.shape[0])
+        states = self._encoder_states(window_ids)
         extra = {}
         for conditioner in self.conditioners:
             extra.update(conditioner.unet_kwargs(model_input, timestep, states, window_ids, self.context))
