@@ -135,7 +135,10 @@ def _scheduler_name(scheduler: Any) -> str:
 def _explain_load_failure(model: str, error: Exception) -> str:
     text = f"{type(error).__name__}: {error}".splitlines()[0]
     offline = os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0")
-    network_words = ("connect", "offline", "resolve", "network", "cannot find the requested files", "LocalEntryNotFound")
+    network_words = (
+        "connect", "offline", "resolve", "network", "not fully cached", "outgoing traffic",
+        "cannot find the requested files", "LocalEntryNotFound",
+    )
     if offline or any(word.lower() in text.lower() for word in network_words):
         return (
             f"could not load model {model!r} from the Hugging Face hub (offline or unreachable: {text}); "

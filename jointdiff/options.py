@@ -24,9 +24,11 @@ def format_validation_error(owner: str, error: pydantic.ValidationError) -> str:
     """One line per problem: ``owner: option 'x' = value: reason``."""
     lines = []
     for item in error.errors():
-        where = ".".join(str(part) for part in item["loc"]) or "options"
+        where = ".".join(str(part) for part in item["loc"])
         if item["type"] == "extra_forbidden":
             lines.append(f"{owner}: unknown option {where!r}")
+        elif not where:  # a check across options: the message names them itself
+            lines.append(f"{owner}: {item['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"{owner}: option {where!r} = {item.get('input')!r}: {item['msg']}")
     return "; ".join(lines)

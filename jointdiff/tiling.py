@@ -9,6 +9,7 @@ past the edge and continue from the other side. Extraction and insertion use pla
 from __future__ import annotations
 
 from abc import abstractmethod
+import warnings
 from typing import Sequence
 
 import torch
@@ -22,15 +23,23 @@ def axis_starts(extent: int, window: int, stride: int, wrap: bool, axis: str) ->
 
     Without wrap, windows step by ``stride`` and a last window is added flush with the far
     edge when ``stride`` does not divide ``extent - window`` (every cell covered). With wrap,
-    the stride is the largest divisor of ``extent`` not above ``stride`` so that every cell is
-    covered by the same number of windows (uniform coverage across the seam).
+    the stride used is the largest common divisor of ``extent`` and ``window`` not above
+    ``stride``: then the layout is invariant under a shift by the stride and every cell is
+    covered by exactly ``window / stride`` windows, so the seam is like any other column.
+    A smaller stride than asked is announced with a warning (it costs more windows).
     """
     if extent < window:
         raise ConfigError(f"canvas {axis} is {extent} latent cells, smaller than one window ({window})")
     if extent == window:
         return [0], stride
     if wrap:
-        used = max(d for d in range(1, stride + 1) if extent % d == 0)
+        used = max(d for d in range(1, stride + 1) if extent % d == 0 and window % d == 0)
+        if used != stride:
+            warnings.warn(
+                f"wrapped {axis} of {extent} latent cells with window {window}: using stride {used} "
+                f"instead of {stride} so that every cell is covered equally",
+                stacklevel=3,
+            )
         return list(range(0, extent, used)), used
     starts = list(range(0, extent - window + 1, stride))
     if starts[-1] + window < extent:
@@ -71,10 +80,14 @@ class TiledGeometry(Geometry):
         """Whether the canvas loops along ``(y, x)``."""
         return (False, False)
 
+    def size_option_names(self) -> tuple[str, str]:
+        """The options that set ``(height, width)``, named in errors."""
+        return ("height_px", "width_px")
+
     def setup(self, latent_scale: int) -> None:
         super().setup(latent_scale)
         height_px, width_px = self.canvas_size_px()
-        for label, value in (("height_px", height_px), ("width_px", width_px)):
+        for label, value in zip(self.size_option_names(), (height_px, width_px)):
             if value % latent_scale:
                 raise ConfigError(
                     f"{self.name}: {label} = {value} is not a multiple of the VAE factor {latent_scale}"

@@ -10,7 +10,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest
 import torch
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One thread per test process: pytest-xdist runs one process per core, and OpenMP threads
+# spinning against each other on a busy machine cost far more than they gain.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -44,6 +44,11 @@ class StripGeometry(TiledGeometry):
         direction: Literal["horizontal", "vertical"] = "horizontal"
         wrap: bool = False
 
+    @classmethod
+    def example_options(cls) -> dict:
+        """Small options for tests: a 512×1024 px strip of three windows."""
+        return {"length_px": 1024, "stride_latent": 32}
+
     def canvas_size_px(self) -> tuple[int, int]:
         across = self.options.window_latent * self.latent_scale
         if self.options.direction == "horizontal":
@@ -53,6 +58,10 @@ class StripGeometry(TiledGeometry):
     def window_stride_latent(self):
         o = self.options
         return (o.window_latent, o.window_latent), (o.stride_latent, o.stride_latent)
+
+    def size_option_names(self) -> tuple[str, str]:
+        across = "window_latent (times the VAE factor)"
+        return ("length_px", across) if self.options.direction == "vertical" else (across, "length_px")
 
     def wraps(self) -> tuple[bool, bool]:
         horizontal = self.options.direction == "horizontal"
@@ -67,6 +76,11 @@ class GridGeometry(TiledGeometry):
     class Options(WindowOptions):
         height_px: int = pydantic.Field(1024, gt=0)
         width_px: int = pydantic.Field(1024, gt=0)
+
+    @classmethod
+    def example_options(cls) -> dict:
+        """Small options for tests: a 768×1024 px canvas of 2×3 windows."""
+        return {"height_px": 768, "width_px": 1024, "stride_latent": 32}
 
     def canvas_size_px(self) -> tuple[int, int]:
         return self.options.height_px, self.options.width_px

@@ -1,0 +1,176 @@
+"""The ``jointdiff`` command line: ``run``, ``generate`` and ``plugins``.
+
+Errors a user can cause are printed as one line (``jointdiff: error: ...``, exit status 2),
+never as a traceback; outputs are written atomically, so a failed run leaves no file behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any, Sequence
+
+from .errors import ConfigError, JointDiffError
+from .job import Job, tomllib
+
+EXIT_USAGE = 2
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    """``key=value`` with the value read as a TOML value (``8``, ``true``, ``"x"``, ``[1, 2]``);
+    anything that is not valid TOML is taken as a plain string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"option must look like key=value, got {text!r}")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip(), value
+
+
+def _plugin_table(name: str, assignments: Sequence[str]) -> dict[str, Any]:
+    return {"name": name, **dict(parse_assignment(a) for a in assignments)}
+
+
+def job_from_generate_args(args: argparse.Namespace) -> Job:
+    text = {"name": "text", "prompt": args.prompt, "negative_prompt": args.negative_prompt}
+    if args.guidance_scale is not None:
+        text["guidance_scale"] = args.guidance_scale
+    model = {"id": args.model, "device": args.device, "dtype": args.dtype}
+    if args.scheduler:
+        model["scheduler"] = args.scheduler
+    return Job.from_dict(
+        {
+            "model": model,
+            "geometry": _plugin_table(args.geometry, args.geometry_option),
+            "conditioners": [text],
+            "synchronizer": _plugin_table(args.sync, args.sync_option),
+            "steps": args.steps,
+            "seed": args.seed,
+            "view_batch_size": args.view_batch_size,
+            "output": args.output,
+        }
+    )
+
+
+def _execute(job: Job, quiet: bool) -> int:
+    from .job import run_job
+    from .output import check_writable, save_result
+
+    check_writable(job.output)
+    result = run_job(job, progress=not quiet)
+    for path in save_result(result, job.output):
+        print(path)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    job = Job.from_file(args.job)
+    overrides = {k: v for k, v in (("output", args.output), ("seed", args.seed), ("steps", args.steps)) if v is not None}
+    if args.device:
+        overrides["model"] = {**job.model.model_dump(), "device": args.device}
+    if overrides:
+        job = Job.from_dict({**job.to_dict(), **overrides})
+    return _execute(job, args.quiet)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    job = job_from_generate_args(args)
+    if args.save_job:
+        from .job_toml import dump_job_toml
+
+        with open(args.save_job, "w", encoding="utf-8") as handle:
+            handle.write(dump_job_toml(job))
+    return _execute(job, args.quiet)
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from .options import describe_options
+    from .plugins import get_registry
+
+    registry = get_registry()
+    for info in registry.all():
+        print(f"{info.kind} {info.name!r}  (plugin {info.plugin!r} from {info.distribution})")
+        for line in describe_options(info.cls.Options):
+            print(f"    {line}")
+    for message in registry.conflicts.values():
+        print(f"conflict: {message}")
+    for plugin, why in registry.failures.items():
+        print(f"failed: plugin {plugin!r}: {why}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jointdiff", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a job file (.toml, .json, or a PNG made by jointdiff)")
+    run.add_argument("job")
+    run.add_argument("--output", "-o")
+    run.add_argument("--seed", type=int)
+    run.add_argument("--steps", type=int)
+    run.add_argument("--device")
+    run.add_argument("--quiet", "-q", action="store_true")
+    run.set_defaults(func=cmd_run)
+
+    gen = sub.add_parser("generate", help="generate from a prompt")
+    gen.add_argument("prompt")
+    gen.add_argument("--negative-prompt", default="")
+    gen.add_argument("--guidance-scale", type=float)
+    gen.add_argument("--geometry", default="strip")
+    gen.add_argument("-g", "--geometry-option", action="append", default=[], metavar="KEY=VALUE")
+    gen.add_argument("--sync", default="none", help="synchronizer name")
+    gen.add_argument("-s", "--sync-option", action="append", default=[], metavar="KEY=VALUE")
+    gen.add_argument("--model", default="tiny")
+    gen.add_argument("--scheduler")
+    gen.add_argument("--device", default="auto")
+    gen.add_argument("--dtype", default="auto")
+    gen.add_argument("--steps", type=int, default=50)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--view-batch-size", type=int, default=4)
+    gen.add_argument("--output", "-o", default="jointdiff.png")
+    gen.add_argument("--save-job", metavar="JOB.toml", help="also write the job as TOML")
+    gen.add_argument("--quiet", "-q", action="store_true")
+    gen.set_defaults(func=cmd_generate)
+
+    plugins = sub.add_parser("plugins", help="list discovered plugins and their options")
+    plugins.set_defaults(func=cmd_plugins)
+    return parser
+
+
+def _quiet_libraries() -> None:
+    """Library warnings (hub retries, deprecations) would bury the one line a user needs."""
+    import logging
+
+    for name in ("diffusers", "transformers", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not (args.debug or os.environ.get("JOINTDIFF_DEBUG")):
+        _quiet_libraries()
+    try:
+        return args.func(args)
+    except (JointDiffError, ValueError, TypeError, OSError) as error:
+        if args.debug or os.environ.get("JOINTDIFF_DEBUG"):
+            raise
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        if not isinstance(error, JointDiffError):
+            message = f"{type(error).__name__}: {message} (run with --debug for the traceback)"
+        print(f"jointdiff: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("jointdiff: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

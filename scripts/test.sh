@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Sets up .venv and runs the test suite (offline, tiny models, one process per core).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+workers=$(.venv/bin/python -c "import os; print(min(2, os.cpu_count() or 1))")
+exec .venv/bin/python -m pytest -n "$workers" -q "$@"
