@@ -47,7 +47,12 @@ class WindowBatch:
 
 @dataclass
 class StepState:
-    """The state of one denoising step, given to synchronizers."""
+    """The state of one denoising step, given to synchronizers.
+
+    ``canvas`` is the canvas at the start of the step (noisy latents with ``latent`` fusion,
+    the last fused x̂0 with ``x0`` fusion); :meth:`window_latents` gives the current noisy
+    latents of any windows in either mode.
+    """
 
     step_index: int
     timestep: torch.Tensor
@@ -55,3 +60,8 @@ class StepState:
     canvas: torch.Tensor
     denoiser: Denoiser
     context: JobContext
+    fusion: Any = None
+
+    def window_latents(self, window_ids) -> torch.Tensor:
+        """Noisy latents ``(B, C, h, w)`` of the given windows at this step."""
+        return self.fusion.latents_of(window_ids)

@@ -71,8 +71,7 @@ class Denoiser:
         v-prediction; ``x_t`` is taken in variance-preserving form (after
         ``scale_model_input``, which is the identity for DDIM).
         """
-        sample = scheduler.scale_model_input(latents, timestep).float()
-        alpha_bar = scheduler.alphas_cumprod.to(sample.device)[int(timestep)].float()
+        sample, alpha_bar = self._vp_sample(latents, timestep, scheduler)
         if self.prediction_type == "epsilon":
             return (sample - (1 - alpha_bar).sqrt() * model_output) / alpha_bar.sqrt()
         if self.prediction_type == "v_prediction":
@@ -80,3 +79,26 @@ class Denoiser:
         if self.prediction_type == "sample":
             return model_output
         raise ValueError(f"prediction_type must be epsilon, v_prediction or sample, got {self.prediction_type!r}")
+
+    def output_from_x0(
+        self, latents: torch.Tensor, x0: torch.Tensor, timestep: torch.Tensor, scheduler
+    ) -> torch.Tensor:
+        """The model output (in the scheduler's ``prediction_type``) that would have predicted
+        ``x0`` from ``latents``: the inverse of :meth:`predicted_x0`. Lets any scheduler step
+        with a clean-latent estimate fused across windows (SyncTweedies)."""
+        sample, alpha_bar = self._vp_sample(latents, timestep, scheduler)
+        epsilon = (sample - alpha_bar.sqrt() * x0) / (1 - alpha_bar).sqrt()
+        if self.prediction_type == "epsilon":
+            return epsilon
+        if self.prediction_type == "v_prediction":
+            return alpha_bar.sqrt() * epsilon - (1 - alpha_bar).sqrt() * x0
+        if self.prediction_type == "sample":
+            return x0
+        raise ValueError(f"prediction_type must be epsilon, v_prediction or sample, got {self.prediction_type!r}")
+
+    @staticmethod
+    def _vp_sample(latents: torch.Tensor, timestep: torch.Tensor, scheduler) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x_t`` in variance-preserving form and ``ᾱ_t`` (timesteps live on the CPU)."""
+        sample = scheduler.scale_model_input(latents, timestep).float()
+        alpha_bar = scheduler.alphas_cumprod[timestep.long().cpu()].to(sample.device).float()
+        return sample, alpha_bar

@@ -24,6 +24,7 @@ from .conditioner import Conditioner
 from .context import JobContext, StepState, WindowBatch
 from .denoiser import Denoiser
 from .errors import ConfigError, NonFiniteLatentsError
+from .fusion import FusionMode, make_fusion
 from .geometry import Geometry
 from .synchronizer import Synchronizer
 
@@ -33,7 +34,8 @@ StepCallback = Callable[[int, int, torch.Tensor], None]
 @dataclass
 class JointResult:
     """What a job returns: the output images, the final canvas latents ``(S, C, H, W)``
-    (float32, unscaled) and the decoded pixels ``(S, 3, H_px, W_px)`` in [-1, 1]."""
+    (float32, unscaled; with ``x0`` fusion, the fused clean latents of the last step) and the
+    decoded pixels ``(S, 3, H_px, W_px)`` in [-1, 1]."""
 
     images: list[Image.Image]
     latents: torch.Tensor
@@ -46,7 +48,9 @@ class JointDiffusion:
 
     ``pipeline`` is a diffusers Stable Diffusion 1.x/2.x pipeline (see
     :func:`jointdiff.models.load_pipeline`). ``view_batch_size`` windows share one UNet call
-    (times two with classifier-free guidance).
+    (times two with classifier-free guidance). ``fusion`` is ``"latent"`` (MultiDiffusion:
+    average noisy latents) or ``"x0"`` (SyncTweedies: average predicted clean latents; for
+    geometries that resample), see :mod:`jointdiff.fusion`.
     """
 
     def __init__(
@@ -58,10 +62,13 @@ class JointDiffusion:
         *,
         view_batch_size: int = 4,
         eta: float = 0.0,
+        fusion: FusionMode = "latent",
         check_finite: bool = True,
     ) -> None:
         if not isinstance(view_batch_size, int) or view_batch_size < 1:
             raise ConfigError(f"view_batch_size must be a positive integer, got {view_batch_size!r}")
+        if fusion not in ("latent", "x0"):
+            raise ConfigError(f"fusion must be 'latent' (MultiDiffusion) or 'x0' (SyncTweedies), got {fusion!r}")
         if not isinstance(geometry, Geometry):
             raise ConfigError(f"geometry must be a Geometry, got {geometry!r}")
         self.pipeline = pipeline
@@ -70,6 +77,7 @@ class JointDiffusion:
         self.synchronizer = synchronizer
         self.view_batch_size = view_batch_size
         self.eta = eta
+        self.fusion = fusion
         self.check_finite = check_finite
 
     @property
@@ -156,23 +164,21 @@ class JointDiffusion:
         batches = self._window_batches(scheduler)
         weight_sum = self._weight_sum(batches, canvas)
         step_kwargs = self._step_kwargs(scheduler, generator)
-        fused = torch.empty_like(canvas)
+        fusion = make_fusion(self.fusion, self.geometry, canvas, weight_sum, step_kwargs, batches)
 
         # 4. Denoising loop.
         for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="jointdiff")):
-            state = StepState(i, t, len(timesteps), canvas, denoiser, context)
+            state = StepState(i, t, len(timesteps), canvas, denoiser, context, fusion)
             if self.synchronizer is not None:
                 self.synchronizer.begin_step(state)
-            fused.zero_()
+            fusion.begin_step()
             for batch in batches:
-                window_latents = self.geometry.extract(canvas, batch.window_ids)
+                window_latents = fusion.window_latents(batch)
                 if self.synchronizer is not None:
                     window_latents = self.synchronizer.update(window_latents, batch, state)
                 output = denoiser.model_output(window_latents, t, batch.window_ids, batch.scheduler)
-                stepped = batch.scheduler.step(output, t, window_latents, **step_kwargs, return_dict=False)[0]
-                weights = self.geometry.window_weights(batch.window_ids, canvas.device)
-                self.geometry.insert(fused, stepped.float() * weights, batch.window_ids)
-            canvas = fused / weight_sum
+                fusion.add(batch, window_latents, output, t, denoiser)
+            canvas = fusion.end_step(t, denoiser)
             if self.check_finite and not bool(torch.isfinite(canvas).all()):
                 raise NonFiniteLatentsError(f"NaN or inf in the canvas latents at step {i} (timestep {int(t)})")
             if callback is not None:

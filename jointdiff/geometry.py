@@ -60,7 +60,12 @@ class Geometry(Configurable, ABC):
 
     @abstractmethod
     def extract(self, canvas: torch.Tensor, window_ids: Sequence[int]) -> torch.Tensor:
-        """Take windows out of ``canvas`` ``(S, C, H, W)``; returns ``(B, C, h, w)``."""
+        """Take windows out of ``canvas`` ``(S, C, H, W)``; returns ``(B, C, h, w)``.
+
+        ``canvas`` may also be at an integer multiple ``k`` of the latent resolution,
+        ``(S, C, k*H, k*W)`` (a pixel-space condition image or mask, ``k`` = VAE factor);
+        the windows are then ``(B, C, k*h, k*w)``, taken exactly as the latents are.
+        """
 
     @abstractmethod
     def insert(self, target: torch.Tensor, values: torch.Tensor, window_ids: Sequence[int]) -> None:

@@ -113,30 +113,47 @@ class TiledGeometry(Geometry):
     def num_windows(self) -> int:
         return len(self.origins)
 
-    def _pieces(self, window_id: int) -> list[tuple[slice, slice, slice, slice]]:
-        """Canvas and window slices ``(cy, cx, wy, wx)`` that make up one window."""
+    def _pieces(self, window_id: int, scale: int = 1) -> list[tuple[slice, slice, slice, slice]]:
+        """Canvas and window slices ``(cy, cx, wy, wx)`` that make up one window, on a canvas
+        ``scale`` times the latent resolution (``scale`` = VAE factor for pixel inputs)."""
         top, left = self.origins[window_id]
         (h, w), (H, W) = self._window, self._size
         wrap_y, wrap_x = self.wraps()
         rows = wrapped_segments(top, h, H) if wrap_y else [(top, 0, h)]
         cols = wrapped_segments(left, w, W) if wrap_x else [(left, 0, w)]
+        k = scale
         return [
-            (slice(cy, cy + ny), slice(cx, cx + nx), slice(wy, wy + ny), slice(wx, wx + nx))
+            (slice(k * cy, k * (cy + ny)), slice(k * cx, k * (cx + nx)), slice(k * wy, k * (wy + ny)), slice(k * wx, k * (wx + nx)))
             for cy, wy, ny in rows
             for cx, wx, nx in cols
         ]
 
+    def _scale_of(self, canvas: torch.Tensor) -> int:
+        """Integer factor between ``canvas`` and the latent canvas (1 for latents)."""
+        (H, W), (height, width) = self._size, canvas.shape[-2:]
+        scale = height // H
+        if scale < 1 or (height, width) != (scale * H, scale * W):
+            raise ValueError(
+                f"canvas of spatial size {(height, width)} is not an integer multiple of the "
+                f"latent canvas {(H, W)} of geometry {self.name!r}"
+            )
+        return scale
+
     def extract(self, canvas: torch.Tensor, window_ids: Sequence[int]) -> torch.Tensor:
+        """Windows ``(B, C, k*h, k*w)`` of ``canvas`` ``(1, C, k*H, k*W)``: latents (k = 1) or a
+        pixel-space input such as a condition image or a mask (k = VAE factor)."""
+        scale = self._scale_of(canvas)
         h, w = self._window
-        out = canvas.new_empty(len(window_ids), canvas.shape[1], h, w)
+        out = canvas.new_empty(len(window_ids), canvas.shape[1], scale * h, scale * w)
         for b, window_id in enumerate(window_ids):
-            for cy, cx, wy, wx in self._pieces(window_id):
+            for cy, cx, wy, wx in self._pieces(window_id, scale):
                 out[b, :, wy, wx] = canvas[0, :, cy, cx]
         return out
 
     def insert(self, target: torch.Tensor, values: torch.Tensor, window_ids: Sequence[int]) -> None:
+        scale = self._scale_of(target)
         for b, window_id in enumerate(window_ids):
-            for cy, cx, wy, wx in self._pieces(window_id):
+            for cy, cx, wy, wx in self._pieces(window_id, scale):
                 target[0, :, cy, cx] += values[b, :, wy, wx]
 
     def decode(self, canvas: torch.Tensor, decode: DecodeFn) -> torch.Tensor:

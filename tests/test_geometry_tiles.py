@@ -132,3 +132,16 @@ def test_bad_sizes_name_the_option(name, options, message):
 def test_bad_options_fail_at_construction(options, message):
     with pytest.raises(ConfigError, match=message):
         create("geometry", "strip", **options)
+
+
+def test_pixel_space_extract_matches_latent_windows_scaled():
+    """A canvas-sized pixel input (condition image, mask) is cut with the latents' windows."""
+    geometry = built("strip", length_px=832, stride_latent=24, wrap=True)
+    _, height, width = geometry.canvas_shape_latent
+    latent = torch.randn(1, 3, height, width, generator=torch.Generator().manual_seed(0))
+    pixels = torch.nn.functional.interpolate(latent, scale_factor=8, mode="nearest")
+    ids = list(range(geometry.num_windows))
+    expected = torch.nn.functional.interpolate(geometry.extract(latent, ids), scale_factor=8, mode="nearest")
+    torch.testing.assert_close(geometry.extract(pixels, ids), expected)
+    with pytest.raises(ValueError, match="not an integer multiple"):
+        geometry.extract(torch.zeros(1, 3, height * 8, width * 8 + 1), ids)

@@ -1,0 +1,95 @@
+"""How window results become one canvas each step.
+
+``latent`` (MultiDiffusion, Bar-Tal et al. 2023, Eq. 5): the canvas holds the noisy latent
+x_t; every window is cut from it, stepped, and the stepped windows are averaged back.
+
+``x0`` (SyncTweedies, Kim et al., NeurIPS 2024): every window keeps its own noisy latent in
+window space; only the predicted clean latents x̂0 (Tweedie's formula) are averaged on the
+canvas, and each window then steps with the fused x̂0 cut back out of it. Resampled windows
+(perspective views of a sphere) keep the statistics of their noise this way, where
+interpolating noisy latents would blur them. The canvas returned each step is the fused x̂0.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+
+if TYPE_CHECKING:
+    from .context import WindowBatch
+    from .denoiser import Denoiser
+    from .geometry import Geometry
+
+FusionMode = Literal["latent", "x0"]
+
+
+class LatentFusion:
+    """MultiDiffusion: average the stepped noisy windows on the canvas."""
+
+    def __init__(self, geometry: Geometry, canvas: torch.Tensor, weight_sum: torch.Tensor, step_kwargs: dict) -> None:
+        self.geometry = geometry
+        self.canvas = canvas
+        self.weight_sum = weight_sum
+        self.step_kwargs = step_kwargs
+        self._fused = torch.empty_like(canvas)
+
+    def begin_step(self) -> None:
+        self._fused.zero_()
+
+    def window_latents(self, batch: WindowBatch) -> torch.Tensor:
+        return self.geometry.extract(self.canvas, batch.window_ids)
+
+    def latents_of(self, window_ids) -> torch.Tensor:
+        """Current noisy latents ``(B, C, h, w)`` of any windows (e.g. a synchronizer's anchor)."""
+        return self.geometry.extract(self.canvas, window_ids)
+
+    def add(self, batch: WindowBatch, latents: torch.Tensor, output: torch.Tensor, t: torch.Tensor, denoiser: Denoiser) -> None:
+        stepped = batch.scheduler.step(output, t, latents, **self.step_kwargs, return_dict=False)[0]
+        weights = self.geometry.window_weights(batch.window_ids, latents.device)
+        self.geometry.insert(self._fused, stepped.float() * weights, batch.window_ids)
+
+    def end_step(self, t: torch.Tensor, denoiser: Denoiser) -> torch.Tensor:
+        self.canvas = self._fused / self.weight_sum
+        return self.canvas
+
+
+class TweedieFusion(LatentFusion):
+    """SyncTweedies: windows keep their noisy latents; x̂0 is fused on the canvas."""
+
+    def __init__(self, geometry, canvas, weight_sum, step_kwargs, batches: list[WindowBatch]) -> None:
+        super().__init__(geometry, canvas, weight_sum, step_kwargs)
+        self.views = {batch.index: geometry.extract(canvas, batch.window_ids) for batch in batches}
+        self._where = {i: (batch.index, k) for batch in batches for k, i in enumerate(batch.window_ids)}
+        self._pending: list[tuple[WindowBatch, torch.Tensor]] = []
+
+    def window_latents(self, batch: WindowBatch) -> torch.Tensor:
+        return self.views[batch.index]
+
+    def latents_of(self, window_ids) -> torch.Tensor:
+        return torch.stack([self.views[b][k] for b, k in (self._where[i] for i in window_ids)])
+
+    def add(self, batch, latents, output, t, denoiser) -> None:
+        x0 = denoiser.predicted_x0(latents, output, t, batch.scheduler)
+        weights = self.geometry.window_weights(batch.window_ids, latents.device)
+        self.geometry.insert(self._fused, x0 * weights, batch.window_ids)
+        self._pending.append((batch, latents))
+
+    def end_step(self, t, denoiser) -> torch.Tensor:
+        fused_x0 = self._fused / self.weight_sum
+        for batch, latents in self._pending:
+            x0 = self.geometry.extract(fused_x0, batch.window_ids)
+            output = denoiser.output_from_x0(latents, x0, t, batch.scheduler)
+            stepped = batch.scheduler.step(output, t, latents, **self.step_kwargs, return_dict=False)[0]
+            self.views[batch.index] = stepped.float()
+        self._pending.clear()
+        self.canvas = fused_x0
+        return fused_x0
+
+
+def make_fusion(mode: FusionMode, geometry: Any, canvas, weight_sum, step_kwargs, batches) -> LatentFusion:
+    if mode == "latent":
+        return LatentFusion(geometry, canvas, weight_sum, step_kwargs)
+    if mode == "x0":
+        return TweedieFusion(geometry, canvas, weight_sum, step_kwargs, batches)
+    raise ValueError(f"fusion must be 'latent' or 'x0', got {mode!r}")
