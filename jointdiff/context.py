@@ -40,6 +40,8 @@ class WindowBatch:
     index: int
     window_ids: tuple[int, ...]
     scheduler: Any
+    prompt_index: int | None = None
+    """With region prompts: the prompt (branch) every window of this batch is denoised with."""
 
     def __len__(self) -> int:
         return len(self.window_ids)

@@ -31,12 +31,17 @@ class Denoiser:
         self._negative = prompt.negative_embeds.to(device=context.device, dtype=context.dtype)
         self._states_cache: dict[tuple[int, ...], torch.Tensor] = {}
 
-    def _encoder_states(self, window_ids: Sequence[int]) -> torch.Tensor:
+    def _prompt_indices(self, window_ids: Sequence[int], prompt_index: int | None) -> list[int]:
+        if prompt_index is not None:
+            return [prompt_index] * len(window_ids)
+        return self.prompt.indices(window_ids)
+
+    def _encoder_states(self, window_ids: Sequence[int], prompt_index: int | None = None) -> torch.Tensor:
         """``(B', L, D)`` text states for the batch, guidance branches first-uncond (cached:
         batches are fixed for the whole job)."""
-        key = tuple(window_ids)
+        key = (tuple(window_ids), prompt_index)
         if key not in self._states_cache:
-            index = torch.tensor(self.prompt.indices(window_ids), device=self._embeds.device)
+            index = torch.tensor(self._prompt_indices(window_ids, prompt_index), device=self._embeds.device)
             states = self._embeds.index_select(0, index)
             if self.prompt.uses_guidance:
                 states = torch.cat([self._negative.index_select(0, index), states])
@@ -44,14 +49,20 @@ class Denoiser:
         return self._states_cache[key]
 
     def model_output(
-        self, latents: torch.Tensor, timestep: torch.Tensor, window_ids: Sequence[int], scheduler
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        window_ids: Sequence[int],
+        scheduler,
+        prompt_index: int | None = None,
     ) -> torch.Tensor:
         """Guided model output (ε, v or x0 per the scheduler's ``prediction_type``) for
-        window latents ``(B, C, h, w)``; returns float32 ``(B, C, h, w)``."""
+        window latents ``(B, C, h, w)``; returns float32 ``(B, C, h, w)``. ``prompt_index``
+        forces one prompt for all windows (a region branch)."""
         guided = self.prompt.uses_guidance
         model_input = torch.cat([latents, latents]) if guided else latents
         model_input = scheduler.scale_model_input(model_input, timestep).to(self.context.dtype)
-        states = self._encoder_states(window_ids)
+        states = self._encoder_states(window_ids, prompt_index)
         extra = {}
         for conditioner in self.conditioners:
             extra.update(conditioner.unet_kwargs(model_input, timestep, states, window_ids, self.context))
@@ -59,7 +70,10 @@ class Denoiser:
         output = output.float()
         if guided:
             uncond, cond = output.chunk(2)
-            output = uncond + self.prompt.guidance_scale * (cond - uncond)
+            scale = self.prompt.scales(self._prompt_indices(window_ids, prompt_index))
+            if isinstance(scale, torch.Tensor):
+                scale = scale.to(output.device)
+            output = uncond + scale * (cond - uncond)
         return output
 
     def predicted_x0(

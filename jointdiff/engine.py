@@ -105,21 +105,26 @@ class JointDiffusion:
             raise ConfigError(f"latents must have shape {shape} for this geometry, got {tuple(latents.shape)}")
         return latents.to(self.device, torch.float32) * self.pipeline.scheduler.init_noise_sigma
 
-    def _window_batches(self, scheduler: Any) -> list[WindowBatch]:
+    def _window_batches(self, scheduler: Any, prompt) -> list[WindowBatch]:
+        """Fixed groups of ``view_batch_size`` windows, once per prompt branch."""
         ids = list(range(self.geometry.num_windows))
         size = self.view_batch_size
-        return [
-            WindowBatch(j, tuple(ids[i : i + size]), copy.deepcopy(scheduler))
-            for j, i in enumerate(range(0, len(ids), size))
-        ]
+        groups = [tuple(ids[i : i + size]) for i in range(0, len(ids), size)]
+        pairs = [(branch, group) for branch in prompt.branches for group in groups]
+        return [WindowBatch(j, group, copy.deepcopy(scheduler), branch) for j, (branch, group) in enumerate(pairs)]
 
-    def _weight_sum(self, batches: list[WindowBatch], like: torch.Tensor) -> torch.Tensor:
-        weights = torch.zeros(like.shape[0], 1, *like.shape[2:], device=like.device)
-        for batch in batches:
-            self.geometry.insert(weights, self.geometry.window_weights(batch.window_ids, like.device), batch.window_ids)
-        if not bool((weights > 0).all()):
-            raise ConfigError(f"geometry {self.geometry.name!r} leaves canvas cells without any window")
-        return weights
+    def _weights_fn(self, prompt, device: torch.device):
+        """Fusion weights of a batch ``(B, 1, h, w)``: the geometry's, times the branch's
+        region mask cut out by the geometry."""
+        masks = prompt.region_masks.to(device, torch.float32) if prompt.region_masks is not None else None
+
+        def weights_of(batch: WindowBatch) -> torch.Tensor:
+            weights = self.geometry.window_weights(batch.window_ids, device)
+            if batch.prompt_index is not None:
+                weights = weights * self.geometry.extract(masks[batch.prompt_index], batch.window_ids)
+            return weights
+
+        return weights_of
 
     def _step_kwargs(self, scheduler: Any, generator: torch.Generator) -> dict[str, Any]:
         accepted = set(inspect.signature(scheduler.step).parameters)
@@ -150,7 +155,8 @@ class JointDiffusion:
         context = JobContext(self.pipeline, self.geometry, self.device, self.dtype, num_inference_steps, generator)
         for conditioner in self.conditioners:
             conditioner.setup(context)
-        denoiser = Denoiser(context, self._prompt(), self.conditioners)
+        prompt = self._prompt()
+        denoiser = Denoiser(context, prompt, self.conditioners)
         if self.synchronizer is not None:
             self.synchronizer.setup(context)
 
@@ -160,11 +166,14 @@ class JointDiffusion:
         timesteps = scheduler.timesteps
         canvas = self._initial_latents(latents, generator)
 
-        # 3. Window batches, each with its own scheduler state, and the fusion weights.
-        batches = self._window_batches(scheduler)
-        weight_sum = self._weight_sum(batches, canvas)
-        step_kwargs = self._step_kwargs(scheduler, generator)
-        fusion = make_fusion(self.fusion, self.geometry, canvas, weight_sum, step_kwargs, batches)
+        # 3. Window batches, each with its own scheduler state, and the fusion.
+        batches = self._window_batches(scheduler, prompt)
+        fusion = make_fusion(
+            self.fusion, self.geometry, canvas, batches, self._weights_fn(prompt, canvas.device),
+            self._step_kwargs(scheduler, generator),
+        )
+        if not bool((fusion.weight_sum > 0).all()):
+            raise ConfigError(f"geometry {self.geometry.name!r} (with its region masks) leaves canvas cells without weight")
 
         # 4. Denoising loop.
         for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="jointdiff")):
@@ -176,7 +185,9 @@ class JointDiffusion:
                 window_latents = fusion.window_latents(batch)
                 if self.synchronizer is not None:
                     window_latents = self.synchronizer.update(window_latents, batch, state)
-                output = denoiser.model_output(window_latents, t, batch.window_ids, batch.scheduler)
+                for conditioner in self.conditioners:
+                    window_latents = conditioner.modify_latents(window_latents, batch, state)
+                output = denoiser.model_output(window_latents, t, batch.window_ids, batch.scheduler, batch.prompt_index)
                 fusion.add(batch, window_latents, output, t, denoiser)
             canvas = fusion.end_step(t, denoiser)
             if self.check_finite and not bool(torch.isfinite(canvas).all()):

@@ -1,7 +1,8 @@
 """How window results become one canvas each step.
 
 ``latent`` (MultiDiffusion, Bar-Tal et al. 2023, Eq. 5): the canvas holds the noisy latent
-x_t; every window is cut from it, stepped, and the stepped windows are averaged back.
+x_t; every window is cut from it, stepped, and the stepped windows are averaged back with
+their weights.
 
 ``x0`` (SyncTweedies, Kim et al., NeurIPS 2024): every window keeps its own noisy latent in
 window space; only the predicted clean latents x̂0 (Tweedie's formula) are averaged on the
@@ -12,7 +13,7 @@ interpolating noisy latents would blur them. The canvas returned each step is th
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Callable, Literal, Sequence
 
 import torch
 
@@ -22,16 +23,27 @@ if TYPE_CHECKING:
     from .geometry import Geometry
 
 FusionMode = Literal["latent", "x0"]
+WeightsFn = Callable[["WindowBatch"], torch.Tensor]
+
+
+def weight_sum(geometry: Geometry, batches: Sequence[WindowBatch], weights_of: WeightsFn, like: torch.Tensor) -> torch.Tensor:
+    """``Σ_i insert_i(w_i)`` ``(S, 1, H, W)``: the denominator of the fusion, fixed per job."""
+    total = torch.zeros(like.shape[0], 1, *like.shape[2:], device=like.device)
+    for batch in batches:
+        geometry.insert(total, weights_of(batch), batch.window_ids)
+    return total
 
 
 class LatentFusion:
     """MultiDiffusion: average the stepped noisy windows on the canvas."""
 
-    def __init__(self, geometry: Geometry, canvas: torch.Tensor, weight_sum: torch.Tensor, step_kwargs: dict) -> None:
+    def __init__(self, geometry: Geometry, canvas: torch.Tensor, batches: Sequence[WindowBatch],
+                 weights_of: WeightsFn, step_kwargs: dict) -> None:
         self.geometry = geometry
         self.canvas = canvas
-        self.weight_sum = weight_sum
+        self.weights_of = weights_of
         self.step_kwargs = step_kwargs
+        self.weight_sum = weight_sum(geometry, batches, weights_of, canvas)
         self._fused = torch.empty_like(canvas)
 
     def begin_step(self) -> None:
@@ -40,14 +52,13 @@ class LatentFusion:
     def window_latents(self, batch: WindowBatch) -> torch.Tensor:
         return self.geometry.extract(self.canvas, batch.window_ids)
 
-    def latents_of(self, window_ids) -> torch.Tensor:
+    def latents_of(self, window_ids: Sequence[int]) -> torch.Tensor:
         """Current noisy latents ``(B, C, h, w)`` of any windows (e.g. a synchronizer's anchor)."""
         return self.geometry.extract(self.canvas, window_ids)
 
     def add(self, batch: WindowBatch, latents: torch.Tensor, output: torch.Tensor, t: torch.Tensor, denoiser: Denoiser) -> None:
         stepped = batch.scheduler.step(output, t, latents, **self.step_kwargs, return_dict=False)[0]
-        weights = self.geometry.window_weights(batch.window_ids, latents.device)
-        self.geometry.insert(self._fused, stepped.float() * weights, batch.window_ids)
+        self.geometry.insert(self._fused, stepped.float() * self.weights_of(batch), batch.window_ids)
 
     def end_step(self, t: torch.Tensor, denoiser: Denoiser) -> torch.Tensor:
         self.canvas = self._fused / self.weight_sum
@@ -57,22 +68,24 @@ class LatentFusion:
 class TweedieFusion(LatentFusion):
     """SyncTweedies: windows keep their noisy latents; x̂0 is fused on the canvas."""
 
-    def __init__(self, geometry, canvas, weight_sum, step_kwargs, batches: list[WindowBatch]) -> None:
-        super().__init__(geometry, canvas, weight_sum, step_kwargs)
+    def __init__(self, geometry, canvas, batches, weights_of, step_kwargs) -> None:
+        super().__init__(geometry, canvas, batches, weights_of, step_kwargs)
         self.views = {batch.index: geometry.extract(canvas, batch.window_ids) for batch in batches}
-        self._where = {i: (batch.index, k) for batch in batches for k, i in enumerate(batch.window_ids)}
+        self._where = {}
+        for batch in batches:
+            for k, window_id in enumerate(batch.window_ids):
+                self._where.setdefault(window_id, (batch.index, k))
         self._pending: list[tuple[WindowBatch, torch.Tensor]] = []
 
     def window_latents(self, batch: WindowBatch) -> torch.Tensor:
         return self.views[batch.index]
 
-    def latents_of(self, window_ids) -> torch.Tensor:
+    def latents_of(self, window_ids: Sequence[int]) -> torch.Tensor:
         return torch.stack([self.views[b][k] for b, k in (self._where[i] for i in window_ids)])
 
     def add(self, batch, latents, output, t, denoiser) -> None:
         x0 = denoiser.predicted_x0(latents, output, t, batch.scheduler)
-        weights = self.geometry.window_weights(batch.window_ids, latents.device)
-        self.geometry.insert(self._fused, x0 * weights, batch.window_ids)
+        self.geometry.insert(self._fused, x0 * self.weights_of(batch), batch.window_ids)
         self._pending.append((batch, latents))
 
     def end_step(self, t, denoiser) -> torch.Tensor:
@@ -87,9 +100,9 @@ class TweedieFusion(LatentFusion):
         return fused_x0
 
 
-def make_fusion(mode: FusionMode, geometry: Any, canvas, weight_sum, step_kwargs, batches) -> LatentFusion:
+def make_fusion(mode: FusionMode, geometry, canvas, batches, weights_of, step_kwargs) -> LatentFusion:
     if mode == "latent":
-        return LatentFusion(geometry, canvas, weight_sum, step_kwargs)
+        return LatentFusion(geometry, canvas, batches, weights_of, step_kwargs)
     if mode == "x0":
-        return TweedieFusion(geometry, canvas, weight_sum, step_kwargs, batches)
+        return TweedieFusion(geometry, canvas, batches, weights_of, step_kwargs)
     raise ValueError(f"fusion must be 'latent' or 'x0', got {mode!r}")
