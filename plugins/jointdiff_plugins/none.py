@@ -11,6 +11,15 @@ class NoSynchronizer(Synchronizer):
 
     name = "none"
 
+    @classmethod
+    def example_options(cls) -> dict:
+        return {}
+
+    @classmethod
+    def zero_strength_options(cls) -> dict:
+        """Options of an instance that leaves latents unchanged: every instance does."""
+        return {}
+
 
 @hookimpl
 def register_synchronizers(register):

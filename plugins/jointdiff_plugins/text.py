@@ -24,6 +24,11 @@ class TextConditioner(Conditioner):
         negative_prompt: str = ""
         guidance_scale: float = pydantic.Field(7.5, ge=0.0)
 
+    @classmethod
+    def example_options(cls) -> dict:
+        """Options for tests (``prompt`` has no default)."""
+        return {"prompt": "a photo of a city", "negative_prompt": "blurry", "guidance_scale": 7.5}
+
     def setup(self, context) -> None:
         pipeline = context.pipeline
         guided = self.options.guidance_scale > 1.0

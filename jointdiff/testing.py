@@ -1,0 +1,592 @@
+"""Conformance checks for jointdiff plugins, for the plugin's own test suite.
+
+A few lines run every check on a plugin class with pytest::
+
+    from jointdiff.testing import GeometryConformance
+
+    class TestMyGeometry(GeometryConformance):
+        def make_geometry(self):
+            return MyGeometry(width_px=1024)
+
+:class:`ConditionerConformance` and :class:`SynchronizerConformance` work the same way. Every
+check is also a plain function (:func:`check_geometry`, :func:`check_conditioner`,
+:func:`check_synchronizer`, ...) that raises ``AssertionError`` saying what is wrong. The
+checks need no GPU and no download: conditioner and synchronizer checks run the built-in
+``tiny`` model (random weights), so they test the contract, not image quality.
+
+Conventions follow :mod:`jointdiff.geometry`: canvases are ``(S, C, H, W)`` latents, windows
+``(B, C, h, w)``, sizes ``(h, w)`` in latent cells.
+
+Plugin classes may offer two optional classmethods used by these checks and by jointdiff's
+own tests: ``example_options()`` returns small, cheap options (a dict) that construct a
+working instance, and ``zero_strength_options()`` (synchronizers) returns options for an
+instance that must leave latents unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import pydantic
+import torch
+from PIL import Image
+
+from .conditioner import Conditioner, Prompt
+from .context import JobContext, StepState, WindowBatch
+from .denoiser import Denoiser
+from .geometry import Geometry
+from .synchronizer import Synchronizer
+from .tiling import TiledGeometry
+
+LATENT_CHANNELS = 4
+
+
+def fail(message: str) -> None:
+    """Raise AssertionError (the checks do not use ``assert``: they must work under ``-O``)."""
+    raise AssertionError(message)
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor, atol: float, what: str) -> None:
+    if actual.shape != expected.shape:
+        fail(f"{what}: shape {tuple(actual.shape)}, expected {tuple(expected.shape)}")
+    error = (actual.double() - expected.double()).abs().max().item() if actual.numel() else 0.0
+    if not error <= atol:
+        fail(f"{what}: differs by up to {error:.3g} (tolerance {atol:.3g})")
+
+
+# ----------------------------------------------------------------------------- geometry
+
+
+def _canvas(geometry: Geometry, channels: int = LATENT_CHANNELS, seed: int = 0) -> torch.Tensor:
+    sheets, height, width = geometry.canvas_shape_latent
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(sheets, channels, height, width, generator=generator)
+
+
+def _fuse(geometry: Geometry, canvas: torch.Tensor, weighted: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """MultiDiffusion's fusion (Bar-Tal et al. 2023, Eq. 5) of the canvas's own windows:
+    ``(sum_i insert_i(w_i * extract_i(x)), sum_i insert_i(w_i))``."""
+    numerator = torch.zeros_like(canvas)
+    denominator = torch.zeros(canvas.shape[0], 1, *canvas.shape[2:])
+    for window_id in range(geometry.num_windows):
+        ids = [window_id]
+        weights = geometry.window_weights(ids, canvas.device).float()
+        if not weighted:
+            weights = torch.ones_like(weights)
+        geometry.insert(numerator, geometry.extract(canvas, ids) * weights, ids)
+        geometry.insert(denominator, weights, ids)
+    return numerator, denominator
+
+
+def check_geometry_shapes(geometry: Geometry) -> None:
+    """Sizes are positive integers; ``extract`` gives ``(B, C, h, w)`` in the canvas's dtype
+    and leaves the canvas alone; ``window_weights`` gives finite, non-negative ``(B, 1, h, w)``."""
+    shape, window = geometry.canvas_shape_latent, geometry.window_size_latent
+    if len(shape) != 3 or not all(isinstance(v, int) and v > 0 for v in shape):
+        fail(f"canvas_shape_latent must be three positive ints (S, H, W), got {shape!r}")
+    if len(window) != 2 or not all(isinstance(v, int) and v > 0 for v in window):
+        fail(f"window_size_latent must be two positive ints (h, w), got {window!r}")
+    count = geometry.num_windows
+    if not isinstance(count, int) or count < 1:
+        fail(f"num_windows must be a positive int, got {count!r}")
+    canvas = _canvas(geometry).double()
+    before = canvas.clone()
+    for ids in ([0], list(range(count)), list(range(count))[::-1][:3]):
+        windows = geometry.extract(canvas, ids)
+        if tuple(windows.shape) != (len(ids), canvas.shape[1], *window) or windows.dtype != canvas.dtype:
+            fail(f"extract(canvas, {ids}) gave {tuple(windows.shape)} {windows.dtype}, expected "
+                 f"{(len(ids), canvas.shape[1], *window)} {canvas.dtype}")
+        weights = geometry.window_weights(ids, "cpu")
+        if tuple(weights.shape) != (len(ids), 1, *window):
+            fail(f"window_weights({ids}) has shape {tuple(weights.shape)}, expected {(len(ids), 1, *window)}")
+        if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
+            fail(f"window_weights({ids}) must be finite and non-negative")
+    if not torch.equal(canvas, before):
+        fail("extract modified the canvas")
+
+
+def check_geometry_batching(geometry: Geometry, atol: float = 1e-6) -> None:
+    """Results do not depend on how the engine groups windows into batches: a batch's
+    extract, weights and insert equal those of its windows one at a time."""
+    canvas = _canvas(geometry)
+    ids = list(range(geometry.num_windows))[::-1]  # any order, not only ascending
+    together = geometry.extract(canvas, ids)
+    alone = torch.cat([geometry.extract(canvas, [i]) for i in ids])
+    _close(together, alone, atol, "extract of a batch vs. one window at a time")
+    weights = geometry.window_weights(ids, "cpu")
+    _close(weights, torch.cat([geometry.window_weights([i], "cpu") for i in ids]), atol, "window_weights of a batch")
+    values = torch.randint(-8, 9, together.shape, generator=torch.Generator().manual_seed(1)).float()
+    batched, single = torch.zeros_like(canvas), torch.zeros_like(canvas)
+    geometry.insert(batched, values, ids)
+    for b, i in enumerate(ids):
+        geometry.insert(single, values[b : b + 1], [i])
+    _close(batched, single, atol, "insert of a batch vs. one window at a time")
+
+
+def check_geometry_insert_is_linear(geometry: Geometry, atol: float = 1e-5) -> None:
+    """``insert`` adds into its target (it must not overwrite) and is linear in the values,
+    since the engine uses it for both weighted latents and weights."""
+    ids = list(range(geometry.num_windows))
+    h, w = geometry.window_size_latent
+    generator = torch.Generator().manual_seed(2)
+    # Small integers: sums of them are exact in float32, so crop geometries match exactly.
+    a, b = (torch.randint(-8, 9, (len(ids), 2, h, w), generator=generator).float() for _ in range(2))
+    target = _canvas(geometry, channels=2, seed=3).round()
+    start = target.clone()
+    geometry.insert(target, a, ids)
+    from_zero = torch.zeros_like(target)
+    geometry.insert(from_zero, a, ids)
+    _close(target - start, from_zero, atol, "insert into a non-zero target (it must add, not overwrite)")
+    combined, parts = torch.zeros_like(target), torch.zeros_like(target)
+    geometry.insert(combined, 2 * a + b, ids)
+    geometry.insert(parts, a, ids)
+    geometry.insert(parts, a, ids)
+    geometry.insert(parts, b, ids)
+    _close(combined, parts, atol, "insert(2a + b) vs. insert(a) + insert(a) + insert(b)")
+
+
+def check_geometry_coverage(geometry: Geometry) -> None:
+    """Every canvas cell gets a positive total weight from the windows (else it is never
+    denoised and the engine would divide by zero)."""
+    canvas = torch.zeros(geometry.canvas_shape_latent[0], 1, *geometry.canvas_shape_latent[1:])
+    _, weight_sum = _fuse(geometry, canvas, weighted=True)
+    uncovered = (weight_sum <= 0).nonzero()
+    if len(uncovered):
+        s, _, y, x = uncovered[0].tolist()
+        fail(f"{len(uncovered)} canvas cells get no window weight, e.g. sheet {s}, row {y}, column {x}")
+
+
+def check_geometry_round_trip(geometry: Geometry, atol: float = 1e-5) -> None:
+    """Fusing the canvas's own windows gives the canvas back: with unit weights and with the
+    geometry's weights, ``sum insert(w * extract(x)) / sum insert(w) == x``. Resampling
+    geometries pass a looser ``atol`` (interpolation is not exactly invertible)."""
+    canvas = _canvas(geometry)
+    for weighted in (False, True):
+        numerator, denominator = _fuse(geometry, canvas, weighted)
+        if bool((denominator <= 0).any()):
+            fail("some canvas cells are not covered by any window (see check_geometry_coverage)")
+        label = "geometry weights" if weighted else "unit weights"
+        _close(numerator / denominator, canvas, atol, f"insert(extract(canvas)) round trip with {label}")
+
+
+def local_decoder(latent_scale: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A stand-in VAE decoder acting on each latent cell alone: ``(B, C, h, w)`` →
+    ``(B, 3, f*h, f*w)`` in [-1, 1]. Padding or cropping errors in ``decode`` show up as
+    shifted pixels, which a real (mixing) decoder would hide."""
+
+    def decode(latents: torch.Tensor) -> torch.Tensor:
+        pixels = torch.tanh(latents[:, :3].float())
+        return pixels.repeat_interleave(latent_scale, -2).repeat_interleave(latent_scale, -1)
+
+    return decode
+
+
+def check_geometry_decode(geometry: Geometry, latent_scale: int = 8, atol: float = 1e-6) -> None:
+    """``decode`` returns ``(S, 3, f*H, f*W)`` aligned with the canvas (checked with
+    :func:`local_decoder`), and ``to_images`` turns that into at least one PIL image."""
+    canvas = _canvas(geometry)
+    decoder = local_decoder(latent_scale)
+    pixels = geometry.decode(canvas, decoder)
+    _close(pixels, decoder(canvas), atol, "decode(canvas) vs. decoding each sheet cell by cell")
+    images = geometry.to_images(pixels)
+    if not images or not all(isinstance(image, Image.Image) for image in images):
+        fail(f"to_images must return a non-empty list of PIL images, got {images!r}")
+
+
+def check_options_round_trip(plugin: Any) -> None:
+    """The plugin's options survive a JSON round trip (jobs are saved as TOML/JSON)."""
+    dumped = plugin.options.model_dump(mode="json")
+    rebuilt = type(plugin)(dumped)
+    if rebuilt.options != plugin.options:
+        fail(f"{type(plugin).__name__}: options {dumped!r} do not rebuild the same options")
+
+
+def check_geometry(geometry: Geometry, latent_scale: int = 8, atol: float = 1e-5) -> None:
+    """Every geometry check, after ``geometry.setup(latent_scale)``."""
+    geometry.setup(latent_scale)
+    check_geometry_shapes(geometry)
+    check_geometry_batching(geometry)
+    check_geometry_insert_is_linear(geometry, atol)
+    check_geometry_coverage(geometry)
+    check_geometry_round_trip(geometry, atol)
+    check_geometry_decode(geometry, latent_scale)
+    check_options_round_trip(geometry)
+
+
+# ----------------------------------------------------------------------------- model context
+
+
+@functools.lru_cache(maxsize=1)
+def tiny_pipeline() -> Any:
+    """The built-in tiny Stable Diffusion pipeline on the CPU, built once per process.
+    Shared: checks must not modify its weights."""
+    from .models import load_pipeline
+
+    return load_pipeline("tiny", device="cpu", dtype="float32")
+
+
+class _ExampleStrip(TiledGeometry):
+    """A horizontal strip of three windows of ``window`` latent cells (stride half a
+    window): a job's geometry for checks of conditioners and synchronizers, independent of
+    which plugins are installed."""
+
+    name = "conformance-strip"
+
+    def __init__(self, window: int) -> None:
+        super().__init__()
+        self.window = window
+
+    def canvas_size_px(self) -> tuple[int, int]:
+        return (self.window * self.latent_scale, 2 * self.window * self.latent_scale)
+
+    def window_stride_latent(self):
+        return (self.window, self.window), (self.window // 2, self.window // 2)
+
+
+def example_geometry(window_latent: int = 32) -> Geometry:
+    """A small geometry (three windows) for conditioner and synchronizer checks. Windows are
+    half the native 64 cells by default: the UNet is convolutional, and it is 4x cheaper."""
+    return _ExampleStrip(window_latent)
+
+
+def make_context(pipeline: Any = None, geometry: Geometry | None = None, steps: int = 2, seed: int = 0) -> JobContext:
+    """A :class:`JobContext` as the engine builds it (geometry set up, generator seeded)."""
+    pipeline = pipeline if pipeline is not None else tiny_pipeline()
+    geometry = geometry if geometry is not None else example_geometry()
+    geometry.setup(pipeline.vae_scale_factor)
+    unet = pipeline.unet
+    generator = torch.Generator("cpu").manual_seed(seed)
+    return JobContext(pipeline, geometry, unet.device, unet.dtype, steps, generator)
+
+
+def encode_test_prompt(context: JobContext, text: str = "a test prompt", guidance_scale: float = 7.5) -> Prompt:
+    """A :class:`Prompt` encoded with the pipeline's text encoder (with guidance)."""
+    with torch.no_grad():
+        embeds, negative = context.pipeline.encode_prompt(text, context.device, 1, True, negative_prompt="")
+    return Prompt(embeds, negative, guidance_scale)
+
+
+# ----------------------------------------------------------------------------- conditioner
+
+
+def _tensors(value: Any, path: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor in a nest of dicts, lists and tuples, with where it sits."""
+    if isinstance(value, torch.Tensor):
+        yield path, value
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            yield from _tensors(item, f"{path}[{key!r}]")
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            yield from _tensors(item, f"{path}[{index}]")
+
+
+def check_prompt(prompt: Prompt, num_windows: int, cross_attention_dim: int) -> None:
+    """Embeddings are ``(P, L, D)`` with the UNet's ``D``; every window has a prompt index in
+    ``[0, P)``, for batches of any size."""
+    embeds, negative = prompt.embeds, prompt.negative_embeds
+    if embeds.ndim != 3 or embeds.shape[-1] != cross_attention_dim:
+        fail(f"prompt embeds must be (P, L, {cross_attention_dim}), got {tuple(embeds.shape)}")
+    if negative.shape != embeds.shape:
+        fail(f"negative_embeds {tuple(negative.shape)} must match embeds {tuple(embeds.shape)}")
+    if not float(prompt.guidance_scale) >= 0:
+        fail(f"guidance_scale must be a number >= 0, got {prompt.guidance_scale!r}")
+    for size in sorted({1, 2, num_windows}):
+        ids = list(range(num_windows))[-size:]
+        indices = prompt.indices(ids)
+        if len(indices) != len(ids) or not all(isinstance(i, int) and 0 <= i < len(embeds) for i in indices):
+            fail(f"prompt indices for windows {ids} must be {len(ids)} ints in [0, {len(embeds)}), got {indices!r}")
+
+
+def _branch_inputs(context: JobContext, prompt: Prompt | None, ids: Sequence[int], branches: int):
+    """UNet inputs of a window batch as the denoiser lays them out: rows are
+    ``[branch 0: windows..., branch 1: windows...]`` (unconditional branch first)."""
+    geometry, unet = context.geometry, context.pipeline.unet
+    canvas = _canvas(geometry, unet.config.in_channels, seed=4).to(context.device, context.dtype)
+    windows = geometry.extract(canvas, ids)
+    if prompt is not None:
+        rows = [prompt.negative_embeds, prompt.embeds][-branches:]
+        index = torch.tensor(prompt.indices(ids), device=context.device)
+        states = torch.cat([r.to(context.device, context.dtype).index_select(0, index) for r in rows])
+    else:
+        shape = (branches, 77, unet.config.cross_attention_dim)
+        states = torch.randn(shape, generator=torch.Generator().manual_seed(5))
+        states = states.to(context.device, context.dtype).repeat_interleave(len(ids), 0)
+    return torch.cat([windows] * branches), states
+
+
+def _unet_kwargs_rows(conditioner: Conditioner, context: JobContext, ids: list[int], branches: int) -> None:
+    """One batch: every returned tensor has one row per UNet input row, and row ``b*B + k``
+    equals what window ``ids[k]`` gets when computed alone."""
+    timestep = context.pipeline.scheduler.timesteps[0]
+    prompt = conditioner.prompt()
+    model_input, states = _branch_inputs(context, prompt, ids, branches)
+    kwargs = conditioner.unet_kwargs(model_input, timestep, states, ids, context)
+    if not isinstance(kwargs, dict):
+        fail(f"unet_kwargs must return a dict, got {type(kwargs).__name__}")
+    for path, tensor in _tensors(kwargs):
+        if tensor.ndim == 0 or tensor.shape[0] != len(model_input):
+            fail(f"unet_kwargs{path} has shape {tuple(tensor.shape)}; expected {len(model_input)} "
+                 f"rows ({branches} branch(es) x {len(ids)} window(s))")
+    for k, window_id in enumerate(ids):
+        one_input, one_states = _branch_inputs(context, prompt, [window_id], branches)
+        alone = dict(_tensors(conditioner.unet_kwargs(one_input, timestep, one_states, [window_id], context)))
+        for path, tensor in _tensors(kwargs):
+            if path not in alone:
+                fail(f"unet_kwargs{path} is returned for a batch of {len(ids)} but not for window {window_id} alone")
+            rows = tensor[[b * len(ids) + k for b in range(branches)]]
+            where = f"unet_kwargs{path} of window {window_id} in a batch of {len(ids)}"
+            _close(rows, alone[path], 1e-4, where)
+
+
+def check_unet_kwargs(conditioner: Conditioner, context: JobContext) -> None:
+    """For batches of 1, 2 and all windows, with and without a guidance branch, the rows of
+    ``unet_kwargs`` match the UNet input rows (see :func:`_unet_kwargs_rows`); and the UNet
+    accepts the keyword arguments."""
+    count = context.geometry.num_windows
+    for branches in (1, 2):
+        for size in sorted({1, min(2, count), count}):
+            _unet_kwargs_rows(conditioner, context, list(range(count))[-size:], branches)
+    ids = list(range(count))[: min(2, count)]
+    model_input, states = _branch_inputs(context, conditioner.prompt(), ids, 2)
+    timestep = context.pipeline.scheduler.timesteps[0]
+    kwargs = conditioner.unet_kwargs(model_input, timestep, states, ids, context)
+    unet = context.pipeline.unet
+    with torch.no_grad():
+        output = unet(model_input, timestep, encoder_hidden_states=states, return_dict=False, **kwargs)[0]
+    if output.shape != model_input.shape:
+        fail(f"with these unet_kwargs the UNet returned {tuple(output.shape)} for input {tuple(model_input.shape)}")
+
+
+def check_conditioner(conditioner: Conditioner, context: JobContext | None = None) -> None:
+    """Every conditioner check: set up on ``context`` (default: the tiny model and
+    :func:`example_geometry`), then :func:`check_prompt` and :func:`check_unet_kwargs`."""
+    context = context if context is not None else make_context()
+    context.pipeline.scheduler.set_timesteps(context.num_inference_steps, device="cpu")
+    conditioner.setup(context)
+    prompt = conditioner.prompt()
+    if prompt is not None:
+        check_prompt(prompt, context.geometry.num_windows, context.pipeline.unet.config.cross_attention_dim)
+    check_unet_kwargs(conditioner, context)
+    check_options_round_trip(conditioner)
+
+
+# ----------------------------------------------------------------------------- synchronizer
+
+
+def run_synchronizer(
+    synchronizer: Synchronizer, context: JobContext, prompt: Prompt | None = None, batch_size: int = 2
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Drive a synchronizer as the engine does, for every step of ``context`` on one noisy
+    canvas: ``setup``, then per step ``begin_step`` and ``update`` of each window batch.
+    Returns ``(window latents, updated latents)`` pairs; fails if the canvas changes in place."""
+    pipeline, geometry = context.pipeline, context.geometry
+    scheduler = pipeline.scheduler
+    scheduler.set_timesteps(context.num_inference_steps, device="cpu")
+    denoiser = Denoiser(context, prompt if prompt is not None else encode_test_prompt(context), [])
+    synchronizer.setup(context)
+    canvas = _canvas(geometry, pipeline.unet.config.in_channels, seed=6).to(context.device)
+    canvas = canvas * scheduler.init_noise_sigma
+    before = canvas.clone()
+    ids = list(range(geometry.num_windows))
+    batches = [
+        WindowBatch(j, tuple(ids[i : i + batch_size]), copy.deepcopy(scheduler))
+        for j, i in enumerate(range(0, len(ids), batch_size))
+    ]
+    pairs = []
+    for step, timestep in enumerate(scheduler.timesteps):
+        state = StepState(step, timestep, len(scheduler.timesteps), canvas, denoiser, context)
+        synchronizer.begin_step(state)
+        for batch in batches:
+            latents = geometry.extract(canvas, batch.window_ids)
+            updated = synchronizer.update(latents.clone(), batch, state)
+            if updated.shape != latents.shape or not bool(torch.isfinite(updated).all()):
+                fail(f"update must return finite latents of shape {tuple(latents.shape)}, got {tuple(updated.shape)}")
+            pairs.append((latents.float().cpu(), updated.detach().float().cpu()))
+    if not torch.equal(canvas, before):
+        fail("the synchronizer modified the canvas in place (the engine reads it for every batch)")
+    return pairs
+
+
+def check_synchronizer_deterministic(
+    factory: Callable[[], Synchronizer], pipeline: Any = None, atol: float = 0.0, prompt: Prompt | None = None
+) -> None:
+    """Two fresh instances given the same inputs return the same latents."""
+    first = run_synchronizer(factory(), make_context(pipeline), prompt)
+    second = run_synchronizer(factory(), make_context(pipeline), prompt)
+    for index, ((_, a), (_, b)) in enumerate(zip(first, second)):
+        _close(a, b, atol, f"synchronizer output {index} of two identical runs")
+
+
+def check_synchronizer_noop(
+    factory: Callable[[], Synchronizer], pipeline: Any = None, atol: float = 1e-6, prompt: Prompt | None = None
+) -> None:
+    """An instance at zero strength (from ``factory``) returns every window's latents unchanged."""
+    for index, (latents, updated) in enumerate(run_synchronizer(factory(), make_context(pipeline), prompt)):
+        _close(updated, latents, atol, f"zero-strength synchronizer output {index} vs. its input")
+
+
+def check_synchronizer(
+    factory: Callable[[], Synchronizer], zero_strength: Callable[[], Synchronizer] | None = None, pipeline: Any = None
+) -> None:
+    """Every synchronizer check; the no-op check runs when a zero-strength factory is given."""
+    prompt = encode_test_prompt(make_context(pipeline))
+    check_synchronizer_deterministic(factory, pipeline, prompt=prompt)
+    if zero_strength is not None:
+        check_synchronizer_noop(zero_strength, pipeline, prompt=prompt)
+    check_options_round_trip(factory())
+
+
+# ----------------------------------------------------------------------------- options by convention
+
+
+def example_options(cls: type, guess: bool = True) -> dict[str, Any] | None:
+    """Options to build a working instance of ``cls`` in tests: its ``example_options()``
+    if it has one; else, with ``guess``, ``{}`` if its defaults validate; else None.
+
+    Defaults that validate may still be unusable offline (a conditioner or synchronizer that
+    loads weights), which is what ``example_options()`` is for."""
+    provider = getattr(cls, "example_options", None)
+    if provider is not None:
+        return dict(provider())
+    if not guess:
+        return None
+    try:
+        cls.Options()
+    except pydantic.ValidationError:
+        return None
+    return {}
+
+
+def zero_strength_options(cls: type) -> dict[str, Any] | None:
+    """Options of a zero-strength (no-op) synchronizer, from ``cls.zero_strength_options()``."""
+    provider = getattr(cls, "zero_strength_options", None)
+    return dict(provider()) if provider is not None else None
+
+
+def check_plugin_class(kind: str, cls: type, options: Mapping[str, Any] | None = None) -> None:
+    """Run the checks of ``kind`` on ``cls`` built with ``options`` (default: its
+    :func:`example_options`)."""
+    options = dict(options) if options is not None else example_options(cls)
+    if options is None:
+        fail(f"{cls.__name__} needs options: pass them or give the class an example_options() classmethod")
+    if kind == "geometry":
+        check_geometry(cls(**options))
+    elif kind == "conditioner":
+        check_conditioner(cls(**options))
+    elif kind == "synchronizer":
+        zero = zero_strength_options(cls)
+        check_synchronizer(lambda: cls(**options), (lambda: cls(**zero)) if zero is not None else None)
+    else:
+        raise ValueError(f"kind must be geometry, conditioner or synchronizer, got {kind!r}")
+
+
+@contextlib.contextmanager
+def isolated_plugins(*plugins: Any, entry_points: bool = True) -> Iterator[Any]:
+    """Swap in a fresh process-wide plugin manager (so :func:`jointdiff.plugins.create` sees
+    only what this test loads) and restore the previous one afterwards.
+
+    ``entry_points``: load the installed ``jointdiff`` entry points (honouring
+    ``JOINTDIFF_PLUGINS``); ``plugins``: modules or objects with hook implementations to add.
+    Yields the :class:`jointdiff.plugins.PluginManager`.
+    """
+    from . import plugins as plugin_module
+
+    manager = plugin_module.PluginManager()
+    if entry_points:
+        manager.load_entry_points()
+    for plugin in plugins:
+        manager.add(plugin, getattr(plugin, "__name__", None) or repr(plugin))
+    previous = plugin_module._MANAGER
+    plugin_module._MANAGER = manager
+    try:
+        yield manager
+    finally:
+        plugin_module._MANAGER = previous
+
+
+# ----------------------------------------------------------------------------- pytest mixins
+
+
+class GeometryConformance:
+    """Mix into a ``Test...`` class and define :meth:`make_geometry`; pytest then runs every
+    geometry check as its own test. Override ``atol`` for resampling geometries."""
+
+    latent_scale = 8
+    atol = 1e-5
+
+    def make_geometry(self) -> Geometry:
+        raise NotImplementedError("define make_geometry() to return the geometry to check")
+
+    def _geometry(self) -> Geometry:
+        geometry = self.make_geometry()
+        geometry.setup(self.latent_scale)
+        return geometry
+
+    def test_geometry_shapes(self) -> None:
+        check_geometry_shapes(self._geometry())
+
+    def test_geometry_batching(self) -> None:
+        check_geometry_batching(self._geometry())
+
+    def test_geometry_insert_is_linear(self) -> None:
+        check_geometry_insert_is_linear(self._geometry(), self.atol)
+
+    def test_geometry_covers_canvas(self) -> None:
+        check_geometry_coverage(self._geometry())
+
+    def test_geometry_round_trip(self) -> None:
+        check_geometry_round_trip(self._geometry(), self.atol)
+
+    def test_geometry_decode(self) -> None:
+        check_geometry_decode(self._geometry(), self.latent_scale)
+
+    def test_geometry_options_round_trip(self) -> None:
+        check_options_round_trip(self.make_geometry())
+
+
+class ConditionerConformance:
+    """Mix into a ``Test...`` class and define :meth:`make_conditioner`; override
+    :meth:`make_pipeline` or :meth:`make_geometry` to check on another model or canvas."""
+
+    def make_conditioner(self) -> Conditioner:
+        raise NotImplementedError("define make_conditioner() to return the conditioner to check")
+
+    def make_pipeline(self) -> Any:
+        return tiny_pipeline()
+
+    def make_geometry(self) -> Geometry:
+        return example_geometry()
+
+    def test_conditioner_batches(self) -> None:
+        check_conditioner(self.make_conditioner(), make_context(self.make_pipeline(), self.make_geometry()))
+
+
+class SynchronizerConformance:
+    """Mix into a ``Test...`` class and define :meth:`make_synchronizer`; define
+    :meth:`make_zero_strength_synchronizer` when the synchronizer has a strength option."""
+
+    def make_synchronizer(self) -> Synchronizer:
+        raise NotImplementedError("define make_synchronizer() to return the synchronizer to check")
+
+    def make_zero_strength_synchronizer(self) -> Synchronizer | None:
+        return None
+
+    def make_pipeline(self) -> Any:
+        return tiny_pipeline()
+
+    def test_synchronizer_deterministic(self) -> None:
+        check_synchronizer_deterministic(self.make_synchronizer, self.make_pipeline())
+
+    def test_synchronizer_noop_at_zero_strength(self) -> None:
+        if self.make_zero_strength_synchronizer() is None:
+            import pytest
+
+            pytest.skip("no zero-strength instance: define make_zero_strength_synchronizer()")
+        check_synchronizer_noop(self.make_zero_strength_synchronizer, self.make_pipeline())
+
+    def test_synchronizer_options_round_trip(self) -> None:
+        check_options_round_trip(self.make_synchronizer())

@@ -1,0 +1,264 @@
+"""The conformance checks of :mod:`jointdiff.testing`: every built-in plugin passes them, and
+each check fails on a plugin that breaks the property it checks."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import pytest
+import torch
+
+from jointdiff.conditioner import Conditioner, Prompt
+from jointdiff.plugins import get_registry
+from jointdiff.synchronizer import Synchronizer
+from jointdiff.testing import (
+    ConditionerConformance,
+    GeometryConformance,
+    SynchronizerConformance,
+    check_conditioner,
+    check_geometry,
+    check_geometry_batching,
+    check_geometry_coverage,
+    check_geometry_decode,
+    check_geometry_insert_is_linear,
+    check_geometry_round_trip,
+    check_geometry_shapes,
+    check_plugin_class,
+    check_synchronizer_deterministic,
+    check_synchronizer_noop,
+    example_options,
+    make_context,
+    zero_strength_options,
+)
+from jointdiff_plugins.none import NoSynchronizer
+from jointdiff_plugins.text import TextConditioner
+from jointdiff_plugins.tiles import GridGeometry, StripGeometry
+
+
+def builtin_plugins():
+    """Every class registered by jointdiff's own distribution, as pytest parameters."""
+    infos = [info for info in get_registry().all() if info.distribution.split(" ")[0] == "jointdiff"]
+    return [pytest.param(info, id=f"{info.kind}-{info.name}") for info in infos]
+
+
+@pytest.mark.parametrize("info", builtin_plugins())
+def test_every_builtin_plugin_conforms(info):
+    # Geometries build from their defaults; conditioners and synchronizers may load weights,
+    # so only their example_options() are trusted to run offline.
+    options = example_options(info.cls, guess=info.kind == "geometry")
+    if options is None:
+        pytest.skip(f"{info.kind} {info.name!r} has no example_options() classmethod")
+    check_plugin_class(info.kind, info.cls, options)
+
+
+def test_the_core_builtins_are_all_checked():
+    checked = {(p.values[0].kind, p.values[0].name) for p in builtin_plugins()}
+    assert {("geometry", "strip"), ("geometry", "grid"), ("conditioner", "text"), ("synchronizer", "none")} <= checked
+    for kind, name in checked:
+        cls = get_registry().get(kind, name)
+        if cls in (StripGeometry, GridGeometry, TextConditioner, NoSynchronizer):
+            assert example_options(cls) is not None
+    assert zero_strength_options(NoSynchronizer) == {}
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"length_px": 1000, "direction": "vertical", "wrap": True, "stride_latent": 24, "window_latent": 32},
+        {"length_px": 1024, "wrap": True, "stride_latent": 40},
+        {"length_px": 512},  # a single window
+    ],
+    ids=["vertical-wrap", "horizontal-wrap-uneven", "one-window"],
+)
+@pytest.mark.filterwarnings("ignore:wrapped")  # a wrapped strip may announce a smaller stride
+def test_strip_variants_conform(options):
+    check_geometry(StripGeometry(**options))
+
+
+def test_grid_with_an_uneven_stride_conforms():
+    check_geometry(GridGeometry(height_px=704, width_px=840, window_latent=32, stride_latent=20))
+
+
+# ----------------------------------------------------------------------------- the mixins on built-ins
+
+
+class TestStripMixin(GeometryConformance):
+    def make_geometry(self):
+        return StripGeometry(length_px=768, window_latent=32, stride_latent=16, direction="vertical")
+
+
+# --8<-- [start:mixins]
+class TestTextMixin(ConditionerConformance):
+    def make_conditioner(self):
+        return TextConditioner(prompt="a photo of a lake", guidance_scale=5.0)
+
+
+class TestNoneMixin(SynchronizerConformance):
+    def make_synchronizer(self):
+        return NoSynchronizer()
+
+    def make_zero_strength_synchronizer(self):
+        return NoSynchronizer()
+# --8<-- [end:mixins]
+
+
+# ----------------------------------------------------------------------------- broken geometries
+
+
+class Broken(StripGeometry):
+    """A small horizontal strip (64 × 128 latent cells, three windows) to break on purpose."""
+
+    name = "broken"
+
+    def __init__(self, **options):
+        super().__init__(length_px=1024, stride_latent=32, **options)
+        self.setup(8)
+
+
+class Gap(Broken):
+    def setup(self, latent_scale):
+        super().setup(latent_scale)
+        self.origins = self.origins[:-1]  # the last 32 columns are in no window
+
+
+class Overwrites(Broken):
+    def insert(self, target, values, window_ids):
+        for b, window_id in enumerate(window_ids):
+            top, left = self.origins[window_id]
+            target[0, :, top : top + 64, left : left + 64] = values[b]
+
+
+class SortsBatch(Broken):
+    def extract(self, canvas, window_ids):
+        return super().extract(canvas, sorted(window_ids))
+
+
+class ShiftedInsert(Broken):
+    def extract(self, canvas, window_ids):
+        return super().extract(torch.roll(canvas, 1, dims=-1), window_ids)
+
+
+class NegativeWeights(Broken):
+    def window_weights(self, window_ids, device="cpu"):
+        return -super().window_weights(window_ids, device)
+
+
+class MisalignedDecode(Broken):
+    def decode(self, canvas, decode):
+        return super().decode(torch.roll(canvas, 1, dims=-1), decode)
+
+
+class WrongDtype(Broken):
+    def extract(self, canvas, window_ids):
+        return super().extract(canvas, window_ids).float()
+
+
+@pytest.mark.parametrize(
+    ("geometry", "check", "message"),
+    [
+        (Gap, check_geometry_coverage, "2048 canvas cells get no window weight, e.g. sheet 0, row 0, column 96"),
+        (Overwrites, check_geometry_insert_is_linear, "it must add, not overwrite"),
+        (SortsBatch, check_geometry_batching, "extract of a batch vs. one window at a time"),
+        (ShiftedInsert, check_geometry_round_trip, "round trip with unit weights"),
+        (NegativeWeights, check_geometry_shapes, "finite and non-negative"),
+        (MisalignedDecode, check_geometry_decode, "decode\\(canvas\\) vs. decoding each sheet"),
+        (WrongDtype, check_geometry_shapes, "torch.float64"),
+    ],
+)
+def test_geometry_checks_catch_the_defect_they_check(geometry, check, message):
+    check(Broken())  # the unbroken base passes
+    with pytest.raises(AssertionError, match=message):
+        check(geometry())
+
+
+# ----------------------------------------------------------------------------- broken conditioners
+
+
+class Fixed(Conditioner):
+    """A conditioner with a prompt of two entries and, optionally, extra UNet arguments."""
+
+    name = "fixed"
+
+    def setup(self, context):
+        d = context.pipeline.unet.config.cross_attention_dim
+        embeds = torch.randn(2, 77, d, generator=torch.Generator().manual_seed(0))
+        self._prompt = Prompt(embeds, torch.zeros_like(embeds), 7.5, window_prompt=self.window_prompt)
+
+    def window_prompt(self, window_id: int) -> int:
+        return window_id % 2
+
+    def prompt(self):
+        return self._prompt
+
+    def unet_kwargs(self, latent_model_input, timestep, encoder_hidden_states, window_ids: Sequence[int], context):
+        scale = latent_model_input.mean(dim=(1, 2, 3))  # one value per UNet row: correct
+        return {"cross_attention_kwargs": None, "timestep_cond": None} | self.extra(scale, window_ids)
+
+    def extra(self, scale, window_ids):
+        return {}
+
+
+class OutOfRangePrompt(Fixed):
+    def window_prompt(self, window_id):
+        return 2
+
+
+class PerWindowOnly(Fixed):
+    def extra(self, scale, window_ids):
+        return {"added": {"rows": torch.ones(len(window_ids), 3)}}  # forgets the guidance rows
+
+
+class BatchDependent(Fixed):
+    def extra(self, scale, window_ids):
+        return {"added": {"rows": torch.full((len(scale), 3), float(len(window_ids)))}}
+
+
+def test_conditioner_with_per_window_prompts_passes():
+    check_conditioner(Fixed(), make_context())
+
+
+@pytest.mark.parametrize(
+    ("conditioner", "message"),
+    [
+        (OutOfRangePrompt, r"prompt indices for windows \[2\] must be 1 ints in \[0, 2\)"),
+        (PerWindowOnly, r"unet_kwargs\['added'\]\['rows'\] has shape \(1, 3\); expected 2 rows"),
+        (BatchDependent, "of window 1 in a batch of 2"),
+    ],
+)
+def test_conditioner_checks_catch_the_defect_they_check(conditioner, message):
+    with pytest.raises(AssertionError, match=message):
+        check_conditioner(conditioner(), make_context())
+
+
+# ----------------------------------------------------------------------------- broken synchronizers
+
+
+class Noisy(Synchronizer):
+    name = "noisy"
+
+    def update(self, latents, batch, state):
+        return latents + 0.01 * torch.randn_like(latents)  # global RNG: not reproducible
+
+
+class AlwaysOn(Synchronizer):
+    name = "always-on"
+
+    def update(self, latents, batch, state):
+        return latents + 0.01
+
+
+class TouchesCanvas(Synchronizer):
+    name = "touches-canvas"
+
+    def begin_step(self, state):
+        state.canvas.mul_(1.0001)
+
+
+def test_synchronizer_checks_catch_the_defect_they_check():
+    check_synchronizer_deterministic(AlwaysOn)  # deterministic, even if not a no-op
+    with pytest.raises(AssertionError, match="of two identical runs"):
+        check_synchronizer_deterministic(Noisy)
+    with pytest.raises(AssertionError, match="zero-strength synchronizer output 0 vs. its input"):
+        check_synchronizer_noop(AlwaysOn)
+    with pytest.raises(AssertionError, match="modified the canvas in place"):
+        check_synchronizer_noop(TouchesCanvas)
