@@ -42,6 +42,8 @@ class WindowBatch:
     scheduler: Any
     prompt_index: int | None = None
     """With region prompts: the prompt (branch) every window of this batch is denoised with."""
+    generator: torch.Generator | None = None
+    """Noise for stochastic schedulers, seeded per batch."""
 
     def __len__(self) -> int:
         return len(self.window_ids)

@@ -50,7 +50,8 @@ class JointDiffusion:
     :func:`jointdiff.models.load_pipeline`). ``view_batch_size`` windows share one UNet call
     (times two with classifier-free guidance). ``fusion`` is ``"latent"`` (MultiDiffusion:
     average noisy latents) or ``"x0"`` (SyncTweedies: average predicted clean latents; for
-    geometries that resample), see :mod:`jointdiff.fusion`.
+    geometries that resample), see :mod:`jointdiff.fusion`; by default the geometry's
+    ``preferred_fusion``.
     """
 
     def __init__(
@@ -62,12 +63,12 @@ class JointDiffusion:
         *,
         view_batch_size: int = 4,
         eta: float = 0.0,
-        fusion: FusionMode = "latent",
+        fusion: FusionMode | None = None,
         check_finite: bool = True,
     ) -> None:
         if not isinstance(view_batch_size, int) or view_batch_size < 1:
             raise ConfigError(f"view_batch_size must be a positive integer, got {view_batch_size!r}")
-        if fusion not in ("latent", "x0"):
+        if fusion not in (None, "latent", "x0"):
             raise ConfigError(f"fusion must be 'latent' (MultiDiffusion) or 'x0' (SyncTweedies), got {fusion!r}")
         if not isinstance(geometry, Geometry):
             raise ConfigError(f"geometry must be a Geometry, got {geometry!r}")
@@ -105,13 +106,18 @@ class JointDiffusion:
             raise ConfigError(f"latents must have shape {shape} for this geometry, got {tuple(latents.shape)}")
         return latents.to(self.device, torch.float32) * self.pipeline.scheduler.init_noise_sigma
 
-    def _window_batches(self, scheduler: Any, prompt) -> list[WindowBatch]:
-        """Fixed groups of ``view_batch_size`` windows, once per prompt branch."""
+    def _window_batches(self, scheduler: Any, prompt, seed: int) -> list[WindowBatch]:
+        """Fixed groups of ``view_batch_size`` windows, once per prompt branch. Each batch has
+        its own scheduler copy and its own noise generator (stochastic schedulers), so a
+        result does not depend on the order or the process in which batches run."""
         ids = list(range(self.geometry.num_windows))
         size = self.view_batch_size
         groups = [tuple(ids[i : i + size]) for i in range(0, len(ids), size)]
         pairs = [(branch, group) for branch in prompt.branches for group in groups]
-        return [WindowBatch(j, group, copy.deepcopy(scheduler), branch) for j, (branch, group) in enumerate(pairs)]
+        return [
+            WindowBatch(j, group, copy.deepcopy(scheduler), branch, torch.Generator().manual_seed(batch_seed(seed, j)))
+            for j, (branch, group) in enumerate(pairs)
+        ]
 
     def _weights_fn(self, prompt, device: torch.device):
         """Fusion weights of a batch ``(B, 1, h, w)``: the geometry's, times the branch's
@@ -126,9 +132,10 @@ class JointDiffusion:
 
         return weights_of
 
-    def _step_kwargs(self, scheduler: Any, generator: torch.Generator) -> dict[str, Any]:
+    def _step_kwargs(self, scheduler: Any) -> dict[str, Any]:
+        """``eta`` and a ``generator`` slot (filled per batch) where the scheduler takes them."""
         accepted = set(inspect.signature(scheduler.step).parameters)
-        kwargs = {"eta": self.eta, "generator": generator}
+        kwargs = {"eta": self.eta, "generator": None}
         return {k: v for k, v in kwargs.items() if k in accepted}
 
     @torch.no_grad()
@@ -167,10 +174,11 @@ class JointDiffusion:
         canvas = self._initial_latents(latents, generator)
 
         # 3. Window batches, each with its own scheduler state, and the fusion.
-        batches = self._window_batches(scheduler, prompt)
+        batches = self._window_batches(scheduler, prompt, seed)
+        fusion_mode = self.fusion or getattr(self.geometry, "preferred_fusion", "latent")
         fusion = make_fusion(
-            self.fusion, self.geometry, canvas, batches, self._weights_fn(prompt, canvas.device),
-            self._step_kwargs(scheduler, generator),
+            fusion_mode, self.geometry, canvas, batches, self._weights_fn(prompt, canvas.device),
+            self._step_kwargs(scheduler),
         )
         if not bool((fusion.weight_sum > 0).all()):
             raise ConfigError(f"geometry {self.geometry.name!r} (with its region masks) leaves canvas cells without weight")
@@ -206,3 +214,8 @@ class JointDiffusion:
         vae = self.pipeline.vae
         scaled = latents.to(vae.dtype) / vae.config.scaling_factor
         return vae.decode(scaled, return_dict=False)[0].float()
+
+
+def batch_seed(seed: int, batch_index: int) -> int:
+    """Seed of a window batch's noise generator, derived from the job's seed."""
+    return (seed * 1_000_003 + batch_index + 1) % (2**63)

@@ -49,6 +49,12 @@ class LatentFusion:
     def begin_step(self) -> None:
         self._fused.zero_()
 
+    def _step(self, batch: WindowBatch, output: torch.Tensor, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        kwargs = dict(self.step_kwargs)
+        if "generator" in kwargs:
+            kwargs["generator"] = batch.generator
+        return batch.scheduler.step(output, t, latents, **kwargs, return_dict=False)[0].float()
+
     def window_latents(self, batch: WindowBatch) -> torch.Tensor:
         return self.geometry.extract(self.canvas, batch.window_ids)
 
@@ -57,8 +63,8 @@ class LatentFusion:
         return self.geometry.extract(self.canvas, window_ids)
 
     def add(self, batch: WindowBatch, latents: torch.Tensor, output: torch.Tensor, t: torch.Tensor, denoiser: Denoiser) -> None:
-        stepped = batch.scheduler.step(output, t, latents, **self.step_kwargs, return_dict=False)[0]
-        self.geometry.insert(self._fused, stepped.float() * self.weights_of(batch), batch.window_ids)
+        stepped = self._step(batch, output, t, latents)
+        self.geometry.insert(self._fused, stepped * self.weights_of(batch), batch.window_ids)
 
     def end_step(self, t: torch.Tensor, denoiser: Denoiser) -> torch.Tensor:
         self.canvas = self._fused / self.weight_sum
@@ -93,8 +99,7 @@ class TweedieFusion(LatentFusion):
         for batch, latents in self._pending:
             x0 = self.geometry.extract(fused_x0, batch.window_ids)
             output = denoiser.output_from_x0(latents, x0, t, batch.scheduler)
-            stepped = batch.scheduler.step(output, t, latents, **self.step_kwargs, return_dict=False)[0]
-            self.views[batch.index] = stepped.float()
+            self.views[batch.index] = self._step(batch, output, t, latents)
         self._pending.clear()
         self.canvas = fused_x0
         return fused_x0

@@ -16,7 +16,7 @@ the canvas and ``w_i`` is the window's weight map.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Callable, Sequence
+from typing import Callable, ClassVar, Sequence
 
 import torch
 from PIL import Image
@@ -35,6 +35,10 @@ class Geometry(Configurable, ABC):
     :meth:`insert` and :meth:`window_weights` inside the loop → :meth:`decode` and
     :meth:`to_images` at the end.
     """
+
+    preferred_fusion: ClassVar[str] = "latent"
+    """The fusion the engine uses unless the job says otherwise: ``"latent"`` for crops,
+    ``"x0"`` for geometries that resample (see :mod:`jointdiff.fusion`)."""
 
     def setup(self, latent_scale: int) -> None:
         """Prepare windows for a VAE with ``latent_scale`` pixels per latent cell.

@@ -79,6 +79,7 @@ class Job(_Strict):
     seed: int = 0
     view_batch_size: int = pydantic.Field(4, ge=1)
     eta: float = 0.0
+    fusion: Literal["latent", "x0"] | None = None
     output: str = "jointdiff.png"
 
     @classmethod
@@ -156,7 +157,8 @@ def run_job(job: Job, pipeline: Any = None, *, progress: bool = True, callback=N
         config=spec.config,
     )
     engine = JointDiffusion(
-        pipeline, geometry, conditioners, synchronizer, view_batch_size=job.view_batch_size, eta=job.eta
+        pipeline, geometry, conditioners, synchronizer,
+        view_batch_size=job.view_batch_size, eta=job.eta, fusion=job.fusion,
     )
     result = engine(num_inference_steps=job.steps, seed=job.seed, progress=progress, callback=callback)
     result.metadata["job"] = job.to_dict()
