@@ -30,9 +30,7 @@ def axis_starts(extent: int, window: int, stride: int, wrap: bool, axis: str) ->
     """
     if extent < window:
         raise ConfigError(f"canvas {axis} is {extent} latent cells, smaller than one window ({window})")
-    if extent == window:
-        return [0], stride
-    if wrap:
+    if wrap:  # also when extent == window: windows straddling the edge join its two sides
         used = max(d for d in range(1, stride + 1) if extent % d == 0 and window % d == 0)
         if used != stride:
             warnings.warn(
@@ -41,6 +39,8 @@ def axis_starts(extent: int, window: int, stride: int, wrap: bool, axis: str) ->
                 stacklevel=3,
             )
         return list(range(0, extent, used)), used
+    if extent == window:
+        return [0], stride
     starts = list(range(0, extent - window + 1, stride))
     if starts[-1] + window < extent:
         starts.append(extent - window)

@@ -134,6 +134,7 @@ def test_bad_options_fail_at_construction(options, message):
         create("geometry", "strip", **options)
 
 
+@pytest.mark.filterwarnings("ignore:wrapped width")
 def test_pixel_space_extract_matches_latent_windows_scaled():
     """A canvas-sized pixel input (condition image, mask) is cut with the latents' windows."""
     geometry = built("strip", length_px=832, stride_latent=24, wrap=True)
@@ -145,3 +146,9 @@ def test_pixel_space_extract_matches_latent_windows_scaled():
     torch.testing.assert_close(geometry.extract(pixels, ids), expected)
     with pytest.raises(ValueError, match="not an integer multiple"):
         geometry.extract(torch.zeros(1, 3, height * 8, width * 8 + 1), ids)
+
+
+def test_wrapped_strip_one_window_long_still_joins_its_ends():
+    geometry = built("strip", length_px=512, stride_latent=16, wrap=True)
+    assert [left for _, left in geometry.origins] == [0, 16, 32, 48]
+    assert torch.all(coverage(geometry) == 4)
