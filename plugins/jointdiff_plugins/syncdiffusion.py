@@ -1,0 +1,343 @@
+"""The ``syncdiffusion`` synchronizer: SyncDiffusion's gradient step toward an anchor window.
+
+SyncDiffusion (Lee, Kim, Kim & Sung, "SyncDiffusion: Coherent Montage via Synchronized Joint
+Diffusions", NeurIPS 2023; ControlSync Eq. 3–4 for the conditional form). Before the denoising
+step ``t`` (step index ``i``), every window ``k`` other than the anchor ``a`` is moved by one
+gradient-descent step on a perceptual loss between the *foreseen* clean images::
+
+    x̂0(x) = φθ(x, t)                                   DDIM's predicted x0, guided (CFG)
+    L_k   = LPIPS( D(x̂0(x_t^k)),  sg[D(x̂0(x_t^a))] )    sg: no gradient into the anchor
+    x_t^k ← x_t^k − w · decay^i · ∇_{x_t^k} L_k          raw gradient, through D and the UNet
+
+``D`` is the VAE decoder (or TAESD in the fast mode); images are clamped to [-1, 1] as the
+reference implementation does (it decodes to [0, 1] and rescales). The anchor is not moved.
+A step is synchronized when ``(i + 1) % every == 0`` and ``i < until_step``.
+
+Tensors are ``(B, C, h, w)`` window latents (float32, the UNet's latent space, i.e. already
+multiplied by the VAE's ``scaling_factor``); images ``(B, 3, f·h, f·w)`` in [-1, 1].
+
+Schedulers. The method is defined with DDIM, for which ``x̂0`` here equals DDIM's
+``pred_original_sample`` (ε- or v-prediction, ``clip_sample`` honoured; dynamic thresholding
+is refused). Other diffusers schedulers work as an extension: ``x̂0`` is
+:meth:`~jointdiff.denoiser.Denoiser.predicted_x0`, Tweedie's estimate from the scheduler's
+``ᾱ_t`` applied to the variance-preserving sample ``scale_model_input(x_t)``; the gradient is
+taken with respect to the scheduler's own latent (for σ-parameterised schedulers such as
+Euler it is ``√(1+σ²)`` times larger), so the same ``w`` is a different step size there.
+
+Cost per synchronized step, for ``N`` windows: the anchor's guided UNet forward and decode
+(no gradient, once), then for the ``N − 1`` other windows one guided UNet forward and backward,
+one decoder forward and backward and one LPIPS forward and backward, batched in micro-batches;
+the denoising step afterwards is the engine's usual guided forward per window.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+from typing import Any, Iterator, Literal, Sequence
+
+import pydantic
+import torch
+
+from jointdiff import hookimpl
+from jointdiff.errors import ConfigError, ModelLoadError, NonFiniteLatentsError
+from jointdiff.options import PluginOptions
+from jointdiff.synchronizer import Synchronizer
+
+from .lpips_loader import AnchorDistance, load_lpips
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The paper's sampling function: every one of the 50 DDIM steps, middle anchor.
+    "syncdiffusion": {"w": 20.0, "decay": 0.95, "every": 1, "until_step": None, "anchor": None},
+    # ControlSync §3: w 20, decay 0.95, the first 10 of 50 DDIM steps, anchor j = 0 (Eq. 4).
+    "controlsync": {"w": 20.0, "decay": 0.95, "every": 1, "until_step": 10, "anchor": 0},
+}
+DEFAULT_TAESD = "madebyollin/taesd"
+HALF_LOSS_SCALE = 1024.0
+"""Static loss scale in float16, so that LPIPS gradients (≈ 1/(H·W) per pixel) stay normal."""
+
+_LPIPS_CACHE: dict[tuple[str, bool, str], torch.nn.Module] = {}
+_TAESD_CACHE: dict[tuple[str, str, torch.dtype], torch.nn.Module] = {}
+
+
+class SyncDiffusion(Synchronizer):
+    """Moves every non-anchor window along ``−∇ LPIPS`` to the anchor before each step.
+
+    Results equal the one-window-at-a-time algorithm (to float rounding); what is batched or
+    reused: the windows of a batch share the gradient pass (micro-batches of ``micro_batch``
+    windows, sized from ``memory_budget_gb`` on CUDA when unset), the anchor gets no gradient
+    pass, and the anchor's image and LPIPS features are computed once per step.
+    """
+
+    name = "syncdiffusion"
+
+    class Options(PluginOptions):
+        preset: Literal["syncdiffusion", "controlsync"] | None = pydantic.Field(
+            None, description="fill unspecified fields from the paper's or ControlSync's settings"
+        )
+        w: float = pydantic.Field(20.0, ge=0.0, description="gradient step weight at step 0")
+        decay: float = pydantic.Field(0.95, ge=0.0, le=1.0, description="w_t = w * decay ** step_index")
+        every: int = pydantic.Field(1, ge=1, description="synchronize steps with (step_index + 1) % every == 0")
+        until_step: int | None = pydantic.Field(
+            None, ge=0, description="synchronize only steps with step_index < until_step (None: all)"
+        )
+        anchor: int | None = pydantic.Field(None, ge=0, description="anchor window id (None: num_windows // 2)")
+        net: Literal["vgg", "alex", "squeeze"] = pydantic.Field("vgg", description="LPIPS backbone")
+        lpips_module: Any = pydantic.Field(None, description="a ready LPIPS module (replaces net)")
+        lpips_random_backbone: bool = pydantic.Field(False, description="random LPIPS backbone (tests only)")
+        decoder: Literal["vae", "taesd"] = pydantic.Field("vae", description="decoder D of the loss")
+        taesd_path: str = pydantic.Field(DEFAULT_TAESD, description="AutoencoderTiny folder or hub id")
+        micro_batch: int | None = pydantic.Field(None, ge=1, description="windows per gradient pass")
+        memory_budget_gb: float | None = pydantic.Field(None, gt=0.0, description="CUDA budget for the pass")
+        checkpoint_decoder: bool = pydantic.Field(False, description="gradient checkpointing of D")
+        checkpoint_unet: bool = pydantic.Field(False, description="gradient checkpointing of the UNet")
+        autocast: Literal["none", "float16", "bfloat16"] = pydantic.Field("none", description="autocast the pass")
+        loss_scale: float | None = pydantic.Field(None, gt=0.0, description="None: 1, or 1024 in float16")
+
+        @pydantic.model_validator(mode="before")
+        @classmethod
+        def _fill_from_preset(cls, data: Any) -> Any:
+            if isinstance(data, dict) and data.get("preset") in PRESETS:
+                data = {**PRESETS[data["preset"]], **data}
+            return data
+
+        @pydantic.field_validator("lpips_module")
+        @classmethod
+        def _callable_module(cls, value: Any) -> Any:
+            if value is not None and not callable(value):
+                raise ValueError("must be a callable module(images, anchor) -> per-sample distances")
+            return value
+
+    @classmethod
+    def example_options(cls) -> dict:
+        """Offline options for conformance tests: a random LPIPS backbone (no download)."""
+        return {"lpips_random_backbone": True, "net": "alex"}
+
+    @classmethod
+    def zero_strength_options(cls) -> dict:
+        return {**cls.example_options(), "w": 0.0}
+
+    def __repr__(self) -> str:
+        fields = self.options.model_dump()
+        module = fields.pop("lpips_module")
+        shown = [f"{k}={v!r}" for k, v in fields.items()]
+        shown.append(f"lpips_module=<{type(module).__name__}>" if module is not None else "lpips_module=None")
+        return f"{type(self).__name__}({', '.join(shown)})"
+
+    # -- setup ---------------------------------------------------------------------------
+
+    def setup(self, context) -> None:
+        """Check the anchor against the geometry, load LPIPS and the loss decoder."""
+        o = self.options
+        count = context.geometry.num_windows
+        self.anchor_id = count // 2 if o.anchor is None else o.anchor
+        if self.anchor_id >= count:
+            raise ConfigError(f"syncdiffusion: anchor = {o.anchor} is out of range for {count} windows (0..{count - 1})")
+        self._device = torch.device(context.device)
+        if o.autocast == "float16" and self._device.type != "cuda":
+            raise ConfigError(f"syncdiffusion: autocast = 'float16' needs a CUDA device, the job runs on {self._device}")
+        if context.pipeline.scheduler.config.get("thresholding", False):
+            raise ConfigError("syncdiffusion: schedulers with thresholding=True are not supported")
+        self._context = context
+        self._distance = AnchorDistance(self._lpips(context))
+        self._decoder, self._decoder_scale = self._loss_decoder(context)
+        self._check_checkpointing(context)
+        self._auto_micro: int | None = None
+        self._anchor_step: int | None = None
+
+    def _lpips(self, context) -> Any:
+        o = self.options
+        if o.lpips_module is not None:
+            module = o.lpips_module
+            return module.to(self._device) if isinstance(module, torch.nn.Module) else module
+        key = (o.net, o.lpips_random_backbone, str(self._device))
+        if key not in _LPIPS_CACHE:
+            _LPIPS_CACHE[key] = load_lpips(o.net, random_backbone=o.lpips_random_backbone).to(self._device)
+        return _LPIPS_CACHE[key]
+
+    def _loss_decoder(self, context) -> tuple[Any, float]:
+        """The decoder ``D`` of the loss and the factor latents are divided by before it."""
+        vae = context.pipeline.vae
+        if self.options.decoder == "vae":
+            return vae, float(vae.config.scaling_factor)
+        key = (self.options.taesd_path, str(self._device), vae.dtype)
+        if key not in _TAESD_CACHE:
+            _TAESD_CACHE[key] = _load_taesd(self.options.taesd_path, vae.dtype).to(self._device)
+        taesd = _TAESD_CACHE[key]
+        return taesd, float(taesd.config.scaling_factor)
+
+    def _check_checkpointing(self, context) -> None:
+        for flag, label, module in (
+            (self.options.checkpoint_decoder, "checkpoint_decoder", self._decoder),
+            (self.options.checkpoint_unet, "checkpoint_unet", context.pipeline.unet),
+        ):
+            if flag and not any(hasattr(m, "gradient_checkpointing") for m in module.modules()):
+                raise ConfigError(f"syncdiffusion: {label} = True but {type(module).__name__} has no checkpointable blocks")
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def synchronizes(self, step_index: int) -> bool:
+        """Whether step ``step_index`` (0-based) is synchronized."""
+        o = self.options
+        return (step_index + 1) % o.every == 0 and (o.until_step is None or step_index < o.until_step)
+
+    def begin_step(self, state) -> None:
+        # The anchor is prepared by the first batch of the step, with that batch's scheduler
+        # copy: schedulers such as Euler keep a step index that scale_model_input reads.
+        self._anchor_step = None
+
+    def update(self, latents: torch.Tensor, batch, state) -> torch.Tensor:
+        """Return the batch's latents ``(B, C, h, w)`` after one synchronization step."""
+        if not self.synchronizes(state.step_index):
+            return latents
+        if torch.is_inference_mode_enabled():
+            raise ConfigError("syncdiffusion needs autograd; do not run the job under torch.inference_mode()")
+        rows = [b for b, window_id in enumerate(batch.window_ids) if window_id != self.anchor_id]
+        if not rows:
+            return latents
+        self._prepare_anchor(batch, state)
+        weight = self.options.w * self.options.decay**state.step_index
+        updated = latents.clone()
+        start = 0
+        while start < len(rows):
+            chunk = rows[start : start + self._chunk_size(len(rows) - start)]
+            ids = [batch.window_ids[b] for b in chunk]
+            grad = self._measured(lambda: self.gradient(latents[chunk], ids, batch.scheduler, state))
+            updated[chunk] = latents[chunk] - weight * grad
+            start += len(chunk)
+        return updated
+
+    def _prepare_anchor(self, batch, state) -> None:
+        """Decode the anchor's foreseen image once per step and fix it in the loss."""
+        if self._anchor_step == state.step_index:
+            return
+        latents = state.context.geometry.extract(state.canvas, [self.anchor_id])
+        with torch.no_grad(), self._autocast():
+            output = state.denoiser.model_output(latents, state.timestep, [self.anchor_id], batch.scheduler)
+            image = self.decode(self.predicted_x0(latents, output, batch.scheduler, state))
+            self._distance.set_anchor(image)
+        self._anchor_step = state.step_index
+
+    def gradient(self, latents: torch.Tensor, window_ids: Sequence[int], scheduler: Any, state) -> torch.Tensor:
+        """``∇_x Σ_k LPIPS(D(x̂0(x_k)), anchor)`` for window latents ``(B, C, h, w)``: each
+        window's own gradient, since the windows of a batch do not interact. The graph is
+        freed before returning."""
+        scale = self._loss_scale()
+        with torch.enable_grad(), self._autocast(), self._checkpointing():
+            x = latents.detach().requires_grad_(True)
+            output = state.denoiser.model_output(x, state.timestep, window_ids, scheduler)
+            loss = self._distance(self.decode(self.predicted_x0(x, output, scheduler, state))).sum()
+            (grad,) = torch.autograd.grad(loss * scale if scale != 1.0 else loss, x)
+        grad = grad.float() / scale if scale != 1.0 else grad.float()
+        if not bool(torch.isfinite(grad).all()):
+            raise NonFiniteLatentsError(
+                f"syncdiffusion: NaN or inf in the synchronization gradient at step {state.step_index} "
+                f"(loss_scale {scale}); in float16 try a smaller loss_scale or autocast='bfloat16'"
+            )
+        return grad
+
+    def predicted_x0(self, latents: torch.Tensor, output: torch.Tensor, scheduler: Any, state) -> torch.Tensor:
+        """DDIM's x̂0 (Song et al. 2021, Eq. 12), clipped as DDIM does when ``clip_sample``."""
+        x0 = state.denoiser.predicted_x0(latents, output, state.timestep, scheduler)
+        if scheduler.config.get("clip_sample", False):
+            limit = float(scheduler.config.get("clip_sample_range", 1.0))
+            x0 = x0.clamp(-limit, limit)
+        return x0
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """``D``: latents ``(B, 4, h, w)`` → images ``(B, 3, f·h, f·w)`` clamped to [-1, 1]
+        (float32, or float64 for a float64 decoder)."""
+        module = self._decoder
+        images = module.decode(latents.to(module.dtype) / self._decoder_scale, return_dict=False)[0]
+        return images.to(torch.promote_types(images.dtype, torch.float32)).clamp(-1.0, 1.0)
+
+    # -- speed and memory ----------------------------------------------------------------
+
+    def _autocast(self):
+        if self.options.autocast == "none":
+            return nullcontext()
+        return torch.autocast(self._device.type, dtype=getattr(torch, self.options.autocast))
+
+    def _loss_scale(self) -> float:
+        if self.options.loss_scale is not None:
+            return float(self.options.loss_scale)
+        half = self.options.autocast == "float16" or self._context.dtype == torch.float16
+        return HALF_LOSS_SCALE if half else 1.0
+
+    @contextmanager
+    def _checkpointing(self) -> Iterator[None]:
+        modules = []
+        if self.options.checkpoint_decoder:
+            modules.append(getattr(self._decoder, "decoder", self._decoder))
+        if self.options.checkpoint_unet:
+            modules.append(self._context.pipeline.unet)
+        with _gradient_checkpointing(modules):
+            yield
+
+    def _chunk_size(self, remaining: int) -> int:
+        if self.options.micro_batch is not None:
+            return self.options.micro_batch
+        if self._auto_micro is not None:
+            return self._auto_micro
+        return 1 if self._device.type == "cuda" else remaining
+
+    def _measured(self, compute):
+        """Run ``compute``; on CUDA with no micro-batch size yet, size it from this (one-window)
+        pass: budget // (peak bytes above the memory in use before it), an upper bound."""
+        if self._device.type != "cuda" or self.options.micro_batch is not None or self._auto_micro is not None:
+            return compute()
+        budget = self._memory_budget()
+        before = torch.cuda.memory_allocated(self._device)
+        result = compute()
+        peak = max(1, torch.cuda.max_memory_allocated(self._device) - before)
+        self._auto_micro = max(1, int(budget // peak))
+        return result
+
+    def _memory_budget(self) -> float:
+        if self.options.memory_budget_gb is not None:
+            return self.options.memory_budget_gb * 2**30
+        free, _ = torch.cuda.mem_get_info(self._device)
+        cached = torch.cuda.memory_reserved(self._device) - torch.cuda.memory_allocated(self._device)
+        return 0.9 * (free + cached)
+
+
+@contextmanager
+def _gradient_checkpointing(modules: Sequence[torch.nn.Module]) -> Iterator[None]:
+    """Turn on diffusers' per-block gradient checkpointing inside ``modules``, then restore."""
+    saved = []
+    for module in modules:
+        for block in module.modules():
+            if hasattr(block, "gradient_checkpointing"):
+                saved.append((block, block.gradient_checkpointing, getattr(block, "_gradient_checkpointing_func", None)))
+                block.gradient_checkpointing = True
+                block._gradient_checkpointing_func = _checkpoint
+    try:
+        yield
+    finally:
+        for block, flag, func in saved:
+            block.gradient_checkpointing = flag
+            block._gradient_checkpointing_func = func
+
+
+def _checkpoint(block: torch.nn.Module, *args: Any) -> Any:
+    return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+
+
+def _load_taesd(path: str, dtype: torch.dtype) -> torch.nn.Module:
+    """diffusers ``AutoencoderTiny`` from a local folder or hub id (frozen, eval)."""
+    from diffusers import AutoencoderTiny
+
+    try:
+        module = AutoencoderTiny.from_pretrained(path, torch_dtype=dtype)
+    except Exception as error:
+        reason = f"{type(error).__name__}: {error}".splitlines()[0]
+        raise ModelLoadError(
+            f"syncdiffusion: could not load TAESD from taesd_path = {path!r} ({reason}); pass a local "
+            "diffusers AutoencoderTiny folder (config.json + diffusion_pytorch_model.safetensors) "
+            f"or, online, the hub id {DEFAULT_TAESD!r}"
+        ) from error
+    return module.eval().requires_grad_(False)
+
+
+@hookimpl
+def register_synchronizers(register):
+    register(SyncDiffusion)
