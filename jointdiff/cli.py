@@ -1,4 +1,4 @@
-"""The ``jointdiff`` command line: ``run``, ``generate`` and ``plugins``.
+"""The ``jointdiff`` command line: ``run``, ``generate``, ``plugins`` and ``view``.
 
 Errors a user can cause are printed as one line (``jointdiff: error: ...``, exit status 2),
 never as a traceback; outputs are written atomically, so a failed run leaves no file behind.
@@ -102,6 +102,21 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_view(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .viewer import serve_viewer, write_viewer
+
+    if args.output or not args.serve:
+        print(write_viewer(args.pano, args.output or Path(args.pano).with_suffix(".html")))
+    if args.serve:
+        try:
+            serve_viewer(args.pano, args.port)
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jointdiff", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -138,6 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     plugins = sub.add_parser("plugins", help="list discovered plugins and their options")
     plugins.set_defaults(func=cmd_plugins)
+
+    view = sub.add_parser("view", help="show a 360° panorama in a self-contained HTML viewer")
+    view.add_argument("pano", help="equirectangular image (PNG, JPEG or WebP)")
+    view.add_argument("--output", "-o", metavar="PAGE.html", help="page to write (default: PANO with .html)")
+    view.add_argument("--serve", action="store_true", help="serve the page on http://127.0.0.1:PORT/")
+    view.add_argument("--port", type=int, default=8360)
+    view.set_defaults(func=cmd_view)
     return parser
 
 

@@ -54,11 +54,18 @@ def save_image_atomic(image: Image.Image, path: str | Path, metadata: dict[str, 
                 info.add_itxt(key, value if isinstance(value, str) else json.dumps(value))
             kwargs["pnginfo"] = info
         image.save(tmp, **kwargs)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs are ordinary files
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def save_result(result: Any, path: str | Path) -> list[Path]:

@@ -137,3 +137,17 @@ def test_plugins_command_lists_builtins_with_distribution():
     assert "geometry 'strip'  (plugin 'tiles' from jointdiff" in completed.stdout
     assert "length_px: int = 2048" in completed.stdout
     assert "conditioner 'text'" in completed.stdout and "synchronizer 'none'" in completed.stdout
+
+
+def test_outputs_get_ordinary_permissions(tmp_path):
+    import os
+    import stat
+
+    from jointdiff.output import save_image_atomic
+
+    previous = os.umask(0o022)
+    try:
+        path = save_image_atomic(Image.new("RGB", (8, 8)), tmp_path / "x.png")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o644
