@@ -162,8 +162,10 @@ def check_geometry_coverage(geometry: Geometry) -> None:
 def check_geometry_round_trip(geometry: Geometry, atol: float = 1e-5) -> None:
     """Fusing the canvas's own windows gives the canvas back: with unit weights and with the
     geometry's weights, ``sum insert(w * extract(x)) / sum insert(w) == x``. Resampling
-    geometries pass a looser ``atol`` (interpolation is not exactly invertible)."""
-    canvas = _canvas(geometry)
+    geometries pass a looser ``atol`` (interpolation is not exactly invertible) and may give a
+    ``smooth_test_canvas(channels)`` to check on instead of noise, which no interpolation keeps."""
+    smooth = getattr(geometry, "smooth_test_canvas", None)
+    canvas = smooth(LATENT_CHANNELS) if smooth is not None else _canvas(geometry)
     for weighted in (False, True):
         numerator, denominator = _fuse(geometry, canvas, weighted)
         if bool((denominator <= 0).any()):
@@ -377,6 +379,17 @@ def check_conditioner(conditioner: Conditioner, context: JobContext | None = Non
 # ----------------------------------------------------------------------------- synchronizer
 
 
+class _CanvasWindows:
+    """What :attr:`StepState.fusion` offers a synchronizer with latent fusion: the noisy
+    latents of any windows, cut from the canvas."""
+
+    def __init__(self, geometry: Geometry, canvas: torch.Tensor) -> None:
+        self.geometry, self.canvas = geometry, canvas
+
+    def latents_of(self, window_ids: Sequence[int]) -> torch.Tensor:
+        return self.geometry.extract(self.canvas, window_ids)
+
+
 def run_synchronizer(
     synchronizer: Synchronizer, context: JobContext, prompt: Prompt | None = None, batch_size: int = 2
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -397,8 +410,9 @@ def run_synchronizer(
         for j, i in enumerate(range(0, len(ids), batch_size))
     ]
     pairs = []
+    windows = _CanvasWindows(geometry, canvas)
     for step, timestep in enumerate(scheduler.timesteps):
-        state = StepState(step, timestep, len(scheduler.timesteps), canvas, denoiser, context)
+        state = StepState(step, timestep, len(scheduler.timesteps), canvas, denoiser, context, windows)
         synchronizer.begin_step(state)
         for batch in batches:
             latents = geometry.extract(canvas, batch.window_ids)
@@ -474,7 +488,7 @@ def check_plugin_class(kind: str, cls: type, options: Mapping[str, Any] | None =
     if options is None:
         fail(f"{cls.__name__} needs options: pass them or give the class an example_options() classmethod")
     if kind == "geometry":
-        check_geometry(cls(**options))
+        check_geometry(cls(**options), atol=getattr(cls, "round_trip_atol", 1e-5))
     elif kind == "conditioner":
         check_conditioner(cls(**options))
     elif kind == "synchronizer":
