@@ -116,3 +116,33 @@ def build_tiny_pipeline(prediction_type: str = "epsilon", seed: int = 0):
         feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+def tiny_controlnet(unet, seed: int = 0, conditioning_embedding_out_channels: tuple[int, ...] = (4, 8, 8, 16)):
+    """A ControlNet of random weights for ``unet`` (``ControlNetModel.from_unet``), for tests
+    and benchmarks.
+
+    ``from_unet`` copies the UNet's encoder and zero-initialises the conditioning embedding's
+    last convolution and the "zero convolutions" (Zhang et al. 2023, Sec. 3.1); with zeros the
+    residuals would vanish and no test could see them, so those layers are re-drawn from a
+    fixed seed (normal, std 0.1). The embedding has ``len(channels) - 1`` stride-2 stages:
+    four channel counts give SD's factor 8 (512×512 px → 64×64 latents).
+    """
+    from diffusers import ControlNetModel
+
+    def build():
+        controlnet = ControlNetModel.from_unet(
+            unet, conditioning_embedding_out_channels=tuple(conditioning_embedding_out_channels)
+        )
+        zero_layers = [controlnet.controlnet_cond_embedding.conv_out, controlnet.controlnet_mid_block]
+        zero_layers += list(controlnet.controlnet_down_blocks)
+        with torch.no_grad():
+            for layer in zero_layers:
+                torch.nn.init.normal_(layer.weight, std=0.1)
+                torch.nn.init.normal_(layer.bias, std=0.1)
+        controlnet = controlnet.to(unet.device)
+        if controlnet.dtype != unet.dtype:  # diffusers warns on every dtype cast, even a no-op
+            controlnet = controlnet.to(dtype=unet.dtype)
+        return controlnet.eval()
+
+    return _seeded(seed, build)

@@ -1,0 +1,324 @@
+"""The ``controlnet`` conditioner: ControlNet of any size (ControlSync, Lee et al. 2023).
+
+A condition image the size of the canvas ``c`` is mapped to every window by the job's
+geometry, ``c^(i) = ψ_{c→i}(c)`` (ControlSync Eq. 1): a crop for ``strip``/``grid``, the same
+resampling as the latents for geometries that resample. Each window's UNet call gets the
+ControlNet residuals of its own condition (Zhang, Rao & Agrawala 2023), so every denoising
+step and every x̂0 a synchronizer computes (ControlSync Eq. 2–3) follows the condition.
+
+Behaviour follows diffusers' ``StableDiffusionControlNetPipeline`` (non-guess mode):
+
+- the ControlNet runs on both classifier-free-guidance branches, with the same text states
+  as the UNet, on the scaled model input;
+- the condition image is RGB in [0, 1] (a PIL image is ``/255``; no normalisation to
+  [-1, 1]); a one-channel image is repeated to three channels (diffusers converts to RGB);
+- at step ``i`` of ``n`` a ControlNet is active unless ``i/n < guidance_start`` or
+  ``(i+1)/n > guidance_end``; its residuals are scaled by ``conditioning_scale``;
+- several ControlNets add their residuals (diffusers' ``MultiControlNetModel``).
+
+Tensors: condition images ``(S, C, H_px, W_px)`` at the canvas's pixel size (``S`` sheets),
+kept once on the device; window conditions ``(B', C, h_px, w_px)`` are cut per batch.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import numpy as np
+import pydantic
+import torch
+from PIL import Image
+
+from jointdiff import hookimpl
+from jointdiff.conditioner import Conditioner
+from jointdiff.errors import ConfigError, ModelLoadError
+from jointdiff.options import PluginOptions
+
+TINY = "tiny"
+"""``model = "tiny"``: a random-weight ControlNet built from the job's own UNet
+(:func:`jointdiff.tiny.tiny_controlnet`), for tests, smoke runs and benchmarks."""
+EXTRAS_KEY = "controlnet"
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+SPEC_FIELDS = ("model", "image", "conditioning_scale", "guidance_start", "guidance_end",
+               "preprocess", "canny_low", "canny_high")
+
+
+def _check_model(value: Any) -> Any:
+    """A hub id, a local diffusers folder of a ``ControlNetModel``, ``"tiny"`` or a
+    ``ControlNetModel`` object; anything else is refused before a model loads."""
+    from diffusers import ControlNetModel
+
+    if isinstance(value, ControlNetModel):
+        return value
+    if not isinstance(value, str):
+        raise ValueError(
+            f"unknown ControlNet type {type(value).__name__}: model must be a hub id, a local "
+            "diffusers folder or a diffusers ControlNetModel (SD 1.x/2.x)"
+        )
+    path = Path(value).expanduser()
+    if path.is_dir():
+        config = path / "config.json"
+        kind = json.loads(config.read_text(encoding="utf-8")).get("_class_name") if config.is_file() else None
+        if kind != "ControlNetModel":
+            raise ValueError(f"unknown ControlNet type {kind!r} in {value!r}: expected a diffusers ControlNetModel folder")
+    elif value.startswith((".", "/", "~")) or path.suffix in SINGLE_FILE_SUFFIXES:
+        raise ValueError(f"{value!r} is not a diffusers ControlNetModel folder (single-file checkpoints are not supported)")
+    return value
+
+
+def _check_image(value: Any) -> Any:
+    """Paths must exist now (before any model loads); arrays and images are checked in setup."""
+    items = value if isinstance(value, (list, tuple)) else [value]
+    for item in items:
+        if isinstance(item, (str, Path)) and not Path(item).expanduser().is_file():
+            raise ValueError(f"no such image file {str(item)!r}")
+    return value
+
+
+class ControlSpec(PluginOptions):
+    """One ControlNet with its condition (a table of ``controls``)."""
+
+    model: Any = pydantic.Field(description="hub id, local ControlNetModel folder, 'tiny', or a ControlNetModel")
+    image: Any = pydantic.Field(description="condition at the canvas's pixel size: path, PIL, array, tensor; a list per sheet")
+    conditioning_scale: float = pydantic.Field(1.0, ge=0.0, description="residual scale (diffusers' controlnet_conditioning_scale)")
+    guidance_start: float = pydantic.Field(0.0, ge=0.0, le=1.0, description="first fraction of the steps with control")
+    guidance_end: float = pydantic.Field(1.0, ge=0.0, le=1.0, description="last fraction of the steps with control")
+    preprocess: Literal["none", "canny"] = pydantic.Field("none", description="'canny': edges of a photo (OpenCV)")
+    canny_low: int = pydantic.Field(100, ge=0, description="Canny hysteresis low threshold")
+    canny_high: int = pydantic.Field(200, ge=0, description="Canny hysteresis high threshold")
+
+    @pydantic.field_validator("model")
+    @classmethod
+    def _known_model(cls, value: Any) -> Any:
+        return _check_model(value)
+
+    @pydantic.field_validator("image")
+    @classmethod
+    def _image_exists(cls, value: Any) -> Any:
+        return _check_image(value)
+
+    @pydantic.model_validator(mode="after")
+    def _ordered(self):
+        if self.guidance_start >= self.guidance_end:
+            raise ValueError(f"guidance_start ({self.guidance_start}) must be below guidance_end ({self.guidance_end})")
+        if self.canny_low > self.canny_high:
+            raise ValueError(f"canny_low ({self.canny_low}) must not exceed canny_high ({self.canny_high})")
+        return self
+
+
+@dataclass
+class _Control:
+    """A loaded ControlNet with its condition ``(S, C, H_px, W_px)`` on the device."""
+
+    model: Any
+    image: torch.Tensor
+    spec: ControlSpec
+
+    def scale_at(self, step: int | None, count: int) -> float:
+        """diffusers' ``controlnet_keep`` times the conditioning scale (``step`` None: active)."""
+        s = self.spec
+        if step is not None and (step / count < s.guidance_start or (step + 1) / count > s.guidance_end):
+            return 0.0
+        return s.conditioning_scale
+
+
+class ControlNetConditioner(Conditioner):
+    """ControlNet residuals for every window batch, from a canvas-sized condition.
+
+    One ControlNet: give its fields directly (``model``, ``image``, ...). Several: a
+    ``controls`` list of tables, each with its own model, image, scale and step range; their
+    residuals add up. A job takes one ``controlnet`` conditioner (the UNet has one residual
+    input), which is why several ControlNets are a list and not several conditioners.
+    """
+
+    name = "controlnet"
+
+    class Options(PluginOptions):
+        controls: list[ControlSpec] = pydantic.Field(min_length=1, description="the ControlNets and their conditions")
+
+        @pydantic.model_validator(mode="before")
+        @classmethod
+        def _single_control(cls, data: Any) -> Any:
+            if not isinstance(data, dict):
+                return data
+            fields = {k: data[k] for k in SPEC_FIELDS if k in data}
+            if fields and "controls" in data:
+                raise ValueError(f"give either controls = [...] or the fields of one control ({sorted(fields)}), not both")
+            if fields:
+                return {**{k: v for k, v in data.items() if k not in fields}, "controls": [fields]}
+            return data
+
+    def __repr__(self) -> str:
+        def short(value: Any) -> str:
+            if isinstance(value, (list, tuple)):
+                return f"[{', '.join(short(v) for v in value)}]"
+            return repr(value) if isinstance(value, (str, int, float)) else f"<{type(value).__name__}>"
+
+        rows = [", ".join(f"{k}={short(getattr(c, k))}" for k in SPEC_FIELDS) for c in self.options.controls]
+        return f"{type(self).__name__}(controls=[{'; '.join(rows)}])"
+
+    # -- setup ---------------------------------------------------------------------------
+
+    def setup(self, context) -> None:
+        """Load every ControlNet, check it against the UNet, put its condition on the device."""
+        owner = context.extras.setdefault(EXTRAS_KEY, self)
+        if owner is not self:
+            raise ConfigError(
+                "a job takes one 'controlnet' conditioner; list several ControlNets in its controls = [...]"
+            )
+        self._controls = []
+        for index, spec in enumerate(self.options.controls):
+            where = f"controlnet: controls[{index}]" if len(self.options.controls) > 1 else "controlnet"
+            model = load_controlnet(spec.model, context, where)
+            image = load_condition(spec, context, model.config.conditioning_channels, where)
+            self._controls.append(_Control(model, image.to(context.device, model.dtype), spec))
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def unet_kwargs(
+        self,
+        latent_model_input: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        window_ids: Sequence[int],
+        context,
+    ) -> dict[str, Any]:
+        """Residuals ``down_block_additional_residuals`` / ``mid_block_additional_residual``
+        for the rows ``[branch 0: windows..., branch 1: windows...]`` of the UNet input.
+
+        Gradients flow through the ControlNet (a synchronizer's x̂0 depends on it)."""
+        step, count = step_index(timestep, context)
+        branches = len(latent_model_input) // len(window_ids)
+        down, mid = None, None
+        for control in self._controls:
+            scale = control.scale_at(step, count)
+            if scale == 0.0:
+                continue  # diffusers multiplies the residuals by 0; skipping adds the same nothing
+            condition = context.geometry.extract(control.image, window_ids)
+            condition = condition.repeat(branches, 1, 1, 1)
+            d, m = control.model(
+                latent_model_input.to(control.model.dtype), timestep,
+                encoder_hidden_states=encoder_hidden_states.to(control.model.dtype),
+                controlnet_cond=condition, conditioning_scale=scale, return_dict=False,
+            )
+            down = list(d) if down is None else [a + b for a, b in zip(down, d)]
+            mid = m if mid is None else mid + m
+        if down is None:
+            return {}
+        return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+
+
+def step_index(timestep: torch.Tensor, context) -> tuple[int | None, int]:
+    """``(i, n)``: the position of ``timestep`` in the job's schedule and its length (the
+    engine enumerates ``scheduler.timesteps``); ``i`` is None outside the schedule."""
+    timesteps = context.pipeline.scheduler.timesteps
+    if timesteps is None:
+        return None, 1
+    found = (timesteps.cpu() == torch.as_tensor(timestep).cpu()).nonzero()
+    return (int(found[0, 0]) if len(found) else None), len(timesteps)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_controlnet(model: Any, context, where: str = "controlnet") -> Any:
+    """A ``ControlNetModel`` on the job's device and dtype, checked against its UNet."""
+    from diffusers import ControlNetModel
+
+    unet = context.pipeline.unet
+    if isinstance(model, ControlNetModel):
+        controlnet = model
+    elif model == TINY:
+        from jointdiff.tiny import tiny_controlnet
+
+        controlnet = tiny_controlnet(unet)
+    else:
+        try:
+            controlnet = ControlNetModel.from_pretrained(model, torch_dtype=context.dtype)
+        except Exception as error:
+            reason = f"{type(error).__name__}: {error}".splitlines()[0]
+            raise ModelLoadError(f"{where}: could not load ControlNet {model!r} ({reason})") from error
+    for key in ("in_channels", "cross_attention_dim", "block_out_channels", "down_block_types"):
+        ours, theirs = controlnet.config.get(key), unet.config.get(key)
+        if list(np.atleast_1d(ours)) != list(np.atleast_1d(theirs)):
+            raise ConfigError(
+                f"{where}: the ControlNet's {key} = {ours!r} does not fit the model's UNet ({theirs!r}); "
+                "use a ControlNet trained for this Stable Diffusion version"
+            )
+    controlnet = controlnet.to(context.device)
+    if controlnet.dtype != context.dtype:
+        controlnet = controlnet.to(dtype=context.dtype)
+    return controlnet.eval().requires_grad_(False)
+
+
+def load_condition(spec: ControlSpec, context, channels: int, where: str = "controlnet") -> torch.Tensor:
+    """The condition ``(S, channels, H_px, W_px)`` in [0, 1] on the CPU, preprocessed and
+    checked against the canvas: ``S`` sheets of ``f·H × f·W`` pixels."""
+    geometry = context.geometry
+    sheets, height, width = geometry.canvas_shape_latent
+    scale = geometry.latent_scale
+    items = spec.image if isinstance(spec.image, (list, tuple)) else [spec.image]
+    if isinstance(spec.image, torch.Tensor) and spec.image.ndim == 4:
+        items = list(spec.image)
+    if len(items) != sheets:
+        raise ConfigError(f"{where}: image has {len(items)} sheet(s), the canvas of {geometry.name!r} has {sheets}")
+    tensors = [_as_tensor(item, spec, where) for item in items]
+    for tensor in tensors:
+        if tuple(tensor.shape[-2:]) != (scale * height, scale * width):
+            raise ConfigError(
+                f"{where}: image is {tensor.shape[-1]}×{tensor.shape[-2]} px (w×h) but the canvas is "
+                f"{scale * width}×{scale * height} px; the condition must have the canvas's pixel size"
+            )
+        if tensor.shape[0] not in (1, channels):
+            raise ConfigError(
+                f"{where}: image has {tensor.shape[0]} channels; the ControlNet takes {channels} (or 1, repeated)"
+            )
+    return torch.stack([t.expand(channels, -1, -1) for t in tensors])
+
+
+def _as_tensor(item: Any, spec: ControlSpec, where: str) -> torch.Tensor:
+    """``(C, H, W)`` float in [0, 1] from a path, PIL image, ``(H, W[, C])`` array or
+    ``(C, H, W)`` tensor; Canny edges when ``spec.preprocess == "canny"``."""
+    if isinstance(item, (str, Path)):
+        with Image.open(Path(item).expanduser()) as opened:
+            item = opened.convert("RGB") if opened.mode not in ("L", "RGB") else opened.copy()
+    if isinstance(item, Image.Image):
+        item = item if item.mode in ("L", "RGB") else item.convert("RGB")
+        array = np.asarray(item)
+        tensor = torch.from_numpy(array.astype(np.float32) / 255.0)
+        tensor = tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1)
+    elif isinstance(item, np.ndarray):
+        array = item.astype(np.float32) / 255.0 if item.dtype == np.uint8 else item.astype(np.float32)
+        tensor = torch.from_numpy(array)
+        tensor = tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1) if tensor.ndim == 3 else tensor
+    elif isinstance(item, torch.Tensor):
+        tensor = item.detach().float().cpu()
+        tensor = tensor[None] if tensor.ndim == 2 else tensor
+    else:
+        raise ConfigError(f"{where}: image must be a path, PIL image, array or tensor, got {type(item).__name__}")
+    if tensor.ndim != 3:
+        raise ConfigError(f"{where}: image must be (C, H, W) per sheet, got shape {tuple(tensor.shape)}")
+    if spec.preprocess == "canny":
+        tensor = canny(tensor, spec.canny_low, spec.canny_high)
+    return tensor
+
+
+def canny(image: torch.Tensor, low: int, high: int) -> torch.Tensor:
+    """Canny edges (OpenCV) of an image ``(C, H, W)`` in [0, 1] (C = 1 or 3): ``(1, H, W)``
+    with values 0 or 1, as the edge maps ControlNet's Canny model was trained on."""
+    import cv2
+
+    if image.shape[0] not in (1, 3):
+        raise ConfigError(f"canny preprocessing takes a 1- or 3-channel image, got {image.shape[0]} channels")
+    pixels = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    gray = pixels[..., 0] if pixels.shape[-1] == 1 else cv2.cvtColor(np.ascontiguousarray(pixels), cv2.COLOR_RGB2GRAY)
+    edges = cv2.Canny(np.ascontiguousarray(gray), low, high)
+    return torch.from_numpy(edges.astype(np.float32) / 255.0)[None]
+
+
+@hookimpl
+def register_conditioners(register):
+    register(ControlNetConditioner)
