@@ -55,15 +55,43 @@ def job_from_generate_args(args: argparse.Namespace) -> Job:
     )
 
 
-def _execute(job: Job, quiet: bool) -> int:
+def _execute(job: Job, quiet: bool, timeout_s: float | None = None) -> int:
+    """Run ``job`` and save it. Under ``torchrun`` (``WORLD_SIZE`` > 1) the ranks share the
+    job's windows (see :mod:`jointdiff.distributed`); rank 0 alone shows progress and writes."""
+    from .distributed import init_from_env, local_device, shutdown
     from .job import run_job
-    from .output import check_writable, save_result
+    from .output import save_result
 
-    check_writable(job.output)
-    result = run_job(job, progress=not quiet)
-    for path in save_result(result, job.output):
-        print(path)
+    comm = init_from_env(timeout_s)
+    main_rank = comm is None or comm.rank == 0
+    try:
+        _check_output(job, comm)
+        if comm is not None and job.model.device == "auto":
+            job = Job.from_dict({**job.to_dict(), "model": {**job.model.model_dump(), "device": local_device()}})
+        result = run_job(job, progress=not quiet and main_rank)
+        if main_rank:
+            for path in save_result(result, job.output):
+                print(path)
+    finally:
+        if comm is not None:
+            shutdown()
     return 0
+
+
+def _check_output(job: Job, comm: Any) -> None:
+    """Rank 0 checks the output path; under torchrun every rank stops if it is unusable."""
+    from .output import check_writable
+
+    if comm is None:
+        check_writable(job.output)
+        return
+    failure = None
+    if comm.rank == 0:
+        try:
+            check_writable(job.output)
+        except ConfigError as error:
+            failure = error
+    comm.check(failure, "the output check")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -73,7 +101,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         overrides["model"] = {**job.model.model_dump(), "device": args.device}
     if overrides:
         job = Job.from_dict({**job.to_dict(), **overrides})
-    return _execute(job, args.quiet)
+    return _execute(job, args.quiet, args.dist_timeout)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -129,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--steps", type=int)
     run.add_argument("--device")
     run.add_argument("--quiet", "-q", action="store_true")
+    run.add_argument("--dist-timeout", type=float, metavar="SECONDS",
+                     help="under torchrun: timeout of every collective (default 600)")
     run.set_defaults(func=cmd_run)
 
     gen = sub.add_parser("generate", help="generate from a prompt")

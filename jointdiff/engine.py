@@ -23,6 +23,16 @@ from tqdm.auto import tqdm
 from .conditioner import Conditioner
 from .context import JobContext, StepState, WindowBatch
 from .denoiser import Denoiser
+from .distributed import (
+    Checkpoint,
+    Distributed,
+    batch_states,
+    load_checkpoint,
+    restore_batches,
+    save_checkpoint,
+    window_costs,
+)
+from .distributed import resolve as resolve_distributed
 from .errors import ConfigError, NonFiniteLatentsError
 from .fusion import FusionMode, make_fusion
 from .geometry import Geometry
@@ -51,7 +61,9 @@ class JointDiffusion:
     (times two with classifier-free guidance). ``fusion`` is ``"latent"`` (MultiDiffusion:
     average noisy latents) or ``"x0"`` (SyncTweedies: average predicted clean latents; for
     geometries that resample), see :mod:`jointdiff.fusion`; by default the geometry's
-    ``preferred_fusion``.
+    ``preferred_fusion``. ``distributed`` spreads the window batches over the ranks of a
+    torch.distributed process group (see :mod:`jointdiff.distributed`): ``None`` does so
+    when a group of several ranks is initialized, ``False`` never.
     """
 
     def __init__(
@@ -65,6 +77,7 @@ class JointDiffusion:
         eta: float = 0.0,
         fusion: FusionMode | None = None,
         check_finite: bool = True,
+        distributed: Distributed | bool | None = None,
     ) -> None:
         if not isinstance(view_batch_size, int) or view_batch_size < 1:
             raise ConfigError(f"view_batch_size must be a positive integer, got {view_batch_size!r}")
@@ -80,6 +93,7 @@ class JointDiffusion:
         self.eta = eta
         self.fusion = fusion
         self.check_finite = check_finite
+        self.distributed = distributed
 
     @property
     def device(self) -> torch.device:
@@ -147,10 +161,15 @@ class JointDiffusion:
         callback: StepCallback | None = None,
         progress: bool = True,
         output_type: str = "pil",
+        checkpoint: Checkpoint | None = None,
     ) -> JointResult:
         """Run the job. ``latents`` (optional) is the initial canvas noise ``(S, C, H, W)``,
         scaled by the scheduler's ``init_noise_sigma`` as in diffusers. ``output_type`` is
-        ``"pil"`` (decode and make images) or ``"latent"`` (skip decoding)."""
+        ``"pil"`` (decode and make images) or ``"latent"`` (skip decoding). ``checkpoint``
+        saves the state every few steps and, with ``resume``, continues from a saved one.
+
+        On several ranks every rank returns the same ``latents``; only rank 0 decodes
+        (other ranks get no images or pixels)."""
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ConfigError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
         if output_type not in ("pil", "latent"):
@@ -160,6 +179,9 @@ class JointDiffusion:
         self.geometry.setup(self.pipeline.vae_scale_factor)
         generator = torch.Generator("cpu").manual_seed(seed)
         context = JobContext(self.pipeline, self.geometry, self.device, self.dtype, num_inference_steps, generator)
+        comm = resolve_distributed(self.distributed)
+        if comm is not None:
+            context.extras["distributed"] = comm
         for conditioner in self.conditioners:
             conditioner.setup(context)
         prompt = self._prompt()
@@ -173,22 +195,57 @@ class JointDiffusion:
         timesteps = scheduler.timesteps
         canvas = self._initial_latents(latents, generator)
 
-        # 3. Window batches, each with its own scheduler state, and the fusion.
+        # 3. Window batches, each with its own scheduler state (this rank's share of them
+        #    with window parallelism), and the fusion.
         batches = self._window_batches(scheduler, prompt, seed)
         fusion_mode = self.fusion or getattr(self.geometry, "preferred_fusion", "latent")
+        if comm is not None:
+            batches = comm.assign(batches, self._batch_costs(batches, num_inference_steps, comm))
         fusion = make_fusion(
             fusion_mode, self.geometry, canvas, batches, self._weights_fn(prompt, canvas.device),
-            self._step_kwargs(scheduler),
+            self._step_kwargs(scheduler), reduce=comm.all_reduce_ if comm is not None else None,
         )
         if not bool((fusion.weight_sum > 0).all()):
             raise ConfigError(f"geometry {self.geometry.name!r} (with its region masks) leaves canvas cells without weight")
+        fingerprint = {"seed": seed, "steps": num_inference_steps, "fusion": fusion_mode, "canvas": tuple(canvas.shape),
+                       "windows": self.geometry.num_windows, "batches": self.view_batch_size}
+        start = 0
+        if checkpoint is not None and checkpoint.resume:
+            canvas, start = self._resume(checkpoint, comm, fingerprint, batches, fusion, canvas)
 
         # 4. Denoising loop.
-        for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="jointdiff")):
+        show = progress and (comm is None or comm.rank == 0)
+        for i in tqdm(range(start, len(timesteps)), disable=not show, desc="jointdiff", initial=start, total=len(timesteps)):
+            t = timesteps[i]
             state = StepState(i, t, len(timesteps), canvas, denoiser, context, fusion)
+            failure = self._local_step(state, batches, fusion, denoiser, comm)
+            if comm is not None:
+                comm.check(failure, f"step {i}")
+            canvas = fusion.end_step(t, denoiser)
+            if self.check_finite and not bool(torch.isfinite(canvas).all()):
+                raise NonFiniteLatentsError(f"NaN or inf in the canvas latents at step {i} (timestep {int(t)})")
+            if checkpoint is not None and checkpoint.due(i, len(timesteps)):
+                save_checkpoint(checkpoint, comm, fingerprint, i + 1, canvas, batch_states(batches, fusion))
+            if callback is not None:
+                self._guarded(comm, f"the step callback of step {i}", lambda: callback(i, int(t), canvas))
+
+        # 5. Decode (on rank 0 only with window parallelism: every rank holds the same canvas).
+        metadata = {"seed": seed, "num_inference_steps": num_inference_steps, "windows": self.geometry.num_windows}
+        if comm is not None:
+            metadata.update(rank=comm.rank, world_size=comm.world_size)
+        if output_type == "latent" or (comm is not None and comm.rank != 0):
+            return JointResult([], canvas, None, metadata)
+        pixels = self.geometry.decode(canvas, self._vae_decode)
+        return JointResult(self.geometry.to_images(pixels), canvas, pixels, metadata)
+
+    def _local_step(self, state: StepState, batches, fusion, denoiser: Denoiser, comm) -> BaseException | None:
+        """Steps 1–2 for this rank's batches; the numerator is left in the fusion. With window
+        parallelism an exception is returned (for the error check every rank joins), not raised."""
+        try:
             if self.synchronizer is not None:
                 self.synchronizer.begin_step(state)
             fusion.begin_step()
+            t = state.timestep
             for batch in batches:
                 window_latents = fusion.window_latents(batch)
                 if self.synchronizer is not None:
@@ -197,18 +254,38 @@ class JointDiffusion:
                     window_latents = conditioner.modify_latents(window_latents, batch, state)
                 output = denoiser.model_output(window_latents, t, batch.window_ids, batch.scheduler, batch.prompt_index)
                 fusion.add(batch, window_latents, output, t, denoiser)
-            canvas = fusion.end_step(t, denoiser)
-            if self.check_finite and not bool(torch.isfinite(canvas).all()):
-                raise NonFiniteLatentsError(f"NaN or inf in the canvas latents at step {i} (timestep {int(t)})")
-            if callback is not None:
-                callback(i, int(t), canvas)
+        except Exception as error:
+            if comm is None:
+                raise
+            return error
+        return None
 
-        # 5. Decode.
-        metadata = {"seed": seed, "num_inference_steps": num_inference_steps, "windows": self.geometry.num_windows}
-        if output_type == "latent":
-            return JointResult([], canvas, None, metadata)
-        pixels = self.geometry.decode(canvas, self._vae_decode)
-        return JointResult(self.geometry.to_images(pixels), canvas, pixels, metadata)
+    @staticmethod
+    def _guarded(comm, where: str, action: Callable[[], Any]) -> None:
+        """Run ``action``; with window parallelism a failure on any rank stops every rank."""
+        if comm is None:
+            action()
+            return
+        failure = None
+        try:
+            action()
+        except Exception as error:
+            failure = error
+        comm.check(failure, where)
+
+    def _batch_costs(self, batches: Sequence[WindowBatch], num_steps: int, comm: Distributed) -> list[float]:
+        """Relative cost of each batch over the job, for balancing the ranks."""
+        costs = window_costs(self.geometry.num_windows, num_steps, self.synchronizer, comm.sync_cost, comm.anchor_cost)
+        return [sum(costs[w] for w in batch.window_ids) for batch in batches]
+
+    def _resume(self, checkpoint: Checkpoint, comm, fingerprint: dict, batches, fusion, canvas: torch.Tensor):
+        """Canvas and first step from a saved checkpoint (or as they are, without one)."""
+        payload = load_checkpoint(checkpoint, comm, fingerprint)
+        if payload is None:
+            return canvas, 0
+        restore_batches(batches, fusion, payload["batches"])
+        fusion.canvas = payload["canvas"].to(canvas.device)
+        return fusion.canvas, int(payload["next_step"])
 
     def _vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
         vae = self.pipeline.vae

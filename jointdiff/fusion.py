@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 FusionMode = Literal["latent", "x0"]
 WeightsFn = Callable[["WindowBatch"], torch.Tensor]
+Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 
 def weight_sum(geometry: Geometry, batches: Sequence[WindowBatch], weights_of: WeightsFn, like: torch.Tensor) -> torch.Tensor:
@@ -38,13 +39,22 @@ class LatentFusion:
     """MultiDiffusion: average the stepped noisy windows on the canvas."""
 
     def __init__(self, geometry: Geometry, canvas: torch.Tensor, batches: Sequence[WindowBatch],
-                 weights_of: WeightsFn, step_kwargs: dict) -> None:
+                 weights_of: WeightsFn, step_kwargs: dict, reduce: Reduce | None = None) -> None:
         self.geometry = geometry
         self.canvas = canvas
         self.weights_of = weights_of
         self.step_kwargs = step_kwargs
+        self.reduce = reduce
         self.weight_sum = weight_sum(geometry, batches, weights_of, canvas)
+        if reduce is not None:
+            reduce(self.weight_sum)
         self._fused = torch.empty_like(canvas)
+
+    def _reduced(self) -> torch.Tensor:
+        """The numerator summed over all ranks (window parallelism), or as it is."""
+        if self.reduce is not None:
+            self.reduce(self._fused)
+        return self._fused
 
     def begin_step(self) -> None:
         self._fused.zero_()
@@ -67,15 +77,15 @@ class LatentFusion:
         self.geometry.insert(self._fused, stepped * self.weights_of(batch), batch.window_ids)
 
     def end_step(self, t: torch.Tensor, denoiser: Denoiser) -> torch.Tensor:
-        self.canvas = self._fused / self.weight_sum
+        self.canvas = self._reduced() / self.weight_sum
         return self.canvas
 
 
 class TweedieFusion(LatentFusion):
     """SyncTweedies: windows keep their noisy latents; x̂0 is fused on the canvas."""
 
-    def __init__(self, geometry, canvas, batches, weights_of, step_kwargs) -> None:
-        super().__init__(geometry, canvas, batches, weights_of, step_kwargs)
+    def __init__(self, geometry, canvas, batches, weights_of, step_kwargs, reduce=None) -> None:
+        super().__init__(geometry, canvas, batches, weights_of, step_kwargs, reduce)
         self.views = {batch.index: geometry.extract(canvas, batch.window_ids) for batch in batches}
         self._where = {}
         for batch in batches:
@@ -87,6 +97,9 @@ class TweedieFusion(LatentFusion):
         return self.views[batch.index]
 
     def latents_of(self, window_ids: Sequence[int]) -> torch.Tensor:
+        missing = [i for i in window_ids if i not in self._where]
+        if missing:
+            raise KeyError(f"windows {missing} are run by another rank; their latents live there")
         return torch.stack([self.views[b][k] for b, k in (self._where[i] for i in window_ids)])
 
     def add(self, batch, latents, output, t, denoiser) -> None:
@@ -95,7 +108,7 @@ class TweedieFusion(LatentFusion):
         self._pending.append((batch, latents))
 
     def end_step(self, t, denoiser) -> torch.Tensor:
-        fused_x0 = self._fused / self.weight_sum
+        fused_x0 = self._reduced() / self.weight_sum
         for batch, latents in self._pending:
             x0 = self.geometry.extract(fused_x0, batch.window_ids)
             output = denoiser.output_from_x0(latents, x0, t, batch.scheduler)
@@ -105,9 +118,12 @@ class TweedieFusion(LatentFusion):
         return fused_x0
 
 
-def make_fusion(mode: FusionMode, geometry, canvas, batches, weights_of, step_kwargs) -> LatentFusion:
+def make_fusion(mode: FusionMode, geometry, canvas, batches, weights_of, step_kwargs, reduce=None) -> LatentFusion:
+    """The fusion of ``batches``. ``reduce`` (window parallelism) sums a canvas-sized buffer
+    over ranks in place: the weights once, the numerator every step; ``batches`` are then
+    this rank's share."""
     if mode == "latent":
-        return LatentFusion(geometry, canvas, batches, weights_of, step_kwargs)
+        return LatentFusion(geometry, canvas, batches, weights_of, step_kwargs, reduce)
     if mode == "x0":
-        return TweedieFusion(geometry, canvas, batches, weights_of, step_kwargs)
+        return TweedieFusion(geometry, canvas, batches, weights_of, step_kwargs, reduce)
     raise ValueError(f"fusion must be 'latent' or 'x0', got {mode!r}")

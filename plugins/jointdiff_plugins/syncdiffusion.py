@@ -143,6 +143,7 @@ class SyncDiffusion(Synchronizer):
         self._check_checkpointing(context)
         self._auto_micro: int | None = None
         self._anchor_step: int | None = None
+        self._comm = context.extras.get("distributed")
 
     def _lpips(self, context) -> Any:
         o = self.options
@@ -183,7 +184,27 @@ class SyncDiffusion(Synchronizer):
     def begin_step(self, state) -> None:
         # The anchor is prepared by the first batch of the step, with that batch's scheduler
         # copy: schedulers such as Euler keep a step index that scale_model_input reads.
+        # With window parallelism the rank that owns the anchor prepares it now, with the
+        # scheduler of the anchor's batch (not yet stepped), and broadcasts the image.
         self._anchor_step = None
+        if self._comm is not None and self.synchronizes(state.step_index):
+            self._share_anchor(state)
+
+    def _share_anchor(self, state) -> None:
+        """Decode the anchor on the rank that owns it; every rank fixes the broadcast image."""
+        comm = self._comm
+        owner = comm.owner_of(self.anchor_id)
+        image, failure = None, None
+        if comm.rank == owner:
+            try:
+                image = self._anchor_image(comm.batch_of(self.anchor_id).scheduler, state)
+            except Exception as error:
+                failure = error
+        comm.check(failure, f"the syncdiffusion anchor of step {state.step_index}")
+        image = comm.broadcast(image, owner, self._device)
+        with torch.no_grad(), self._autocast():
+            self._distance.set_anchor(image)
+        self._anchor_step = state.step_index
 
     def update(self, latents: torch.Tensor, batch, state) -> torch.Tensor:
         """Return the batch's latents ``(B, C, h, w)`` after one synchronization step."""
@@ -210,12 +231,21 @@ class SyncDiffusion(Synchronizer):
         """Decode the anchor's foreseen image once per step and fix it in the loss."""
         if self._anchor_step == state.step_index:
             return
-        latents = state.context.geometry.extract(state.canvas, [self.anchor_id])
+        image = self._anchor_image(batch.scheduler, state)
         with torch.no_grad(), self._autocast():
-            output = state.denoiser.model_output(latents, state.timestep, [self.anchor_id], batch.scheduler)
-            image = self.decode(self.predicted_x0(latents, output, batch.scheduler, state))
             self._distance.set_anchor(image)
         self._anchor_step = state.step_index
+
+    def _anchor_image(self, scheduler: Any, state) -> torch.Tensor:
+        """``sg[D(x̂0(x_t^a))]`` ``(1, 3, f·h, f·w)`` from the anchor's current noisy latents
+        (cut from the canvas, or its own view with ``x0`` fusion)."""
+        if state.fusion is None:  # a bare StepState: the canvas holds the noisy latents
+            latents = state.context.geometry.extract(state.canvas, [self.anchor_id])
+        else:
+            latents = state.window_latents([self.anchor_id])
+        with torch.no_grad(), self._autocast():
+            output = state.denoiser.model_output(latents, state.timestep, [self.anchor_id], scheduler)
+            return self.decode(self.predicted_x0(latents, output, scheduler, state))
 
     def gradient(self, latents: torch.Tensor, window_ids: Sequence[int], scheduler: Any, state) -> torch.Tensor:
         """``∇_x Σ_k LPIPS(D(x̂0(x_k)), anchor)`` for window latents ``(B, C, h, w)``: each

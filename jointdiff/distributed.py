@@ -1,0 +1,354 @@
+"""Window parallelism on ``torch.distributed``: one job's windows spread over ranks.
+
+Every rank holds the whole canvas and runs a fixed subset of the job's window batches
+(:class:`~jointdiff.context.WindowBatch`: each has its own scheduler copy and noise
+generator, so a batch gives the same result whichever rank runs it). After each step the
+fusion's numerator ``Σ_i insert_i(w_i · x_i)`` (MultiDiffusion, Bar-Tal et al. 2023, Eq. 5; or
+the x̂0 sum of SyncTweedies) is all-reduced with SUM, so every rank divides the same sum by
+the same weights (``Σ_i insert_i(w_i)``, all-reduced once per job) and holds the same canvas.
+
+Per step a rank sends and receives one canvas-sized float32 buffer ``(S, C, H, W)`` (the
+all-reduce) plus a ``world_size``-element error flag; a synchronized SyncDiffusion step adds
+the anchor's decoded image ``(1, 3, f·h, f·w)``, broadcast from the rank that owns the anchor.
+
+Faults: before every collective that follows local work, ranks all-reduce an error flag, so a
+rank that raises makes every rank raise :class:`DistributedJobError` naming that rank and its
+cause, instead of waiting in a collective. Collectives have the process group's timeout (see
+:func:`init_from_env`), so a rank that dies or hangs stops the others too.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import torch
+import torch.distributed as dist
+
+from .errors import ConfigError, JointDiffError
+
+if TYPE_CHECKING:
+    from .context import WindowBatch
+
+DEFAULT_TIMEOUT_S = 600.0
+SYNC_COST = 4.0
+"""Extra cost of a window on a synchronized step, in plain window steps (guided UNet forward
+and backward, decoder forward and backward, LPIPS): an estimate, used only for balancing."""
+ANCHOR_COST = 1.5
+"""Extra cost of the anchor window on a synchronized step (guided forward and decode)."""
+
+
+class DistributedJobError(JointDiffError, RuntimeError):
+    """A rank of a distributed job failed; raised on every rank with the failing rank's cause."""
+
+
+class Distributed:
+    """Window parallelism over a process group (default: the global group).
+
+    ``rank``/``world_size`` are the group's. Work is balanced by :meth:`assign`; collectives
+    run on the CUDA device for NCCL and on the CPU otherwise (tensors are moved as needed).
+    """
+
+    def __init__(self, group: Any = None, *, sync_cost: float = SYNC_COST, anchor_cost: float = ANCHOR_COST) -> None:
+        if not dist.is_available() or not dist.is_initialized():
+            raise ConfigError("distributed: torch.distributed is not initialized; call jointdiff.distributed.init_from_env() first")
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        self.sync_cost = sync_cost
+        self.anchor_cost = anchor_cost
+        backend = dist.get_backend(group)
+        self.device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        self.owners: list[int] = []
+        self._local: dict[int, WindowBatch] = {}
+        self._first_batch_of: dict[int, int] = {}
+        self.bytes_reduced = 0
+        self.seconds_in_collectives = 0.0
+        """Time spent inside collectives: communication plus waiting for slower ranks (with
+        NCCL, collectives that return before the GPU finishes count only their launch)."""
+
+    def __repr__(self) -> str:
+        return f"Distributed(rank={self.rank}, world_size={self.world_size}, device={self.device})"
+
+    # -- work assignment -----------------------------------------------------------------
+
+    def assign(self, batches: Sequence[WindowBatch], costs: Sequence[float]) -> list[WindowBatch]:
+        """Give every batch an owner (longest-processing-time-first on ``costs``, ties to the
+        lowest rank: deterministic on every rank) and return this rank's batches in order."""
+        self.owners = assign_owners(costs, self.world_size)
+        self._local = {b.index: b for j, b in enumerate(batches) if self.owners[j] == self.rank}
+        self._first_batch_of = {}
+        for j, batch in enumerate(batches):
+            for window_id in batch.window_ids:
+                self._first_batch_of.setdefault(window_id, j)
+        return list(self._local.values())
+
+    def owner_of(self, window_id: int) -> int:
+        """The rank that owns the first batch holding ``window_id`` (its x0-fusion view)."""
+        return self.owners[self._first_batch_of[window_id]]
+
+    def batch_of(self, window_id: int) -> WindowBatch:
+        """This rank's first batch holding ``window_id``; only on :meth:`owner_of` that window."""
+        return self._local[self._first_batch_of[window_id]]
+
+    # -- collectives ---------------------------------------------------------------------
+
+    def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum ``tensor`` over ranks, in place (the fusion's numerator or weights)."""
+        buffer = tensor if tensor.device == self.device else tensor.to(self.device)
+        self._collective("all-reduce of the canvas", dist.all_reduce, buffer, group=self.group)
+        if buffer is not tensor:
+            tensor.copy_(buffer)
+        self.bytes_reduced += tensor.numel() * tensor.element_size()
+        return tensor
+
+    def broadcast(self, tensor: torch.Tensor | None, src: int, device: torch.device) -> torch.Tensor:
+        """``tensor`` from rank ``src`` on every rank (on ``device``); others pass ``None``."""
+        meta = [(tuple(tensor.shape), tensor.dtype) if self.rank == src else None]
+        self._collective("broadcast", dist.broadcast_object_list, meta, src=self._global(src), group=self.group)
+        shape, dtype = meta[0]
+        buffer = tensor.to(self.device) if self.rank == src else torch.empty(shape, dtype=dtype, device=self.device)
+        self._collective("broadcast", dist.broadcast, buffer, src=self._global(src), group=self.group)
+        return buffer.to(device)
+
+    def gather_objects(self, obj: Any) -> list[Any] | None:
+        """Every rank's ``obj`` on rank 0 (``None`` elsewhere)."""
+        gathered = [None] * self.world_size if self.rank == 0 else None
+        self._collective("gather", dist.gather_object, obj, gathered, dst=self._global(0), group=self.group)
+        return gathered
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        holder = [obj]
+        self._collective("broadcast", dist.broadcast_object_list, holder, src=self._global(src), group=self.group)
+        return holder[0]
+
+    def _global(self, group_rank: int) -> int:
+        """The global rank of a rank of this group (collectives name ranks globally)."""
+        return group_rank if self.group is None else dist.get_global_rank(self.group, group_rank)
+
+    def _collective(self, what: str, op, *args, **kwargs) -> None:
+        start = time.perf_counter()
+        try:
+            op(*args, **kwargs)
+        except Exception as error:
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise DistributedJobError(
+                f"rank {self.rank}: {what} failed ({reason}); another rank died, hung past the "
+                "collective timeout, or left the job"
+            ) from error
+        finally:
+            self.seconds_in_collectives += time.perf_counter() - start
+
+    def check(self, failure: BaseException | None, where: str) -> None:
+        """Exchange an error flag per rank; when any rank failed, raise on every rank a
+        :class:`DistributedJobError` naming the failed ranks and their causes."""
+        if isinstance(failure, DistributedJobError):
+            raise failure  # already agreed on by every rank, or the group is broken
+        flags = torch.zeros(self.world_size, dtype=torch.int32, device=self.device)
+        if failure is not None:
+            flags[self.rank] = 1
+        self._collective(f"error check at {where}", dist.all_reduce, flags, group=self.group)
+        failed = [r for r, flag in enumerate(flags.tolist()) if flag]
+        if not failed:
+            return
+        cause = f"{type(failure).__name__}: {str(failure).splitlines()[0] if str(failure) else ''}" if failure else None
+        causes = [None] * self.world_size
+        self._collective("error gather", dist.all_gather_object, causes, cause, group=self.group)
+        message = "; ".join(f"rank {r} failed at {where}: {causes[r]}" for r in failed)
+        raise DistributedJobError(message) from failure
+
+
+def resolve(distributed: Distributed | bool | None) -> Distributed | None:
+    """The engine's ``distributed`` argument: ``None`` (automatic: on when an initialized
+    process group has more than one rank), ``False`` (off), ``True`` (on; needs a group) or a
+    :class:`Distributed`. A world of one rank is the single-process path: no collectives."""
+    if distributed is False:
+        return None
+    if isinstance(distributed, Distributed):
+        return distributed if distributed.world_size > 1 else None
+    if distributed is None and not (dist.is_available() and dist.is_initialized()):
+        return None
+    if distributed not in (None, True):
+        raise ConfigError(f"distributed must be None, a bool or a Distributed, got {distributed!r}")
+    comm = Distributed()
+    return comm if comm.world_size > 1 else None
+
+
+def assign_owners(costs: Sequence[float], world_size: int) -> list[int]:
+    """Owner rank of each batch: longest-processing-time first (each batch, costliest first,
+    goes to the least loaded rank; ties to the lowest index and rank), so every rank computes
+    the same assignment."""
+    loads = [0.0] * world_size
+    owners = [0] * len(costs)
+    for j in sorted(range(len(costs)), key=lambda j: (-costs[j], j)):
+        owner = min(range(world_size), key=lambda r: (loads[r], r))
+        owners[j] = owner
+        loads[owner] += costs[j]
+    return owners
+
+
+def window_costs(num_windows: int, num_steps: int, synchronizer: Any, sync_cost: float, anchor_cost: float) -> list[float]:
+    """Relative cost of each window over the job, in plain window steps. A synchronizer with
+    ``synchronizes(step_index)`` and ``anchor_id`` (SyncDiffusion) makes synchronized steps
+    cost ``1 + sync_cost`` per window and ``1 + anchor_cost`` for the anchor."""
+    synchronized = 0
+    if synchronizer is not None and hasattr(synchronizer, "synchronizes"):
+        synchronized = sum(1 for i in range(num_steps) if synchronizer.synchronizes(i))
+    anchor = getattr(synchronizer, "anchor_id", None)
+    costs = []
+    for window_id in range(num_windows):
+        extra = anchor_cost if window_id == anchor else sync_cost
+        costs.append(num_steps + synchronized * extra)
+    return costs
+
+
+# -- launching ---------------------------------------------------------------------------
+
+
+def init_from_env(timeout_s: float | None = None, backend: str | None = None) -> Distributed | None:
+    """Initialize the default process group from torchrun's variables (``RANK``,
+    ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) and return a
+    :class:`Distributed`; ``None`` when ``WORLD_SIZE`` is unset or 1.
+
+    The backend is NCCL when CUDA is available and every local rank has a GPU of its own
+    (each rank uses ``cuda:LOCAL_RANK``), gloo otherwise (CPU, or several ranks sharing a
+    GPU, which NCCL refuses). ``timeout_s`` bounds every collective (default
+    ``JOINTDIFF_DIST_TIMEOUT`` or 600 s).
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return None
+    if timeout_s is None:
+        timeout_s = float(os.environ.get("JOINTDIFF_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
+    if timeout_s <= 0:
+        raise ConfigError(f"distributed timeout must be > 0 seconds, got {timeout_s!r}")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus:
+        torch.cuda.set_device(local_rank % gpus)
+    if backend is None:
+        backend = "nccl" if gpus and local_world <= gpus else "gloo"
+    if backend not in ("nccl", "gloo"):
+        raise ConfigError(f"distributed backend must be 'nccl' or 'gloo', got {backend!r}")
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return Distributed()
+
+
+def local_device() -> str:
+    """The device a rank's model should use: ``cuda:LOCAL_RANK`` (modulo the GPU count) or
+    ``cpu``."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}"
+
+
+def shutdown() -> None:
+    """Destroy the default process group if one is initialized."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# -- checkpoints -------------------------------------------------------------------------
+
+
+@dataclass
+class Checkpoint:
+    """Save the job's state to ``path`` every ``every`` steps; with ``resume``, start from
+    ``path`` when it exists. Saved: the step reached, the canvas, every batch's scheduler and
+    noise generator state and, with ``x0`` fusion, every window's own latents. Rank 0 writes
+    (atomically) what all ranks hold, so a job may resume on any number of ranks.
+    Checkpoints are pickles: load only your own."""
+
+    path: str | Path
+    every: int = 1
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.every, int) or self.every < 1:
+            raise ConfigError(f"checkpoint every must be a positive integer, got {self.every!r}")
+        self.path = Path(self.path)
+
+    def due(self, step_index: int, num_steps: int) -> bool:
+        return (step_index + 1) % self.every == 0 and step_index + 1 < num_steps
+
+
+def batch_states(batches: Sequence[WindowBatch], fusion: Any) -> dict[int, dict[str, Any]]:
+    """The per-batch part of a checkpoint for the batches this rank runs."""
+    views = getattr(fusion, "views", None)
+    states = {}
+    for batch in batches:
+        state = {"scheduler": batch.scheduler, "generator": batch.generator.get_state() if batch.generator else None}
+        if views is not None:
+            state["view"] = views[batch.index].cpu()
+        states[batch.index] = state
+    return states
+
+
+def save_checkpoint(checkpoint: Checkpoint, comm: Distributed | None, fingerprint: dict, next_step: int,
+                    canvas: torch.Tensor, states: dict[int, dict[str, Any]]) -> None:
+    """Gather every rank's batch states on rank 0, which writes the file atomically."""
+    parts = comm.gather_objects(states) if comm is not None else [states]
+    failure = None
+    if comm is None or comm.rank == 0:
+        merged: dict[int, dict[str, Any]] = {}
+        for part in parts:
+            merged.update(part)
+        payload = {"fingerprint": fingerprint, "next_step": next_step, "canvas": canvas.cpu(), "batches": merged}
+        try:
+            _atomic_save(payload, checkpoint.path)
+        except Exception as error:
+            if comm is None:
+                raise
+            failure = error
+    if comm is not None:
+        comm.check(failure, f"checkpoint after step {next_step - 1}")
+
+
+def _atomic_save(payload: dict, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent if str(path.parent) else ".")
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_checkpoint(checkpoint: Checkpoint, comm: Distributed | None, fingerprint: dict) -> dict | None:
+    """Rank 0 reads the checkpoint (if any) and broadcasts it; refuses one from another job."""
+    payload, failure = None, None
+    if (comm is None or comm.rank == 0) and checkpoint.path.is_file():
+        try:
+            payload = torch.load(checkpoint.path, map_location="cpu", weights_only=False)
+        except Exception as error:
+            if comm is None:
+                raise
+            failure = error
+    if comm is not None:
+        comm.check(failure, f"reading checkpoint {str(checkpoint.path)!r}")
+        payload = comm.broadcast_object(payload)
+    if payload is not None and payload["fingerprint"] != fingerprint:
+        raise ConfigError(
+            f"checkpoint {str(checkpoint.path)!r} belongs to another job: {payload['fingerprint']} "
+            f"!= {fingerprint}"
+        )
+    return payload
+
+
+def restore_batches(batches: Sequence[WindowBatch], fusion: Any, states: dict[int, dict[str, Any]]) -> None:
+    """Put saved scheduler, generator and view states back into this rank's batches."""
+    for batch in batches:
+        state = states[batch.index]
+        batch.scheduler = state["scheduler"]
+        if batch.generator is not None and state["generator"] is not None:
+            batch.generator.set_state(state["generator"])
+        if "view" in state and hasattr(fusion, "views"):
+            fusion.views[batch.index] = state["view"].to(fusion.canvas.device)
