@@ -70,6 +70,14 @@ class PluginSpec(pydantic.BaseModel):
         return dict(self.model_extra or {})
 
 
+class CheckpointSpec(_Strict):
+    """Save the job's state every ``every`` steps to ``path``; ``resume`` continues from it."""
+
+    path: str
+    every: int = pydantic.Field(1, ge=1)
+    resume: bool = True
+
+
 class Job(_Strict):
     model: ModelSpec = ModelSpec()
     geometry: PluginSpec
@@ -80,6 +88,7 @@ class Job(_Strict):
     view_batch_size: int = pydantic.Field(4, ge=1)
     eta: float = 0.0
     fusion: Literal["latent", "x0"] | None = None
+    checkpoint: CheckpointSpec | None = None
     output: str = "jointdiff.png"
 
     @classmethod
@@ -160,6 +169,13 @@ def run_job(job: Job, pipeline: Any = None, *, progress: bool = True, callback=N
         pipeline, geometry, conditioners, synchronizer,
         view_batch_size=job.view_batch_size, eta=job.eta, fusion=job.fusion,
     )
-    result = engine(num_inference_steps=job.steps, seed=job.seed, progress=progress, callback=callback)
+    checkpoint = None
+    if job.checkpoint is not None:
+        from .distributed import Checkpoint
+
+        checkpoint = Checkpoint(job.checkpoint.path, job.checkpoint.every, job.checkpoint.resume)
+    result = engine(
+        num_inference_steps=job.steps, seed=job.seed, progress=progress, callback=callback, checkpoint=checkpoint
+    )
     result.metadata["job"] = job.to_dict()
     return result

@@ -151,3 +151,22 @@ def test_outputs_get_ordinary_permissions(tmp_path):
     finally:
         os.umask(previous)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o644
+
+
+def test_checkpoint_table_resumes_to_the_same_image(tmp_path):
+    """A job with [checkpoint] saves its state; a run that resumes from it finishes equal."""
+    job_path = write_job(tmp_path, **{"steps = 2": "steps = 3", "[model]": f'[checkpoint]\npath = "{tmp_path / "c.ckpt"}"\nevery = 1\n\n[model]'})
+    job = Job.from_toml(job_path)
+    from jointdiff.job import run_job
+
+    uninterrupted = Job.from_dict({**job.to_dict(), "checkpoint": None})
+    expected = run_job(uninterrupted, progress=False).latents
+    first_steps, resumed_steps = [], []
+    first = run_job(job, progress=False, callback=lambda i, t, c: first_steps.append(i)).latents
+    assert (tmp_path / "c.ckpt").exists()  # written after steps 0 and 1
+    resumed = run_job(job, progress=False, callback=lambda i, t, c: resumed_steps.append(i)).latents
+    assert first_steps == [0, 1, 2] and resumed_steps == [2]
+    import torch
+
+    torch.testing.assert_close(first, expected)
+    torch.testing.assert_close(resumed, expected)
