@@ -22,9 +22,10 @@ describe the fusion machinery (noise statistics, blur, seams, coverage), not ima
 
     python benchmarks/fusion_360.py --steps 5 --json fusion_360.json
 
-Variants: ``latent``; ``x0`` (the engine's x̂0 fusion, whose views start as noise resampled
-out of the initial canvas); ``x0-fresh`` (x̂0 fusion whose views start from their own i.i.d.
-noise, patched in here: this measures what that initialisation would change).
+Variants: ``latent``; ``x0`` (the engine's x̂0 fusion: on resampling geometries each view
+starts from fresh noise of its own); ``x0-resampled`` (x̂0 fusion whose views start from noise
+resampled out of the initial canvas, as crops do: this measures what the initialisation
+changes).
 """
 
 from __future__ import annotations
@@ -41,15 +42,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from jointdiff import JointDiffusion, engine, spherical  # noqa: E402
-from jointdiff.fusion import TweedieFusion, make_fusion  # noqa: E402
+from jointdiff import JointDiffusion, spherical  # noqa: E402
 from jointdiff.models import load_pipeline  # noqa: E402
 from jointdiff.plugins import create  # noqa: E402
 from jointdiff.synchronizer import Synchronizer  # noqa: E402
 from jointdiff_plugins.sphere import EquirectGeometry  # noqa: E402
 
 PROMPT = "a blue sky with clouds over a lake"
-VARIANTS = ("latent", "x0", "x0-fresh")
+VARIANTS = ("latent", "x0-resampled", "x0")
 
 
 class VarianceProbe(Synchronizer):
@@ -87,34 +87,20 @@ def hf_ratio(canvas: torch.Tensor) -> float:
     return float(laplacian.pow(2).mean() / band.var())
 
 
-class FreshViewNoise(TweedieFusion):
-    """x̂0 fusion whose views start from their own i.i.d. noise instead of noise resampled
-    out of the canvas (interpolated, hence of lower variance)."""
-
-    def __init__(self, geometry, canvas, batches, weights_of, step_kwargs) -> None:
-        super().__init__(geometry, canvas, batches, weights_of, step_kwargs)
-        generator = torch.Generator("cpu").manual_seed(12345)
-        scale = float(canvas.std())  # the canvas is unit noise times init_noise_sigma
-        self.views = {
-            index: (torch.randn(view.shape, generator=generator) * scale).to(view)
-            for index, view in self.views.items()
-        }
-
-
 @contextlib.contextmanager
-def fresh_view_noise():
-    """Make the engine's ``x0`` fusion :class:`FreshViewNoise` for the duration."""
-
-    def patched(mode, geometry, canvas, batches, weights_of, step_kwargs):
-        if mode == "x0":
-            return FreshViewNoise(geometry, canvas, batches, weights_of, step_kwargs)
-        return make_fusion(mode, geometry, canvas, batches, weights_of, step_kwargs)
-
-    engine.make_fusion = patched
+def resampled_view_noise(geometry):
+    """Start x̂0 fusion's views from noise resampled out of the initial canvas (what the
+    engine does for exact crops) instead of their own fresh noise."""
+    cls = type(geometry)
+    saved = cls.__dict__.get("resamples")
+    cls.resamples = False
     try:
         yield
     finally:
-        engine.make_fusion = make_fusion
+        if saved is None:
+            del cls.resamples
+        else:
+            cls.resamples = saved
 
 
 def run(pipeline, geometry, variant: str, steps: int, seed: int, decode: bool) -> dict:
@@ -123,7 +109,7 @@ def run(pipeline, geometry, variant: str, steps: int, seed: int, decode: bool) -
     fusion = "latent" if variant == "latent" else "x0"
     job = JointDiffusion(pipeline, geometry, [text], probe, fusion=fusion)
     start = time.perf_counter()
-    with fresh_view_noise() if variant == "x0-fresh" else contextlib.nullcontext():
+    with resampled_view_noise(geometry) if variant == "x0-resampled" else contextlib.nullcontext():
         result = job(num_inference_steps=steps, seed=seed, progress=False, output_type="pil" if decode else "latent")
     seconds = time.perf_counter() - start
     out = {"fusion": variant, "seconds": round(seconds, 2), "view_variance": probe.variances(), "hf_ratio": hf_ratio(result.latents)}

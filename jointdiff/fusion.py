@@ -86,12 +86,22 @@ class TweedieFusion(LatentFusion):
 
     def __init__(self, geometry, canvas, batches, weights_of, step_kwargs, reduce=None) -> None:
         super().__init__(geometry, canvas, batches, weights_of, step_kwargs, reduce)
-        self.views = {batch.index: geometry.extract(canvas, batch.window_ids) for batch in batches}
+        self.views = {batch.index: self._initial_view(batch, canvas) for batch in batches}
         self._where = {}
         for batch in batches:
             for k, window_id in enumerate(batch.window_ids):
                 self._where.setdefault(window_id, (batch.index, k))
         self._pending: list[tuple[WindowBatch, torch.Tensor]] = []
+
+    def _initial_view(self, batch: WindowBatch, canvas: torch.Tensor) -> torch.Tensor:
+        """Crops start from the canvas noise; resampled views start from fresh noise of
+        their own (from the batch's seeded generator): interpolated noise has lost part of
+        its variance, and the views are synchronized through x̂0 anyway."""
+        crop = self.geometry.extract(canvas, batch.window_ids)
+        if not getattr(self.geometry, "resamples", False):
+            return crop
+        noise = torch.randn(crop.shape, generator=batch.generator, dtype=torch.float32)
+        return noise.to(crop.device) * batch.scheduler.init_noise_sigma
 
     def window_latents(self, batch: WindowBatch) -> torch.Tensor:
         return self.views[batch.index]

@@ -36,6 +36,10 @@ class Geometry(Configurable, ABC):
     :meth:`to_images` at the end.
     """
 
+    resamples: ClassVar[bool] = False
+    """True when windows are interpolated from the canvas (not exact crops): with ``x0``
+    fusion each window then starts from fresh noise of its own."""
+
     preferred_fusion: ClassVar[str] = "latent"
     """The fusion the engine uses unless the job says otherwise: ``"latent"`` for crops,
     ``"x0"`` for geometries that resample (see :mod:`jointdiff.fusion`)."""

@@ -52,6 +52,7 @@ class SphereGeometry(Geometry):
 
     preferred_fusion = "x0"
     """The fusion these geometries are meant for (SyncTweedies' x̂0, see the module docstring)."""
+    resamples = True
     round_trip_atol = 0.1
     """Tolerance of the conformance round trip on :meth:`smooth_test_canvas` (amplitude ≈ 5)
     at :meth:`example_options` sizes; a canvas shifted by one cell misses it by ≈ 0.4 or more."""
