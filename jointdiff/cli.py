@@ -50,6 +50,7 @@ def job_from_generate_args(args: argparse.Namespace) -> Job:
             "steps": args.steps,
             "seed": args.seed,
             "view_batch_size": args.view_batch_size,
+            "fusion": args.fusion,
             "output": args.output,
         }
     )
@@ -176,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--steps", type=int, default=50)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--view-batch-size", type=int, default=4)
+    gen.add_argument("--fusion", choices=["latent", "x0"], help="default: the geometry's preferred fusion")
     gen.add_argument("--output", "-o", default="jointdiff.png")
     gen.add_argument("--save-job", metavar="JOB.toml", help="also write the job as TOML")
     gen.add_argument("--quiet", "-q", action="store_true")
