@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         geometry = create("geometry", "equirect", width_px=width, window_latent=args.window_latent or (16 if tiny else 64))
         text = create("conditioner", "text", prompt=args.prompt, guidance_scale=7.5)
         control = create("conditioner", "controlnet", model=args.controlnet, image=condition, preprocess="canny")
-        job = JointDiffusion(pipeline, geometry, [text, control], fusion=geometry.preferred_fusion)
+        job = JointDiffusion(pipeline, geometry, [text, control])  # x̂0 fusion: the geometry's preferred one
         result = job(num_inference_steps=steps, seed=args.seed)
     except JointDiffError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -32,190 +32,29 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import pydantic
 import torch
-from PIL import Image
 
-from .conditioner import Conditioner, Prompt
-from .context import JobContext, StepState, WindowBatch
-from .denoiser import Denoiser
-from .geometry import Geometry
-from .synchronizer import Synchronizer
-from .tiling import TiledGeometry
-
-LATENT_CHANNELS = 4
-
-
-def fail(message: str) -> None:
-    """Raise AssertionError (the checks do not use ``assert``: they must work under ``-O``)."""
-    raise AssertionError(message)
-
-
-def _close(actual: torch.Tensor, expected: torch.Tensor, atol: float, what: str) -> None:
-    if actual.shape != expected.shape:
-        fail(f"{what}: shape {tuple(actual.shape)}, expected {tuple(expected.shape)}")
-    error = (actual.double() - expected.double()).abs().max().item() if actual.numel() else 0.0
-    if not error <= atol:
-        fail(f"{what}: differs by up to {error:.3g} (tolerance {atol:.3g})")
-
-
-# ----------------------------------------------------------------------------- geometry
-
-
-def _canvas(geometry: Geometry, channels: int = LATENT_CHANNELS, seed: int = 0) -> torch.Tensor:
-    sheets, height, width = geometry.canvas_shape_latent
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(sheets, channels, height, width, generator=generator)
-
-
-def _fuse(geometry: Geometry, canvas: torch.Tensor, weighted: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """MultiDiffusion's fusion (Bar-Tal et al. 2023, Eq. 5) of the canvas's own windows:
-    ``(sum_i insert_i(w_i * extract_i(x)), sum_i insert_i(w_i))``."""
-    numerator = torch.zeros_like(canvas)
-    denominator = torch.zeros(canvas.shape[0], 1, *canvas.shape[2:])
-    for window_id in range(geometry.num_windows):
-        ids = [window_id]
-        weights = geometry.window_weights(ids, canvas.device).float()
-        if not weighted:
-            weights = torch.ones_like(weights)
-        geometry.insert(numerator, geometry.extract(canvas, ids) * weights, ids)
-        geometry.insert(denominator, weights, ids)
-    return numerator, denominator
-
-
-def check_geometry_shapes(geometry: Geometry) -> None:
-    """Sizes are positive integers; ``extract`` gives ``(B, C, h, w)`` in the canvas's dtype
-    and leaves the canvas alone; ``window_weights`` gives finite, non-negative ``(B, 1, h, w)``."""
-    shape, window = geometry.canvas_shape_latent, geometry.window_size_latent
-    if len(shape) != 3 or not all(isinstance(v, int) and v > 0 for v in shape):
-        fail(f"canvas_shape_latent must be three positive ints (S, H, W), got {shape!r}")
-    if len(window) != 2 or not all(isinstance(v, int) and v > 0 for v in window):
-        fail(f"window_size_latent must be two positive ints (h, w), got {window!r}")
-    count = geometry.num_windows
-    if not isinstance(count, int) or count < 1:
-        fail(f"num_windows must be a positive int, got {count!r}")
-    canvas = _canvas(geometry).double()
-    before = canvas.clone()
-    for ids in ([0], list(range(count)), list(range(count))[::-1][:3]):
-        windows = geometry.extract(canvas, ids)
-        if tuple(windows.shape) != (len(ids), canvas.shape[1], *window) or windows.dtype != canvas.dtype:
-            fail(f"extract(canvas, {ids}) gave {tuple(windows.shape)} {windows.dtype}, expected "
-                 f"{(len(ids), canvas.shape[1], *window)} {canvas.dtype}")
-        weights = geometry.window_weights(ids, "cpu")
-        if tuple(weights.shape) != (len(ids), 1, *window):
-            fail(f"window_weights({ids}) has shape {tuple(weights.shape)}, expected {(len(ids), 1, *window)}")
-        if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
-            fail(f"window_weights({ids}) must be finite and non-negative")
-    if not torch.equal(canvas, before):
-        fail("extract modified the canvas")
-
-
-def check_geometry_batching(geometry: Geometry, atol: float = 1e-6) -> None:
-    """Results do not depend on how the engine groups windows into batches: a batch's
-    extract, weights and insert equal those of its windows one at a time."""
-    canvas = _canvas(geometry)
-    ids = list(range(geometry.num_windows))[::-1]  # any order, not only ascending
-    together = geometry.extract(canvas, ids)
-    alone = torch.cat([geometry.extract(canvas, [i]) for i in ids])
-    _close(together, alone, atol, "extract of a batch vs. one window at a time")
-    weights = geometry.window_weights(ids, "cpu")
-    _close(weights, torch.cat([geometry.window_weights([i], "cpu") for i in ids]), atol, "window_weights of a batch")
-    values = torch.randint(-8, 9, together.shape, generator=torch.Generator().manual_seed(1)).float()
-    batched, single = torch.zeros_like(canvas), torch.zeros_like(canvas)
-    geometry.insert(batched, values, ids)
-    for b, i in enumerate(ids):
-        geometry.insert(single, values[b : b + 1], [i])
-    _close(batched, single, atol, "insert of a batch vs. one window at a time")
-
-
-def check_geometry_insert_is_linear(geometry: Geometry, atol: float = 1e-5) -> None:
-    """``insert`` adds into its target (it must not overwrite) and is linear in the values,
-    since the engine uses it for both weighted latents and weights."""
-    ids = list(range(geometry.num_windows))
-    h, w = geometry.window_size_latent
-    generator = torch.Generator().manual_seed(2)
-    # Small integers: sums of them are exact in float32, so crop geometries match exactly.
-    a, b = (torch.randint(-8, 9, (len(ids), 2, h, w), generator=generator).float() for _ in range(2))
-    target = _canvas(geometry, channels=2, seed=3).round()
-    start = target.clone()
-    geometry.insert(target, a, ids)
-    from_zero = torch.zeros_like(target)
-    geometry.insert(from_zero, a, ids)
-    _close(target - start, from_zero, atol, "insert into a non-zero target (it must add, not overwrite)")
-    combined, parts = torch.zeros_like(target), torch.zeros_like(target)
-    geometry.insert(combined, 2 * a + b, ids)
-    geometry.insert(parts, a, ids)
-    geometry.insert(parts, a, ids)
-    geometry.insert(parts, b, ids)
-    _close(combined, parts, atol, "insert(2a + b) vs. insert(a) + insert(a) + insert(b)")
-
-
-def check_geometry_coverage(geometry: Geometry) -> None:
-    """Every canvas cell gets a positive total weight from the windows (else it is never
-    denoised and the engine would divide by zero)."""
-    canvas = torch.zeros(geometry.canvas_shape_latent[0], 1, *geometry.canvas_shape_latent[1:])
-    _, weight_sum = _fuse(geometry, canvas, weighted=True)
-    uncovered = (weight_sum <= 0).nonzero()
-    if len(uncovered):
-        s, _, y, x = uncovered[0].tolist()
-        fail(f"{len(uncovered)} canvas cells get no window weight, e.g. sheet {s}, row {y}, column {x}")
-
-
-def check_geometry_round_trip(geometry: Geometry, atol: float = 1e-5) -> None:
-    """Fusing the canvas's own windows gives the canvas back: with unit weights and with the
-    geometry's weights, ``sum insert(w * extract(x)) / sum insert(w) == x``. Resampling
-    geometries pass a looser ``atol`` (interpolation is not exactly invertible) and may give a
-    ``smooth_test_canvas(channels)`` to check on instead of noise, which no interpolation keeps."""
-    smooth = getattr(geometry, "smooth_test_canvas", None)
-    canvas = smooth(LATENT_CHANNELS) if smooth is not None else _canvas(geometry)
-    for weighted in (False, True):
-        numerator, denominator = _fuse(geometry, canvas, weighted)
-        if bool((denominator <= 0).any()):
-            fail("some canvas cells are not covered by any window (see check_geometry_coverage)")
-        label = "geometry weights" if weighted else "unit weights"
-        _close(numerator / denominator, canvas, atol, f"insert(extract(canvas)) round trip with {label}")
-
-
-def local_decoder(latent_scale: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A stand-in VAE decoder acting on each latent cell alone: ``(B, C, h, w)`` →
-    ``(B, 3, f*h, f*w)`` in [-1, 1]. Padding or cropping errors in ``decode`` show up as
-    shifted pixels, which a real (mixing) decoder would hide."""
-
-    def decode(latents: torch.Tensor) -> torch.Tensor:
-        pixels = torch.tanh(latents[:, :3].float())
-        return pixels.repeat_interleave(latent_scale, -2).repeat_interleave(latent_scale, -1)
-
-    return decode
-
-
-def check_geometry_decode(geometry: Geometry, latent_scale: int = 8, atol: float = 1e-6) -> None:
-    """``decode`` returns ``(S, 3, f*H, f*W)`` aligned with the canvas (checked with
-    :func:`local_decoder`), and ``to_images`` turns that into at least one PIL image."""
-    canvas = _canvas(geometry)
-    decoder = local_decoder(latent_scale)
-    pixels = geometry.decode(canvas, decoder)
-    _close(pixels, decoder(canvas), atol, "decode(canvas) vs. decoding each sheet cell by cell")
-    images = geometry.to_images(pixels)
-    if not images or not all(isinstance(image, Image.Image) for image in images):
-        fail(f"to_images must return a non-empty list of PIL images, got {images!r}")
-
-
-def check_options_round_trip(plugin: Any) -> None:
-    """The plugin's options survive a JSON round trip (jobs are saved as TOML/JSON)."""
-    dumped = plugin.options.model_dump(mode="json")
-    rebuilt = type(plugin)(dumped)
-    if rebuilt.options != plugin.options:
-        fail(f"{type(plugin).__name__}: options {dumped!r} do not rebuild the same options")
-
-
-def check_geometry(geometry: Geometry, latent_scale: int = 8, atol: float = 1e-5) -> None:
-    """Every geometry check, after ``geometry.setup(latent_scale)``."""
-    geometry.setup(latent_scale)
-    check_geometry_shapes(geometry)
-    check_geometry_batching(geometry)
-    check_geometry_insert_is_linear(geometry, atol)
-    check_geometry_coverage(geometry)
-    check_geometry_round_trip(geometry, atol)
-    check_geometry_decode(geometry, latent_scale)
-    check_options_round_trip(geometry)
+from ..conditioner import Conditioner, Prompt
+from ..context import JobContext, StepState, WindowBatch
+from ..denoiser import Denoiser
+from ..geometry import Geometry
+from ..synchronizer import Synchronizer
+from ..tiling import TiledGeometry
+from .geometry import (  # noqa: F401  (re-exported: jointdiff.testing is the public API)
+    LATENT_CHANNELS,
+    fail,
+    _close,
+    _canvas,
+    _fuse,
+    check_geometry_shapes,
+    check_geometry_batching,
+    check_geometry_insert_is_linear,
+    check_geometry_coverage,
+    check_geometry_round_trip,
+    local_decoder,
+    check_geometry_decode,
+    check_options_round_trip,
+    check_geometry,
+)
 
 
 # ----------------------------------------------------------------------------- model context
@@ -225,7 +64,7 @@ def check_geometry(geometry: Geometry, latent_scale: int = 8, atol: float = 1e-5
 def tiny_pipeline() -> Any:
     """The built-in tiny Stable Diffusion pipeline on the CPU, built once per process.
     Shared: checks must not modify its weights."""
-    from .models import load_pipeline
+    from ..models import load_pipeline
 
     return load_pipeline("tiny", device="cpu", dtype="float32")
 
@@ -507,7 +346,7 @@ def isolated_plugins(*plugins: Any, entry_points: bool = True) -> Iterator[Any]:
     ``JOINTDIFF_PLUGINS``); ``plugins``: modules or objects with hook implementations to add.
     Yields the :class:`jointdiff.plugins.PluginManager`.
     """
-    from . import plugins as plugin_module
+    from .. import plugins as plugin_module
 
     manager = plugin_module.PluginManager()
     if entry_points:
