@@ -19,6 +19,7 @@ __all__ = [
     "Job",
     "run_job",
     "load_pipeline",
+    "load_model",
     "create",
     "__version__",
 ]
@@ -34,10 +35,10 @@ def __getattr__(name: str):
         from . import job
 
         return getattr(job, name)
-    if name == "load_pipeline":
-        from .models import load_pipeline
+    if name in ("load_pipeline", "load_model"):
+        from . import models
 
-        return load_pipeline
+        return getattr(models, name)
     if name == "create":
         from .plugins import create
 

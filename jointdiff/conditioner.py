@@ -2,7 +2,7 @@
 
 A conditioner is set up once per job (encode prompts, load a ControlNet, ...). It contributes
 either *prompts* (text embeddings with a guidance scale; the text conditioner) or extra
-keyword arguments for the UNet call of a window batch (e.g. ControlNet residuals), or both.
+keyword arguments for the model call of a window batch (e.g. ControlNet residuals), or both.
 The engine batches windows and classifier-free guidance together; a conditioner receives the
 batch's window ids and must return tensors whose batch dimension matches.
 """
@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
+from .families.base import Embeddings
 from .options import Configurable
 
 if TYPE_CHECKING:
@@ -25,7 +26,9 @@ if TYPE_CHECKING:
 class Prompt:
     """Encoded text conditioning.
 
-    ``embeds`` and ``negative_embeds`` are ``(P, L, D)``: ``P`` prompts. By default every
+    ``embeds`` and ``negative_embeds`` are :class:`~jointdiff.families.base.Embeddings` of
+    ``P`` rows, as the model family encoded them (a bare ``(P, L, D)`` tensor is taken as
+    ``prompt_embeds``); ``negative_embeds`` is None without classifier-free guidance. By default every
     window uses prompt 0; ``window_prompt`` maps a window id to its prompt index (e.g. one
     prompt per texture tile). With ``region_masks`` ``(P, S, 1, H, W)`` (latent resolution,
     values in [0, 1]), every window is denoised once per prompt and each result enters the
@@ -35,19 +38,23 @@ class Prompt:
     diffusers). A tensor ``(P,)`` gives each prompt its own scale.
     """
 
-    embeds: torch.Tensor
-    negative_embeds: torch.Tensor
+    embeds: Embeddings | torch.Tensor
+    negative_embeds: Embeddings | torch.Tensor | None
     guidance_scale: float | torch.Tensor
     window_prompt: Callable[[int], int] | None = None
     region_masks: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.embeds, torch.Tensor):
+            self.embeds = Embeddings({"prompt_embeds": self.embeds})
+        if isinstance(self.negative_embeds, torch.Tensor):
+            self.negative_embeds = Embeddings({"prompt_embeds": self.negative_embeds})
         if self.region_masks is not None:
             if self.window_prompt is not None:
                 raise ValueError("a Prompt takes either window_prompt or region_masks, not both")
-            if self.region_masks.ndim != 5 or self.region_masks.shape[0] != self.embeds.shape[0]:
+            if self.region_masks.ndim != 5 or self.region_masks.shape[0] != len(self.embeds):
                 raise ValueError(
-                    f"region_masks must be (P, S, 1, H, W) with P = {self.embeds.shape[0]} prompts, "
+                    f"region_masks must be (P, S, 1, H, W) with P = {len(self.embeds)} prompts, "
                     f"got {tuple(self.region_masks.shape)}"
                 )
 
@@ -55,11 +62,12 @@ class Prompt:
     def branches(self) -> list[int | None]:
         """Prompt index of each branch: every window is denoised once per region prompt
         (MultiDiffusion's region-based generation), or once with its own prompt."""
-        return list(range(self.embeds.shape[0])) if self.region_masks is not None else [None]
+        return list(range(len(self.embeds))) if self.region_masks is not None else [None]
 
     @property
     def uses_guidance(self) -> bool:
-        return bool(torch.as_tensor(self.guidance_scale).max() > 1.0)
+        """Whether an unconditional (negative) branch is batched with the windows."""
+        return self.negative_embeds is not None and bool(torch.as_tensor(self.guidance_scale).max() > 1.0)
 
     def scales(self, indices: Sequence[int]) -> float | torch.Tensor:
         """Guidance scale per window ``(B, 1, 1, 1)``, or one float for all."""
@@ -89,14 +97,38 @@ class Conditioner(Configurable, ABC):
         bootstrapping of region branches). Default: unchanged."""
         return latents
 
-    def unet_kwargs(
+    def model_kwargs(
         self,
-        latent_model_input: torch.Tensor,
+        model_input: torch.Tensor,
         timestep: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
+        embeds: Embeddings,
         window_ids: Sequence[int],
         context: JobContext,
     ) -> dict[str, Any]:
-        """Extra UNet keyword arguments for one window batch (``(B', C, h, w)`` input,
-        ``B'`` = windows × guidance branches). Default: none."""
+        """Extra keyword arguments of the model call for one window batch (``(B', C, h, w)``
+        input and ``B'`` rows of ``embeds``, ``B'`` = windows × guidance branches), passed to
+        :meth:`~jointdiff.families.base.ModelFamily.forward` as ``extra`` (e.g. ControlNet
+        residuals). Default: none."""
         return {}
+
+
+def encode_text(
+    context: JobContext,
+    prompts: Sequence[str],
+    negative_prompts: Sequence[str | None],
+    guidance_scale: float | None,
+    owner: str,
+) -> tuple[Embeddings, Embeddings | None, float]:
+    """Encode ``P`` prompts with the job's model family, the one way every prompt conditioner
+    does it. Returns the embeddings, the negative embeddings (None when the family runs no
+    unconditional branch for this scale and these negatives) and the guidance scale used
+    (``guidance_scale``, or the family's default when None). Guidance the family does not
+    have is a ConfigError naming ``owner``."""
+    model = context.model
+    scale = model.default_guidance_scale if guidance_scale is None else float(guidance_scale)
+    for negative in negative_prompts:
+        model.check_guidance(guidance_scale, negative, owner)
+    cfg = any(model.uses_cfg(scale, negative) for negative in negative_prompts)
+    with torch.no_grad():
+        embeds, negative = model.encode_prompts(list(prompts), [n or "" for n in negative_prompts] if cfg else None)
+    return embeds, negative, scale

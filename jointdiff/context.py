@@ -9,6 +9,7 @@ import torch
 
 if TYPE_CHECKING:
     from .denoiser import Denoiser
+    from .families.base import ModelFamily
     from .geometry import Geometry
 
 
@@ -16,17 +17,31 @@ if TYPE_CHECKING:
 class JobContext:
     """What plugins may use during :meth:`setup` and inside the loop.
 
-    ``pipeline`` is a diffusers Stable Diffusion pipeline (components ``unet``, ``vae``,
-    ``text_encoder``, ``tokenizer``, ``scheduler``); ``dtype`` is the UNet's compute dtype.
+    ``model`` is the job's :class:`~jointdiff.families.base.ModelFamily` (prompt encoding,
+    x̂0 math, decode and encode, ControlNet calls); plugins ask it and never the diffusers
+    pipeline's components. ``dtype`` is the denoiser's compute dtype.
     """
 
-    pipeline: Any
+    model: ModelFamily
     geometry: Geometry
     device: torch.device
     dtype: torch.dtype
     num_inference_steps: int
     generator: torch.Generator
     extras: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from .families.base import ModelFamily
+
+        if not isinstance(self.model, ModelFamily):  # a diffusers pipeline: bind its family
+            from .models import as_model
+
+            self.model = as_model(self.model)
+
+    @property
+    def pipeline(self) -> Any:
+        """The diffusers pipeline behind :attr:`model` (for plugins that need a component)."""
+        return self.model.pipeline
 
 
 @dataclass

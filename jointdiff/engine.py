@@ -54,11 +54,12 @@ class JointResult:
 
 
 class JointDiffusion:
-    """Composes a pipeline with a geometry, conditioners and a synchronizer.
+    """Composes a model with a geometry, conditioners and a synchronizer.
 
-    ``pipeline`` is a diffusers Stable Diffusion 1.x/2.x pipeline (see
-    :func:`jointdiff.models.load_pipeline`). ``view_batch_size`` windows share one UNet call
-    (times two with classifier-free guidance). ``fusion`` is ``"latent"`` (MultiDiffusion:
+    ``model`` is a :class:`~jointdiff.families.base.ModelFamily` (see
+    :func:`jointdiff.models.load_model`) or a diffusers pipeline of a supported family (its
+    family is detected). ``view_batch_size`` windows share one model call (times two with
+    classifier-free guidance). ``fusion`` is ``"latent"`` (MultiDiffusion:
     average noisy latents) or ``"x0"`` (SyncTweedies: average predicted clean latents; for
     geometries that resample), see :mod:`jointdiff.fusion`; by default the geometry's
     ``preferred_fusion``. ``distributed`` spreads the window batches over the ranks of a
@@ -68,7 +69,7 @@ class JointDiffusion:
 
     def __init__(
         self,
-        pipeline: Any,
+        model: Any,
         geometry: Geometry,
         conditioners: Sequence[Conditioner],
         synchronizer: Synchronizer | None = None,
@@ -85,7 +86,9 @@ class JointDiffusion:
             raise ConfigError(f"fusion must be 'latent' (MultiDiffusion) or 'x0' (SyncTweedies), got {fusion!r}")
         if not isinstance(geometry, Geometry):
             raise ConfigError(f"geometry must be a Geometry, got {geometry!r}")
-        self.pipeline = pipeline
+        from .models import as_model
+
+        self.model = as_model(model)
         self.geometry = geometry
         self.conditioners = list(conditioners)
         self.synchronizer = synchronizer
@@ -96,12 +99,17 @@ class JointDiffusion:
         self.distributed = distributed
 
     @property
+    def pipeline(self) -> Any:
+        """The diffusers pipeline behind the model."""
+        return self.model.pipeline
+
+    @property
     def device(self) -> torch.device:
-        return self.pipeline.unet.device
+        return self.model.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.pipeline.unet.dtype
+        return self.model.dtype
 
     def _prompt(self):
         prompts = [c.prompt() for c in self.conditioners]
@@ -113,12 +121,23 @@ class JointDiffusion:
 
     def _initial_latents(self, latents: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
         sheets, height, width = self.geometry.canvas_shape_latent
-        shape = (sheets, self.pipeline.unet.config.in_channels, height, width)
+        shape = (sheets, self.model.latent_format.channels, height, width)
         if latents is None:
             latents = torch.randn(shape, generator=generator, dtype=torch.float32)
         elif tuple(latents.shape) != shape:
             raise ConfigError(f"latents must have shape {shape} for this geometry, got {tuple(latents.shape)}")
-        return latents.to(self.device, torch.float32) * self.pipeline.scheduler.init_noise_sigma
+        return latents.to(self.device, torch.float32) * self.model.initial_noise_sigma(self.model.scheduler)
+
+    def _window_offsets(self) -> torch.Tensor | None:
+        """Window origins for positional ids offset to the canvas (``positions = "canvas"``)."""
+        if self.model.options.positions != "canvas":
+            return None
+        origins = self.geometry.window_origins_latent()
+        if origins is None:
+            raise ConfigError(
+                f"positions = 'canvas' needs windows that are crops of one plane; geometry {self.geometry.name!r} resamples them"
+            )
+        return origins
 
     def _window_batches(self, scheduler: Any, prompt, seed: int) -> list[WindowBatch]:
         """Fixed groups of ``view_batch_size`` windows, once per prompt branch. Each batch has
@@ -176,22 +195,22 @@ class JointDiffusion:
             raise ConfigError(f"output_type must be 'pil' or 'latent', got {output_type!r}")
 
         # 1. Geometry, conditioners and synchronizer see the model.
-        self.geometry.setup(self.pipeline.vae_scale_factor)
+        self.geometry.setup(self.model.latent_format)
         generator = torch.Generator("cpu").manual_seed(seed)
-        context = JobContext(self.pipeline, self.geometry, self.device, self.dtype, num_inference_steps, generator)
+        context = JobContext(self.model, self.geometry, self.device, self.dtype, num_inference_steps, generator)
         comm = resolve_distributed(self.distributed)
         if comm is not None:
             context.extras["distributed"] = comm
         for conditioner in self.conditioners:
             conditioner.setup(context)
         prompt = self._prompt()
-        denoiser = Denoiser(context, prompt, self.conditioners)
+        denoiser = Denoiser(context, prompt, self.conditioners, self._window_offsets())
         if self.synchronizer is not None:
             self.synchronizer.setup(context)
 
         # 2. Timesteps (kept on the CPU: indexing them never waits for the GPU) and latents.
-        scheduler = self.pipeline.scheduler
-        scheduler.set_timesteps(num_inference_steps, device="cpu")
+        scheduler = self.model.scheduler
+        self.model.set_timesteps(scheduler, num_inference_steps, self.geometry.window_size_latent)
         timesteps = scheduler.timesteps
         canvas = self._initial_latents(latents, generator)
 
@@ -204,6 +223,7 @@ class JointDiffusion:
         fusion = make_fusion(
             fusion_mode, self.geometry, canvas, batches, self._weights_fn(prompt, canvas.device),
             self._step_kwargs(scheduler), reduce=comm.all_reduce_ if comm is not None else None,
+            noise_sigma=self.model.initial_noise_sigma(scheduler),
         )
         if not bool((fusion.weight_sum > 0).all()):
             raise ConfigError(f"geometry {self.geometry.name!r} (with its region masks) leaves canvas cells without weight")
@@ -288,9 +308,7 @@ class JointDiffusion:
         return fusion.canvas, int(payload["next_step"])
 
     def _vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
-        vae = self.pipeline.vae
-        scaled = latents.to(vae.dtype) / vae.config.scaling_factor
-        return vae.decode(scaled, return_dict=False)[0].float()
+        return self.model.decode(latents)
 
 
 def batch_seed(seed: int, batch_index: int) -> int:

@@ -39,8 +39,9 @@ class LatentFusion:
     """MultiDiffusion: average the stepped noisy windows on the canvas."""
 
     def __init__(self, geometry: Geometry, canvas: torch.Tensor, batches: Sequence[WindowBatch],
-                 weights_of: WeightsFn, step_kwargs: dict, reduce: Reduce | None = None) -> None:
+                 weights_of: WeightsFn, step_kwargs: dict, reduce: Reduce | None = None, noise_sigma: float = 1.0) -> None:
         self.geometry = geometry
+        self.noise_sigma = noise_sigma
         self.canvas = canvas
         self.weights_of = weights_of
         self.step_kwargs = step_kwargs
@@ -84,8 +85,8 @@ class LatentFusion:
 class TweedieFusion(LatentFusion):
     """SyncTweedies: windows keep their noisy latents; x̂0 is fused on the canvas."""
 
-    def __init__(self, geometry, canvas, batches, weights_of, step_kwargs, reduce=None) -> None:
-        super().__init__(geometry, canvas, batches, weights_of, step_kwargs, reduce)
+    def __init__(self, geometry, canvas, batches, weights_of, step_kwargs, reduce=None, noise_sigma=1.0) -> None:
+        super().__init__(geometry, canvas, batches, weights_of, step_kwargs, reduce, noise_sigma)
         self.views = {batch.index: self._initial_view(batch, canvas) for batch in batches}
         self._where = {}
         for batch in batches:
@@ -101,7 +102,7 @@ class TweedieFusion(LatentFusion):
         if not getattr(self.geometry, "resamples", False):
             return crop
         noise = torch.randn(crop.shape, generator=batch.generator, dtype=torch.float32)
-        return noise.to(crop.device) * batch.scheduler.init_noise_sigma
+        return noise.to(crop.device) * self.noise_sigma
 
     def window_latents(self, batch: WindowBatch) -> torch.Tensor:
         return self.views[batch.index]
@@ -128,12 +129,13 @@ class TweedieFusion(LatentFusion):
         return fused_x0
 
 
-def make_fusion(mode: FusionMode, geometry, canvas, batches, weights_of, step_kwargs, reduce=None) -> LatentFusion:
+def make_fusion(mode: FusionMode, geometry, canvas, batches, weights_of, step_kwargs, reduce=None, noise_sigma=1.0) -> LatentFusion:
     """The fusion of ``batches``. ``reduce`` (window parallelism) sums a canvas-sized buffer
     over ranks in place: the weights once, the numerator every step; ``batches`` are then
-    this rank's share."""
+    this rank's share. ``noise_sigma`` scales the fresh noise of resampled views (the
+    model's initial noise level)."""
     if mode == "latent":
-        return LatentFusion(geometry, canvas, batches, weights_of, step_kwargs, reduce)
+        return LatentFusion(geometry, canvas, batches, weights_of, step_kwargs, reduce, noise_sigma)
     if mode == "x0":
-        return TweedieFusion(geometry, canvas, batches, weights_of, step_kwargs, reduce)
+        return TweedieFusion(geometry, canvas, batches, weights_of, step_kwargs, reduce, noise_sigma)
     raise ValueError(f"fusion must be 'latent' or 'x0', got {mode!r}")

@@ -21,6 +21,8 @@ from typing import Callable, ClassVar, Sequence
 import torch
 from PIL import Image
 
+from .errors import ConfigError
+from .families.base import SD_LATENT, LatentFormat
 from .options import Configurable
 
 DecodeFn = Callable[[torch.Tensor], torch.Tensor]
@@ -31,7 +33,8 @@ class Geometry(Configurable, ABC):
     """Base class of every geometry plugin.
 
     Lifecycle: construct with options (validated, no model needed) → :meth:`setup` with the
-    VAE's scale factor (computes the windows) → the engine calls :meth:`extract`,
+    model's :class:`~jointdiff.families.base.LatentFormat` (VAE factor, patch, native window;
+    computes the windows) → the engine calls :meth:`extract`,
     :meth:`insert` and :meth:`window_weights` inside the loop → :meth:`decode` and
     :meth:`to_images` at the end.
     """
@@ -44,12 +47,42 @@ class Geometry(Configurable, ABC):
     """The fusion the engine uses unless the job says otherwise: ``"latent"`` for crops,
     ``"x0"`` for geometries that resample (see :mod:`jointdiff.fusion`)."""
 
-    def setup(self, latent_scale: int) -> None:
-        """Prepare windows for a VAE with ``latent_scale`` pixels per latent cell.
+    def setup(self, latent: LatentFormat | int) -> None:
+        """Prepare windows for the model's latent format (an int is taken as the VAE factor
+        of an SD-like model). Subclasses call this first, then read :attr:`latent_format`,
+        :attr:`latent_scale` and :meth:`window_side`.
 
-        Raises :class:`~jointdiff.errors.ConfigError` when sizes do not fit the factor.
+        Raises :class:`~jointdiff.errors.ConfigError` when sizes do not fit the model.
         """
-        self.latent_scale = int(latent_scale)
+        if not isinstance(latent, LatentFormat):
+            latent = LatentFormat(**{**SD_LATENT.__dict__, "scale_factor": int(latent)})
+        self.latent_format = latent
+        self.latent_scale = latent.scale_factor
+
+    def window_side(self, value: int | None, option: str = "window_latent") -> int:
+        """A window side in latent cells: ``value``, or the model's native window when None;
+        checked against the model's patch and window limits (ConfigError naming ``option``)."""
+        side = self.latent_format.native_window if value is None else int(value)
+        self.latent_format.check_window(side, option, self.name)
+        return side
+
+    def check_stride(self, stride: int, window: int, option: str = "stride_latent") -> None:
+        """ConfigError when ``stride`` is not whole patches or exceeds ``window`` (cells left
+        without a window)."""
+        patch = self.latent_format.patch
+        if stride % patch:
+            raise ConfigError(f"{self.name}: {option} = {stride} latent cells is not a whole number of {patch}×{patch} patches")
+        if stride > window:
+            raise ConfigError(
+                f"{self.name}: {option} = {stride} must not exceed the window ({window} latent cells), "
+                "or cells between windows are never denoised"
+            )
+
+    def window_origins_latent(self) -> torch.Tensor | None:
+        """``(N, 2)`` ``(top, left)`` of every window on the canvas in latent cells, for
+        positional ids offset to the canvas (``positions = "canvas"``); None when windows
+        are not crops of one plane (resampled views, cube faces)."""
+        return None
 
     @property
     @abstractmethod

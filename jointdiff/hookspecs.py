@@ -38,10 +38,11 @@ import pluggy
 
 if TYPE_CHECKING:
     from .conditioner import Conditioner
+    from .families.base import ModelFamily
     from .geometry import Geometry
     from .synchronizer import Synchronizer
 
-PLUGIN_API_VERSION = "1.0"
+PLUGIN_API_VERSION = "2.0"
 PROJECT_NAME = "jointdiff"
 ENTRY_POINT_GROUP = "jointdiff"
 REQUIRES_ATTRIBUTE = "REQUIRES_PLUGIN_API"
@@ -77,6 +78,18 @@ def register_synchronizers(register: Callable[[type[Synchronizer]], None]) -> No
 
     :param register: call ``register(SynchronizerClass)`` once per class (same requirements
         as for geometries, with ``Synchronizer`` as the base class).
+    :returns: nothing; return values are ignored.
+    """
+
+
+@hookspec
+def register_families(register: Callable[[type[ModelFamily]], None]) -> None:
+    """Register :class:`~jointdiff.families.base.ModelFamily` subclasses (model families:
+    how a kind of diffusers pipeline is loaded, prompted, called on windows and decoded).
+
+    :param register: call ``register(FamilyClass)`` once per class (same requirements as for
+        geometries, with ``ModelFamily`` as the base class). ``pipeline_classes`` names the
+        diffusers pipeline classes the family accepts; ``tiny_models`` its built-in test models.
     :returns: nothing; return values are ignored.
     """
 

@@ -41,22 +41,49 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-#: Pixels per latent cell of every Stable Diffusion 1.x/2.x VAE; sizes are checked against
-#: it before the model loads and again against the loaded VAE.
-SD_LATENT_SCALE = 8
-
-
 class _Strict(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid")
 
 
+class LoraSpec(_Strict):
+    """One LoRA: a ``.safetensors`` file or diffusers LoRA folder, and its strength.
+
+    A ``path`` that looks local (a suffix such as ``.safetensors``, a leading ``.``, ``/`` or
+    ``~``) must exist when the job is read; anything else may be a hub repository id.
+    """
+
+    path: str = pydantic.Field(min_length=1, description="local file or folder, or hub repository id")
+    scale: float = pydantic.Field(1.0, allow_inf_nan=False, description="strength (negative: subtract)")
+    weight_name: str | None = pydantic.Field(None, description="file inside a LoRA folder or hub repository")
+
+    @pydantic.field_validator("path")
+    @classmethod
+    def _path_exists(cls, path: str) -> str:
+        from .lora import validate_lora_path
+
+        return validate_lora_path(path)
+
+    @pydantic.field_validator("weight_name")
+    @classmethod
+    def _weight_name_exists(cls, weight_name: str | None, info: pydantic.ValidationInfo) -> str | None:
+        from .lora import validate_weight_name
+
+        return validate_weight_name(info.data.get("path"), weight_name)
+
+
 class ModelSpec(_Strict):
-    id: str = "tiny"
+    id: str = pydantic.Field("tiny", description="hub id, local diffusers folder, single-file checkpoint or a tiny model name")
+    family: str | None = pydantic.Field(None, description="model family (sd, sdxl, sd3, flux, flux2, qwenimage); None: detected")
     scheduler: str | None = None
     prediction_type: Literal["epsilon", "v_prediction", "sample"] | None = None
     dtype: str = "auto"
     device: str = "auto"
     config: str | None = pydantic.Field(None, description="diffusers config folder for a single-file checkpoint")
+    loras: list[LoraSpec] = pydantic.Field(default_factory=list, description="LoRAs applied to the model, several at once")
+    offload: Literal["none", "model", "sequential"] = pydantic.Field("none", description="accelerate CPU offloading")
+    positions: Literal["window", "canvas"] = pydantic.Field(
+        "window", description="transformer positional ids: an ordinary image per window, or offset to the canvas"
+    )
 
 
 class PluginSpec(pydantic.BaseModel):
@@ -128,7 +155,10 @@ class Job(_Strict):
 
     def build_plugins(self):
         """Construct (geometry, conditioners, synchronizer) with validated options, and check
-        the canvas against SD's VAE factor."""
+        the canvas and windows against the model family's latent format when the family is
+        known before loading (a tiny model, ``family``, a local folder), else SD's."""
+        from .families.base import SD_LATENT
+        from .models import known_family
         from .plugins import create
 
         geometry = create("geometry", self.geometry.name, self.geometry.options)
@@ -136,7 +166,8 @@ class Job(_Strict):
         synchronizer = create("synchronizer", self.synchronizer.name, self.synchronizer.options)
         if not conditioners:
             raise ConfigError("job: conditioners is empty; add at least [[conditioners]] name = \"text\"")
-        geometry.setup(SD_LATENT_SCALE)
+        family = known_family(self.model.id, self.model.family)
+        geometry.setup(family.latent if family is not None else SD_LATENT)
         return geometry, conditioners, synchronizer
 
 
@@ -153,20 +184,24 @@ def run_job(job: Job, pipeline: Any = None, *, progress: bool = True, callback=N
     """Run a job: load the model (unless ``pipeline`` is given), generate, return the
     :class:`~jointdiff.engine.JointResult` (not yet saved; see :func:`jointdiff.output.save_result`)."""
     from .engine import JointDiffusion
-    from .models import load_pipeline
+    from .models import load_model
 
     geometry, conditioners, synchronizer = job.build_plugins()
     spec = job.model
-    pipeline = load_pipeline(
+    model = load_model(
         pipeline if pipeline is not None else spec.id,
+        family=spec.family,
         device=spec.device,
         dtype=spec.dtype,
         scheduler=spec.scheduler,
         prediction_type=spec.prediction_type,
         config=spec.config,
+        loras=spec.loras,
+        offload=spec.offload,
+        options={"positions": spec.positions},
     )
     engine = JointDiffusion(
-        pipeline, geometry, conditioners, synchronizer,
+        model, geometry, conditioners, synchronizer,
         view_batch_size=job.view_batch_size, eta=job.eta, fusion=job.fusion,
     )
     checkpoint = None

@@ -1,14 +1,17 @@
-"""Loading Stable Diffusion 1.x/2.x pipelines: tiny, local folder, single file, hub id, object."""
+"""Loading models of every family: tiny, local folder, single file, hub id, pipeline object."""
 
 from __future__ import annotations
 
+import importlib
+import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
 from .errors import ConfigError, ModelLoadError
+from .families.base import ModelFamily
 
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
@@ -19,8 +22,9 @@ SCHEDULERS = {
     "dpm++": "DPMSolverMultistepScheduler",
     "unipc": "UniPCMultistepScheduler",
 }
+FLOW_SCHEDULERS = {"flow_euler": "FlowMatchEulerDiscreteScheduler", "flow_heun": "FlowMatchHeunDiscreteScheduler"}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+OFFLOAD_MODES = ("none", "model", "sequential")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
 
 
@@ -33,20 +37,26 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
 
 
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, family: type | None = None) -> torch.dtype:
+    """``"auto"``: the family's CUDA dtype (float16 for UNets, bfloat16 for transformers) on
+    CUDA, float32 elsewhere."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
-        return torch.float16 if device.type == "cuda" else torch.float32
+        return (family.cuda_dtype if family is not None else torch.float16) if device.type == "cuda" else torch.float32
     if dtype not in DTYPES:
         raise ConfigError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {dtype!r}")
     return DTYPES[dtype]
 
 
-def make_scheduler(name: str, base_config: Any, prediction_type: str | None = None):
+def make_scheduler(name: str, base_config: Any, prediction_type: str | None = None, model: ModelFamily | None = None):
     """A diffusers scheduler by short name, built from the model's own scheduler config."""
     import diffusers
 
+    if model is not None and model.flow_matching:
+        if name not in FLOW_SCHEDULERS:
+            raise ConfigError(f"scheduler must be one of {sorted(FLOW_SCHEDULERS)} for model family {model.name!r}, got {name!r}")
+        return getattr(diffusers, FLOW_SCHEDULERS[name]).from_config(base_config)
     if name not in SCHEDULERS:
         raise ConfigError(f"scheduler must be one of {sorted(SCHEDULERS)}, got {name!r}")
     overrides = {"prediction_type": prediction_type} if prediction_type else {}
@@ -55,78 +65,198 @@ def make_scheduler(name: str, base_config: Any, prediction_type: str | None = No
     return getattr(diffusers, SCHEDULERS[name]).from_config(base_config, **overrides)
 
 
-def _check_components(pipeline: Any) -> None:
-    missing = [c for c in REQUIRED_COMPONENTS if getattr(pipeline, c, None) is None]
-    if missing:
+def family_classes() -> dict[str, type]:
+    """Every registered model family class by name (built-in and third-party)."""
+    from .plugins import get_registry
+
+    return {name: info.cls for name, info in get_registry().entries["family"].items()}
+
+
+def family_class(name: str) -> type:
+    """The family class registered as ``name``; ConfigError listing the families otherwise."""
+    from .plugins import get_registry
+
+    return get_registry().get("family", name)
+
+
+def tiny_model_family(model: str) -> type | None:
+    """The family that builds the built-in tiny model ``model`` (e.g. ``"tiny-flux"``), or None."""
+    for cls in family_classes().values():
+        if model in cls.tiny_models:
+            return cls
+    return None
+
+
+def family_of_folder(path: Path) -> type | None:
+    """The family of a local diffusers folder, from the pipeline class in ``model_index.json``."""
+    index = path / "model_index.json"
+    if not index.is_file():
+        return None
+    try:
+        class_name = json.loads(index.read_text(encoding="utf-8")).get("_class_name")
+    except (OSError, json.JSONDecodeError):
+        return None
+    return family_for_class_name(class_name)
+
+
+def family_for_class_name(class_name: str | None) -> type | None:
+    for cls in family_classes().values():
+        if class_name in cls.pipeline_classes:
+            return cls
+    return None
+
+
+def known_family(model: Any, family: str | None = None) -> type | None:
+    """The family of ``model`` when it can be known without loading anything (an explicit
+    ``family``, a tiny model name, a local folder's ``model_index.json``, a pipeline object)."""
+    if family is not None:
+        return family_class(family)
+    if isinstance(model, str):
+        return tiny_model_family(model) or family_of_folder(Path(model).expanduser())
+    if isinstance(model, ModelFamily):
+        return type(model)
+    return family_for_class_name(type(model).__name__)
+
+
+def as_model(model: Any, family: str | None = None, options: Any = None) -> ModelFamily:
+    """A :class:`ModelFamily` bound to ``model`` (returned as is when it already is one): the
+    family is named by ``family`` or detected from the pipeline's class."""
+    if isinstance(model, ModelFamily):
+        return model
+    cls = known_family(model, family)
+    if cls is None:
+        supported = ", ".join(f"{name} ({', '.join(c.pipeline_classes[:1])})" for name, c in sorted(family_classes().items()))
         raise ConfigError(
-            f"model must be a Stable Diffusion 1.x/2.x pipeline; {type(pipeline).__name__} lacks {missing}"
+            f"model: {type(model).__name__} is not a pipeline of a supported model family; supported: {supported}"
         )
+    return cls(model, options)
 
 
-def _load_from_string(model: str, dtype: torch.dtype, config: str | None):
-    from diffusers import StableDiffusionPipeline
+def _import(target: str):
+    module, _, attribute = target.partition(":")
+    return getattr(importlib.import_module(module), attribute)
 
-    if model == "tiny":
-        from .tiny import build_tiny_pipeline
 
-        return build_tiny_pipeline()
+def _load_from_string(model: str, dtype: torch.dtype, config: str | None, family: type | None):
+    import diffusers
+
+    tiny = tiny_model_family(model)
+    if tiny is not None:
+        return _import(tiny.tiny_models[model])()
     path = Path(model).expanduser()
-    kwargs = {"torch_dtype": dtype, "safety_checker": None, "requires_safety_checker": False}
+    looks_like_path = path.suffix in SINGLE_FILE_SUFFIXES or model.startswith((".", "/", "~")) or os.sep * 2 in model
+    if family is None and not path.exists() and not looks_like_path:
+        family = _hub_family(model)
+    loader = getattr(diffusers, family.pipeline_classes[0]) if family is not None else diffusers.DiffusionPipeline
+    kwargs = {"torch_dtype": dtype, **(family.load_kwargs if family is not None else {})}
     if path.is_dir():
-        return StableDiffusionPipeline.from_pretrained(str(path), **kwargs)
+        if not (path / "model_index.json").is_file():
+            raise ModelLoadError(f"model folder {model!r} has no model_index.json: it is not a diffusers pipeline folder")
+        return loader.from_pretrained(str(path), **kwargs)
     if path.is_file():
         if path.suffix not in SINGLE_FILE_SUFFIXES:
             raise ModelLoadError(f"model file {model!r} is not a checkpoint ({', '.join(SINGLE_FILE_SUFFIXES)})")
         single = {"torch_dtype": dtype}
         if config:
             single["config"] = config
-        return StableDiffusionPipeline.from_single_file(str(path), **single)
-    if path.suffix in SINGLE_FILE_SUFFIXES or model.startswith((".", "/", "~")) or os.sep * 2 in model:
+        if family is None:
+            loader = diffusers.StableDiffusionPipeline
+        return loader.from_single_file(str(path), **single)
+    if looks_like_path:
         raise ModelLoadError(f"model path {model!r} does not exist")
-    return StableDiffusionPipeline.from_pretrained(model, **kwargs)
+    return loader.from_pretrained(model, **kwargs)
 
 
-def load_pipeline(
+def _hub_family(model: str) -> type | None:
+    """The family of a hub id from its ``model_index.json`` (one small file), or None."""
+    from huggingface_hub import hf_hub_download
+
+    index = hf_hub_download(model, "model_index.json")
+    class_name = json.loads(Path(index).read_text(encoding="utf-8")).get("_class_name")
+    found = family_for_class_name(class_name)
+    if found is None:
+        raise ConfigError(f"model {model!r} is a {class_name}, which no model family supports; supported: {', '.join(sorted(family_classes()))}")
+    return found
+
+
+def load_model(
     model: Any = "tiny",
     *,
+    family: str | None = None,
     device: str | torch.device | None = "auto",
     dtype: str | torch.dtype | None = "auto",
     scheduler: str | None = None,
     prediction_type: str | None = None,
     config: str | None = None,
-):
-    """Return a diffusers Stable Diffusion pipeline on ``device`` in ``dtype``.
+    loras: Sequence[Any] = (),
+    offload: str = "none",
+    options: Any = None,
+) -> ModelFamily:
+    """Load a model and bind it to its family.
 
-    ``model`` is ``"tiny"``, a local diffusers folder, a single-file checkpoint
-    (``config`` names its diffusers config folder when offline), a hub id, or a pipeline
-    object. ``scheduler`` replaces the model's scheduler by short name (see ``SCHEDULERS``);
-    ``prediction_type`` overrides the scheduler's (e.g. ``"v_prediction"``).
+    ``model`` is a built-in tiny model name (``"tiny"``, ``"tiny-sdxl"``, ``"tiny-flux"``, ...),
+    a local diffusers folder, a single-file checkpoint (``config`` names its diffusers config
+    folder when offline; ``family`` names its family, SD by default), a hub id, a diffusers
+    pipeline object or a :class:`ModelFamily`. ``family`` forces the family; otherwise it is
+    detected from the pipeline class. ``scheduler`` replaces the scheduler by short name;
+    ``loras`` are :class:`~jointdiff.lora.LoraSpec` (or dicts with ``path`` and ``scale``);
+    ``offload`` is ``"none"``, ``"model"`` or ``"sequential"`` (accelerate's CPU offload).
     """
+    cls = known_family(model, family) if not isinstance(model, ModelFamily) else type(model)
     device = resolve_device(device)
-    dtype = resolve_dtype(dtype, device)
-    if isinstance(model, str):
-        try:
-            pipeline = _load_from_string(model, dtype, config)
-        except (ModelLoadError, ConfigError):
-            raise
-        except Exception as error:
-            raise ModelLoadError(_explain_load_failure(model, error)) from error
+    dtype = resolve_dtype(dtype, device, cls)
+    if isinstance(model, ModelFamily):
+        bound = model
     else:
         pipeline = model
-    _check_components(pipeline)
+        if isinstance(model, str):
+            try:
+                pipeline = _load_from_string(model, dtype, config, cls)
+            except (ModelLoadError, ConfigError):
+                raise
+            except Exception as error:
+                raise ModelLoadError(_explain_load_failure(model, error)) from error
+        bound = as_model(pipeline, family, options)
+    pipeline = bound.pipeline
     if scheduler or prediction_type:
         name = scheduler or _scheduler_name(pipeline.scheduler)
-        pipeline.scheduler = make_scheduler(name, pipeline.scheduler.config, prediction_type)
+        pipeline.scheduler = make_scheduler(name, pipeline.scheduler.config, prediction_type, bound)
+    if loras:
+        from .lora import load_loras
+
+        load_loras(bound, loras)
+    _place(bound, device, dtype, offload)
+    return bound
+
+
+def _place(model: ModelFamily, device: torch.device, dtype: torch.dtype, offload: str) -> None:
+    """Move every component to ``device`` / ``dtype`` (the VAE stays float32 on the CPU in
+    float16, which the CPU cannot run), or hand them to accelerate's offloading."""
+    if offload not in OFFLOAD_MODES:
+        raise ConfigError(f"offload must be one of {list(OFFLOAD_MODES)}, got {offload!r}")
+    pipeline = model.pipeline
     vae_dtype = torch.float32 if dtype == torch.float16 and device.type == "cpu" else dtype
-    for part, part_dtype in (("unet", dtype), ("text_encoder", dtype), ("vae", vae_dtype)):
-        module = getattr(pipeline, part)
-        if module.device != device or module.dtype != part_dtype:
-            module.to(device=device, dtype=part_dtype)
-    return pipeline
+    for name, module in pipeline.components.items():
+        if not isinstance(module, torch.nn.Module):
+            continue
+        part_dtype = vae_dtype if name == "vae" else dtype
+        if module.dtype != part_dtype:
+            module.to(dtype=part_dtype)
+        if offload == "none" and module.device != device:
+            module.to(device=device)
+    if offload == "model":
+        pipeline.enable_model_cpu_offload(device=device)
+    elif offload == "sequential":
+        pipeline.enable_sequential_cpu_offload(device=device)
+
+
+def load_pipeline(model: Any = "tiny", **kwargs: Any):
+    """The diffusers pipeline of :func:`load_model` (same arguments)."""
+    return load_model(model, **kwargs).pipeline
 
 
 def _scheduler_name(scheduler: Any) -> str:
-    for short, cls_name in SCHEDULERS.items():
+    for short, cls_name in {**SCHEDULERS, **FLOW_SCHEDULERS}.items():
         if type(scheduler).__name__ == cls_name:
             return short
     return "ddim"

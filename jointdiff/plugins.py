@@ -32,15 +32,17 @@ import pluggy
 from . import hookspecs
 from .conditioner import Conditioner
 from .errors import ConfigError, PluginError
+from .families.base import ModelFamily
 from .geometry import Geometry
 from .options import PluginOptions
 from .synchronizer import Synchronizer
 
-Kind = Literal["geometry", "conditioner", "synchronizer"]
+Kind = Literal["geometry", "conditioner", "synchronizer", "family"]
 KINDS: dict[str, tuple[type, str]] = {
     "geometry": (Geometry, "register_geometries"),
     "conditioner": (Conditioner, "register_conditioners"),
     "synchronizer": (Synchronizer, "register_synchronizers"),
+    "family": (ModelFamily, "register_families"),
 }
 ENV_PLUGINS = "JOINTDIFF_PLUGINS"
 ENV_TRACE = "JOINTDIFF_TRACE_HOOKS"

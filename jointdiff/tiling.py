@@ -4,6 +4,10 @@ Windows are ``(top, left)`` origins in latent cells on a canvas of shape ``(1, C
 an axis may *wrap* (the canvas closes into a loop along it), in which case a window may run
 past the edge and continue from the other side. Extraction and insertion use plain slices
 (at most two pieces per wrapped axis), which keeps fusion deterministic on every device.
+
+Window sides and strides are whole multiples of the model's patch
+(:class:`~jointdiff.families.base.LatentFormat`), canvas sides whole multiples of its VAE
+factor times the patch; a window left unset is the model's native window.
 """
 
 from __future__ import annotations
@@ -15,23 +19,56 @@ from typing import Sequence
 import torch
 
 from .errors import ConfigError
+from .families.base import LatentFormat
 from .geometry import DecodeFn, Geometry
 
+DEFAULT_STRIDE_FRACTION = 8
+"""A stride left unset is ``window // 8`` latent cells: 8 for SD's native 64-cell window
+(MultiDiffusion's and SyncDiffusion's stride), 16 for the 128-cell window of SDXL or FLUX."""
 
-def axis_starts(extent: int, window: int, stride: int, wrap: bool, axis: str) -> tuple[list[int], int]:
+
+def default_stride_latent(window: int, patch: int = 1, fraction: int = DEFAULT_STRIDE_FRACTION) -> int:
+    """The stride (latent cells) used when none is given: ``window // fraction``, rounded
+    down to whole ``patch`` cells and at least one patch."""
+    return max(patch, window // fraction // patch * patch)
+
+
+def resolve_window_stride(
+    geometry: Geometry,
+    window_latent: int | None,
+    stride_latent: int | None,
+    fraction: int = DEFAULT_STRIDE_FRACTION,
+) -> tuple[int, int]:
+    """``(window, stride)`` in latent cells from the options ``window_latent`` and
+    ``stride_latent`` of a set-up ``geometry`` (None: the model's native window, and
+    :func:`default_stride_latent` of the window), checked against the model's latent format
+    (:meth:`~jointdiff.geometry.Geometry.window_side`,
+    :meth:`~jointdiff.geometry.Geometry.check_stride`: ConfigError naming the option)."""
+    window = geometry.window_side(window_latent, "window_latent")
+    patch = geometry.latent_format.patch
+    stride = default_stride_latent(window, patch, fraction) if stride_latent is None else int(stride_latent)
+    geometry.check_stride(stride, window, "stride_latent")
+    return window, stride
+
+
+def axis_starts(
+    extent: int, window: int, stride: int, wrap: bool, axis: str, step: int = 1
+) -> tuple[list[int], int]:
     """Window origins along one axis, and the stride actually used (all in latent cells).
 
     Without wrap, windows step by ``stride`` and a last window is added flush with the far
     edge when ``stride`` does not divide ``extent - window`` (every cell covered). With wrap,
     the stride used is the largest common divisor of ``extent`` and ``window`` not above
-    ``stride``: then the layout is invariant under a shift by the stride and every cell is
-    covered by exactly ``window / stride`` windows, so the seam is like any other column.
-    A smaller stride than asked is announced with a warning (it costs more windows).
+    ``stride`` (and a multiple of ``step``, the model's patch, which must divide ``extent``,
+    ``window`` and ``stride``): then the layout is invariant under a shift by the stride and
+    every cell is covered by exactly ``window / stride`` windows, so the seam is like any
+    other column. A smaller stride than asked is announced with a warning (it costs more
+    windows).
     """
     if extent < window:
         raise ConfigError(f"canvas {axis} is {extent} latent cells, smaller than one window ({window})")
     if wrap:  # also when extent == window: windows straddling the edge join its two sides
-        used = max(d for d in range(1, stride + 1) if extent % d == 0 and window % d == 0)
+        used = max(d for d in range(step, stride + 1, step) if extent % d == 0 and window % d == 0)
         if used != stride:
             warnings.warn(
                 f"wrapped {axis} of {extent} latent cells with window {window}: using stride {used} "
@@ -63,18 +100,27 @@ class TiledGeometry(Geometry):
     """Base of crop geometries (strip, grid, torus, atlas tiles).
 
     Subclasses give the canvas size in pixels, the window and stride in latent cells and
-    which axes wrap; this class computes windows, extracts, inserts and decodes.
+    which axes wrap; this class computes windows, extracts, inserts and decodes. By default
+    windows are square, from the options ``window_latent`` (None: the model's native window)
+    and ``stride_latent`` (None: ``window // 8``), see :func:`resolve_window_stride`.
     """
 
     decode_padding_latent: int = 8
 
     @abstractmethod
     def canvas_size_px(self) -> tuple[int, int]:
-        """``(H_px, W_px)`` of the canvas."""
+        """``(H_px, W_px)`` of the canvas; called by :meth:`setup` after
+        :meth:`window_stride_latent` (``self._window`` holds the window's ``(h, w)``)."""
 
-    @abstractmethod
     def window_stride_latent(self) -> tuple[tuple[int, int], tuple[int, int]]:
-        """``((h, w), (stride_y, stride_x))`` in latent cells."""
+        """``((h, w), (stride_y, stride_x))`` in latent cells, called by :meth:`setup` once
+        the latent format is known. Default: square windows from the options
+        ``window_latent`` and ``stride_latent`` (:func:`resolve_window_stride`; unset or
+        absent options take the model's native window and ``window // 8``)."""
+        window, stride = resolve_window_stride(
+            self, getattr(self.options, "window_latent", None), getattr(self.options, "stride_latent", None)
+        )
+        return (window, window), (stride, stride)
 
     def wraps(self) -> tuple[bool, bool]:
         """Whether the canvas loops along ``(y, x)``."""
@@ -84,22 +130,37 @@ class TiledGeometry(Geometry):
         """The options that set ``(height, width)``, named in errors."""
         return ("height_px", "width_px")
 
-    def setup(self, latent_scale: int) -> None:
-        super().setup(latent_scale)
-        height_px, width_px = self.canvas_size_px()
-        for label, value in zip(self.size_option_names(), (height_px, width_px)):
-            if value % latent_scale:
-                raise ConfigError(
-                    f"{self.name}: {label} = {value} is not a multiple of the VAE factor {latent_scale}"
-                )
+    def setup(self, latent: LatentFormat | int) -> None:
+        """Windows for the model's latent format: window sides and strides whole patches
+        within the model's window limits, canvas sides (pixels) whole multiples of the VAE
+        factor times the patch (ConfigError naming the option and value)."""
+        super().setup(latent)
+        scale, patch = self.latent_scale, self.latent_format.patch
         (win_h, win_w), (stride_y, stride_x) = self.window_stride_latent()
-        self._size = (height_px // latent_scale, width_px // latent_scale)
-        self._window = (win_h, win_w)
+        for side in (win_h, win_w):  # also windows of subclasses that set their own
+            self.window_side(side, "window_latent")
+        self.check_stride(stride_y, win_h, "stride_latent")
+        self.check_stride(stride_x, win_w, "stride_latent")
+        self._window = (win_h, win_w)  # the resolved window (window_latent None: the native one)
+        self._stride = (stride_y, stride_x)  # as asked; stride_used_latent: as used
+        height_px, width_px = self.canvas_size_px()
+        unit = scale * patch
+        for label, value in zip(self.size_option_names(), (height_px, width_px)):
+            if value % unit:
+                factor = f"the VAE factor {scale}" if patch == 1 else f"{unit} (the VAE factor {scale} times the patch {patch})"
+                raise ConfigError(f"{self.name}: {label} = {value} is not a multiple of {factor}")
+        self._size = (height_px // scale, width_px // scale)
         wrap_y, wrap_x = self.wraps()
-        tops, used_y = axis_starts(self._size[0], win_h, stride_y, wrap_y, "height")
-        lefts, used_x = axis_starts(self._size[1], win_w, stride_x, wrap_x, "width")
+        tops, used_y = axis_starts(self._size[0], win_h, stride_y, wrap_y, "height", patch)
+        lefts, used_x = axis_starts(self._size[1], win_w, stride_x, wrap_x, "width", patch)
         self.stride_used_latent = (used_y, used_x)
         self.origins = [(top, left) for top in tops for left in lefts]
+
+    def window_origins_latent(self) -> torch.Tensor:
+        """``(N, 2)`` long tensor of every window's ``(top, left)`` in latent cells, on its own
+        canvas sheet. On a wrapped axis a window past the edge keeps counting beyond the
+        canvas side (positions are not taken modulo the side)."""
+        return torch.tensor(self.origins, dtype=torch.long).reshape(len(self.origins), 2)
 
     @property
     def canvas_shape_latent(self) -> tuple[int, int, int]:

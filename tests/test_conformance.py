@@ -30,6 +30,7 @@ from jointdiff.testing import (
     make_context,
     zero_strength_options,
 )
+from jointdiff.testing.geometry import check_geometry_origins
 from jointdiff_plugins.none import NoSynchronizer
 from jointdiff_plugins.text import TextConditioner
 from jointdiff_plugins.tiles import GridGeometry, StripGeometry
@@ -153,6 +154,11 @@ class WrongDtype(Broken):
         return super().extract(canvas, window_ids).float()
 
 
+class ShiftedOrigins(Broken):
+    def window_origins_latent(self):
+        return super().window_origins_latent() + torch.tensor([0, 1])
+
+
 @pytest.mark.parametrize(
     ("geometry", "check", "message"),
     [
@@ -163,6 +169,7 @@ class WrongDtype(Broken):
         (NegativeWeights, check_geometry_shapes, "finite and non-negative"),
         (MisalignedDecode, check_geometry_decode, "decode\\(canvas\\) vs. decoding each sheet"),
         (WrongDtype, check_geometry_shapes, "torch.float64"),
+        (ShiftedOrigins, check_geometry_origins, "window 0 is not the canvas crop at its origin \\(0, 1\\)"),
     ],
 )
 def test_geometry_checks_catch_the_defect_they_check(geometry, check, message):
@@ -190,8 +197,8 @@ class Fixed(Conditioner):
     def prompt(self):
         return self._prompt
 
-    def unet_kwargs(self, latent_model_input, timestep, encoder_hidden_states, window_ids: Sequence[int], context):
-        scale = latent_model_input.mean(dim=(1, 2, 3))  # one value per UNet row: correct
+    def model_kwargs(self, model_input, timestep, embeds, window_ids: Sequence[int], context):
+        scale = model_input.mean(dim=(1, 2, 3))  # one value per model input row: correct
         return {"cross_attention_kwargs": None, "timestep_cond": None} | self.extra(scale, window_ids)
 
     def extra(self, scale, window_ids):
@@ -221,7 +228,7 @@ def test_conditioner_with_per_window_prompts_passes():
     ("conditioner", "message"),
     [
         (OutOfRangePrompt, r"prompt indices for windows \[2\] must be 1 ints in \[0, 2\)"),
-        (PerWindowOnly, r"unet_kwargs\['added'\]\['rows'\] has shape \(1, 3\); expected 2 rows"),
+        (PerWindowOnly, r"model_kwargs\['added'\]\['rows'\] has shape \(1, 3\); expected 2 rows"),
         (BatchDependent, "of window 1 in a batch of 2"),
     ],
 )

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from jointdiff.families.base import Embeddings
 from PIL import Image
 
 from jointdiff import JointDiffusion
@@ -108,7 +110,7 @@ def test_batches_get_the_rows_of_their_windows(tiny_pipeline, controlnets, tmp_p
     latents, states = noise((1, 4, 32, 32), seed=3), noise((1, 77, 32), seed=4)
     t = tiny_pipeline.scheduler.timesteps[0]
     for window_id, (top, left) in enumerate(context.geometry.origins):
-        got = conditioner.unet_kwargs(latents, t, states, [window_id], context)
+        got = conditioner.model_kwargs(latents, t, Embeddings({"prompt_embeds": states}), [window_id], context)
         crop = image[None, :, 8 * top : 8 * top + 256, 8 * left : 8 * left + 256]
         down, mid = controlnets[0](latents, t, encoder_hidden_states=states, controlnet_cond=crop, return_dict=False)
         torch.testing.assert_close(got["mid_block_additional_residual"], mid)
@@ -257,7 +259,8 @@ def test_condition_follows_a_resampling_geometry(tiny_pipeline):
         lambda m, a, k: seen.append(k["controlnet_cond"]), with_kwargs=True
     )
     try:
-        conditioner.unet_kwargs(noise((2, 4, 16, 16)), torch.tensor(500), noise((2, 77, 32)), [0, 5], context)
+        states = Embeddings({"prompt_embeds": noise((2, 77, 32))})
+        conditioner.model_kwargs(noise((2, 4, 16, 16)), torch.tensor(500), states, [0, 5], context)
     finally:
         hook.remove()
     expected = geometry.extract(image[None], [0, 5])

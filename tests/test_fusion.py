@@ -24,16 +24,15 @@ class RecordingSynchronizer(Synchronizer):
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_output_from_x0_inverts_predicted_x0(tiny_pipeline, prediction_type):
-    from jointdiff.denoiser import Denoiser
+    from jointdiff.models import as_model
 
+    model = as_model(tiny_pipeline)
     scheduler = make_scheduler("ddim", tiny_pipeline.scheduler.config, prediction_type)
     scheduler.set_timesteps(10, device="cpu")
-    denoiser = Denoiser.__new__(Denoiser)
-    denoiser.prediction_type = prediction_type
     latents, output = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     t = scheduler.timesteps[3]
-    x0 = denoiser.predicted_x0(latents, output, t, scheduler)
-    torch.testing.assert_close(denoiser.output_from_x0(latents, x0, t, scheduler), output, rtol=1e-4, atol=1e-4)
+    x0 = model.predicted_x0(latents, output, t, scheduler)
+    torch.testing.assert_close(model.output_from_x0(latents, x0, t, scheduler), output, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("scheduler", ["ddim", "dpm++"])
@@ -69,12 +68,13 @@ class TwoRegionsOfOnePrompt:
 
         inner = self.text.prompt()
         masks = torch.stack([self.mask, 1 - self.mask])
-        return Prompt(inner.embeds.repeat(2, 1, 1), inner.negative_embeds.repeat(2, 1, 1), inner.guidance_scale, region_masks=masks)
+        twice = [0, 0]
+        return Prompt(inner.embeds.select(twice), inner.negative_embeds.select(twice), inner.guidance_scale, region_masks=masks)
 
     def modify_latents(self, latents, batch, state):
         return latents
 
-    def unet_kwargs(self, *args):
+    def model_kwargs(self, *args):
         return {}
 
 

@@ -79,7 +79,7 @@ def test_run_writes_png_with_job_and_seed_and_reproduces_from_it(tmp_path, capsy
         ({"length_px = 640": "length_px = 644"}, "length_px = 644 is not a multiple of the VAE factor 8"),
         ({"length_px = 640": "length_px = 256"}, "smaller than one window"),
         ({"stride_latent = 16": "stride_latent = 0"}, "option 'stride_latent' = 0"),
-        ({"stride_latent = 16": "stride_latent = 65"}, "must not exceed window_latent"),
+        ({"stride_latent = 16": "stride_latent = 65"}, "must not exceed the window"),
         ({'name = "strip"': 'name = "spiral"'}, "unknown geometry 'spiral'; available: .*grid.*strip"),
         ({'name = "none"': 'name = "lpips"'}, "unknown synchronizer 'lpips'"),
         ({"length_px = 640": "lenght_px = 640"}, "unknown option 'lenght_px'"),

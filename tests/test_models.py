@@ -43,7 +43,7 @@ def test_scheduler_and_prediction_type_override(fresh_tiny_pipeline):
         (dict(model="./missing-folder"), ModelLoadError, "model path './missing-folder' does not exist"),
         (dict(model="weights.safetensors"), ModelLoadError, "does not exist"),
         (dict(model="nobody/nothing"), ModelLoadError, "offline or unreachable.*'tiny'"),
-        (dict(model=object()), ConfigError, "lacks"),
+        (dict(model=object()), ConfigError, "not a pipeline of a supported model family"),
         (dict(model="tiny", device="gpu0"), ConfigError, "device must be"),
         (dict(model="tiny", dtype="float8"), ConfigError, "dtype must be"),
         (dict(model="tiny", scheduler="heun2"), ConfigError, "scheduler must be one of"),

@@ -249,11 +249,11 @@ def test_hook_mistakes_are_errors_not_silence(fake_site, monkeypatch, source, re
 @pytest.mark.parametrize(
     ("required", "reason"),
     [
-        ("1", None),
-        ("1.0", None),
-        ("2.0", "requires plugin API 2.0, but this jointdiff provides 1.0"),
-        ("0.9", "requires plugin API 0.9"),
-        ("1.99", "requires plugin API 1.99"),
+        ("2", None),
+        ("2.0", None),
+        ("3.0", "requires plugin API 3.0, but this jointdiff provides 2.0"),
+        ("1.0", "requires plugin API 1.0"),
+        ("2.99", "requires plugin API 2.99"),
         ("one", "REQUIRES_PLUGIN_API must look like 'MAJOR' or 'MAJOR.MINOR', got 'one'"),
     ],
 )

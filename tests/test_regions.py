@@ -48,7 +48,8 @@ def test_whole_canvas_region_equals_the_text_job(tiny_pipeline):
     region = {"prompt": "a red boat", "rect": [0, 0, 256, 128], "negative_prompt": "blurry", "guidance_scale": 5.0}
     conditioner = RegionsConditioner(prompt="a calm lake", guidance_scale=7.5, regions=[region], bootstrap_steps=2)
     actual = run(tiny_pipeline, [conditioner])
-    torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-6)
+    # The region prompts are encoded in one batch, the text job's alone: float rounding only.
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
     half = RegionsConditioner(prompt="a calm lake", regions=[{**region, "rect": [0, 0, 128, 128]}])
     assert (run(tiny_pipeline, [half], steps=1) - run(tiny_pipeline, [text], steps=1)).abs().max() > 1e-3
 
@@ -61,7 +62,7 @@ def test_prompt_has_one_branch_per_region_with_its_scale(tiny_pipeline):
     context = make_context(tiny_pipeline, strip())
     conditioner.setup(context)
     prompt = conditioner.prompt()
-    assert prompt.branches == [0, 1, 2] and prompt.embeds.shape[0] == 3
+    assert prompt.branches == [0, 1, 2] and len(prompt.embeds) == 3
     assert prompt.guidance_scale.tolist() == [7.5, 3.0, 7.5]
     masks = prompt.region_masks
     assert masks.shape == (3, 1, 1, 16, 32)

@@ -23,13 +23,14 @@ from PIL import Image
 
 from jointdiff import hookimpl
 from jointdiff.errors import ConfigError
+from jointdiff.families.base import LatentFormat
 from jointdiff.geometry import DecodeFn, Geometry
 from jointdiff.options import PluginOptions
 
 # --8<-- [start:api]
 # The plugin API this module was written against: jointdiff refuses to load it (and says
 # why) if its own plugin API has a different major version or an older minor one.
-REQUIRES_PLUGIN_API = "1.0"
+REQUIRES_PLUGIN_API = "2.0"
 # --8<-- [end:api]
 
 
@@ -38,8 +39,9 @@ class RingGeometry(Geometry):
     """A ring of overlapping square windows; the image is an annulus.
 
     Sizes: ``circumference_px`` is the length of the ring's middle circle and
-    ``thickness_px`` its radial width, in pixels; windows and strides are in latent cells.
-    The middle circle keeps the strip's scale; the outer half is stretched and the inner
+    ``thickness_px`` its radial width, in pixels; windows and strides are in latent cells
+    (unset: the model's native window, e.g. 64 cells for SD, and a quarter of it). The
+    middle circle keeps the strip's scale; the outer half is stretched and the inner
     half squeezed along the ring by ``radius / middle radius``.
     """
 
@@ -48,15 +50,15 @@ class RingGeometry(Geometry):
     class Options(PluginOptions):
         circumference_px: int = pydantic.Field(4096, gt=0, description="length of the middle circle")
         thickness_px: int = pydantic.Field(512, gt=0, description="radial width of the ring")
-        window_latent: int = pydantic.Field(64, gt=0, description="window side in latent cells")
-        stride_latent: int = pydantic.Field(16, gt=0, description="distance between windows")
+        window_latent: int | None = pydantic.Field(
+            None, gt=0, description="window side in latent cells; None: the model's native window"
+        )
+        stride_latent: int | None = pydantic.Field(
+            None, gt=0, description="distance between windows in latent cells; None: window // 4"
+        )
 
         @pydantic.model_validator(mode="after")
         def _check(self):
-            if self.stride_latent > self.window_latent:
-                raise ValueError(
-                    f"stride_latent ({self.stride_latent}) must not exceed window_latent ({self.window_latent})"
-                )
             if self.circumference_px <= math.pi * self.thickness_px:
                 raise ValueError(
                     f"circumference_px ({self.circumference_px}) must exceed pi * thickness_px "
@@ -71,18 +73,22 @@ class RingGeometry(Geometry):
 # --8<-- [end:options]
 
     # --8<-- [start:setup]
-    def setup(self, latent_scale: int) -> None:
-        super().setup(latent_scale)
-        o = self.options
+    def setup(self, latent: LatentFormat | int) -> None:
+        super().setup(latent)  # stores latent_format and latent_scale
+        o, scale, patch = self.options, self.latent_scale, self.latent_format.patch
+        window = self.window_side(o.window_latent)  # None: the model's native window
+        stride = max(patch, window // 4 // patch * patch) if o.stride_latent is None else o.stride_latent
+        self.check_stride(stride, window)  # whole patches, at most the window
         for label, value in (("circumference_px", o.circumference_px), ("thickness_px", o.thickness_px)):
-            if value % latent_scale or value // latent_scale < o.window_latent:
+            if value % (scale * patch) or value // scale < window:
                 raise ConfigError(
-                    f"ring: {label} = {value} must be a multiple of the VAE factor {latent_scale} "
-                    f"and at least one window ({o.window_latent * latent_scale} px)"
+                    f"ring: {label} = {value} must be a multiple of {scale * patch} px (the VAE "
+                    f"factor times the patch) and at least one window ({window * scale} px)"
                 )
-        self._size = (o.thickness_px // latent_scale, o.circumference_px // latent_scale)
-        rows = radial_starts(self._size[0], o.window_latent, o.stride_latent)
-        columns = ring_starts(self._size[1], o.window_latent, o.stride_latent)
+        self._window_side = window
+        self._size = (o.thickness_px // scale, o.circumference_px // scale)
+        rows = radial_starts(self._size[0], window, stride)
+        columns = ring_starts(self._size[1], window, stride, patch)
         self.origins = [(top, left) for top in rows for left in columns]
 
     @property
@@ -91,21 +97,25 @@ class RingGeometry(Geometry):
 
     @property
     def window_size_latent(self) -> tuple[int, int]:
-        return (self.options.window_latent, self.options.window_latent)
+        return (self._window_side, self._window_side)
 
     @property
     def num_windows(self) -> int:
         return len(self.origins)
+
+    def window_origins_latent(self) -> torch.Tensor:
+        """``(N, 2)`` ``(top, left)`` of the windows in latent cells (for positional ids)."""
+        return torch.tensor(self.origins, dtype=torch.long)
     # --8<-- [end:setup]
 
     # --8<-- [start:extract-insert]
     def _columns(self, left: int, device: torch.device) -> torch.Tensor:
         """Canvas columns of a window starting at ``left``, wrapping around the ring."""
-        return (left + torch.arange(self.options.window_latent, device=device)) % self._size[1]
+        return (left + torch.arange(self._window_side, device=device)) % self._size[1]
 
     def extract(self, canvas: torch.Tensor, window_ids: Sequence[int]) -> torch.Tensor:
         """Windows ``(B, C, h, w)`` cut from the canvas ``(1, C, H, W)``."""
-        h = self.options.window_latent
+        h = self._window_side
         crops = []
         for window_id in window_ids:
             top, left = self.origins[window_id]
@@ -116,7 +126,7 @@ class RingGeometry(Geometry):
         """Add windows ``(B, C', h, w)`` into ``target`` ``(1, C', H, W)`` in place (the
         adjoint of :meth:`extract`). A window's columns are distinct, so ``index_add_`` adds
         each value once and stays deterministic on GPUs."""
-        h = self.options.window_latent
+        h = self._window_side
         for b, window_id in enumerate(window_ids):
             top, left = self.origins[window_id]
             target[0, :, top : top + h].index_add_(-1, self._columns(left, target.device), values[b])
@@ -152,14 +162,14 @@ def radial_starts(extent: int, window: int, stride: int) -> list[int]:
     return starts
 
 
-def ring_starts(extent: int, window: int, stride: int) -> list[int]:
+def ring_starts(extent: int, window: int, stride: int, patch: int = 1) -> list[int]:
     """Window lefts around the ring (latent cells). The stride used is the largest divisor
-    of both ``extent`` and ``window`` not above ``stride``: then the layout repeats every
-    stride, every column is covered by exactly ``window / stride`` windows and the seam at
-    12 o'clock is like any other column."""
+    of both ``extent`` and ``window`` not above ``stride`` (whole ``patch`` cells): then the
+    layout repeats every stride, every column is covered by exactly ``window / stride``
+    windows and the seam at 12 o'clock is like any other column."""
     if extent == window:
         return [0]
-    used = max(d for d in range(1, stride + 1) if extent % d == 0 and window % d == 0)
+    used = max(d for d in range(patch, stride + 1, patch) if extent % d == 0 and window % d == 0)
     return list(range(0, extent, used))
 # --8<-- [end:layout]
 

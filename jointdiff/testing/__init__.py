@@ -33,7 +33,8 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import pydantic
 import torch
 
-from ..conditioner import Conditioner, Prompt
+from ..conditioner import Conditioner, Prompt, encode_text
+from ..families.base import Embeddings
 from ..context import JobContext, StepState, WindowBatch
 from ..denoiser import Denoiser
 from ..geometry import Geometry
@@ -60,13 +61,19 @@ from .geometry import (  # noqa: F401  (re-exported: jointdiff.testing is the pu
 # ----------------------------------------------------------------------------- model context
 
 
-@functools.lru_cache(maxsize=1)
-def tiny_pipeline() -> Any:
-    """The built-in tiny Stable Diffusion pipeline on the CPU, built once per process.
-    Shared: checks must not modify its weights."""
-    from ..models import load_pipeline
+@functools.lru_cache(maxsize=4)
+def tiny_model(name: str = "tiny") -> Any:
+    """A built-in tiny model (``"tiny"``: Stable Diffusion; ``"tiny-flux"``: a FLUX.1
+    transformer; ...) on the CPU in float32, built once per process. Shared: checks must not
+    modify its weights."""
+    from ..models import load_model
 
-    return load_pipeline("tiny", device="cpu", dtype="float32")
+    return load_model(name, device="cpu", dtype="float32")
+
+
+def tiny_pipeline() -> Any:
+    """The diffusers pipeline of the built-in tiny Stable Diffusion model (see :func:`tiny_model`)."""
+    return tiny_model("tiny").pipeline
 
 
 class _ExampleStrip(TiledGeometry):
@@ -93,21 +100,23 @@ def example_geometry(window_latent: int = 32) -> Geometry:
     return _ExampleStrip(window_latent)
 
 
-def make_context(pipeline: Any = None, geometry: Geometry | None = None, steps: int = 2, seed: int = 0) -> JobContext:
-    """A :class:`JobContext` as the engine builds it (geometry set up, generator seeded)."""
-    pipeline = pipeline if pipeline is not None else tiny_pipeline()
+def make_context(model: Any = None, geometry: Geometry | None = None, steps: int = 2, seed: int = 0) -> JobContext:
+    """A :class:`JobContext` as the engine builds it (geometry set up, generator seeded, the
+    model's timesteps set). ``model``: a model family, a pipeline, or a tiny model name."""
+    from ..models import as_model
+
+    model = tiny_model(model) if isinstance(model, str) else as_model(model if model is not None else tiny_pipeline())
     geometry = geometry if geometry is not None else example_geometry()
-    geometry.setup(pipeline.vae_scale_factor)
-    unet = pipeline.unet
+    geometry.setup(model.latent_format)
+    model.set_timesteps(model.scheduler, steps, geometry.window_size_latent)
     generator = torch.Generator("cpu").manual_seed(seed)
-    return JobContext(pipeline, geometry, unet.device, unet.dtype, steps, generator)
+    return JobContext(model, geometry, model.device, model.dtype, steps, generator)
 
 
-def encode_test_prompt(context: JobContext, text: str = "a test prompt", guidance_scale: float = 7.5) -> Prompt:
-    """A :class:`Prompt` encoded with the pipeline's text encoder (with guidance)."""
-    with torch.no_grad():
-        embeds, negative = context.pipeline.encode_prompt(text, context.device, 1, True, negative_prompt="")
-    return Prompt(embeds, negative, guidance_scale)
+def encode_test_prompt(context: JobContext, text: str = "a test prompt", guidance_scale: float | None = None) -> Prompt:
+    """A :class:`Prompt` encoded with the model family (with guidance where it has one)."""
+    embeds, negative, scale = encode_text(context, [text], [None], guidance_scale, "test prompt")
+    return Prompt(embeds, negative, scale)
 
 
 # ----------------------------------------------------------------------------- conditioner
@@ -125,14 +134,18 @@ def _tensors(value: Any, path: str = "") -> Iterator[tuple[str, torch.Tensor]]:
             yield from _tensors(item, f"{path}[{index}]")
 
 
-def check_prompt(prompt: Prompt, num_windows: int, cross_attention_dim: int) -> None:
-    """Embeddings are ``(P, L, D)`` with the UNet's ``D``; every window has a prompt index in
-    ``[0, P)``, for batches of any size."""
+def check_prompt(prompt: Prompt, num_windows: int, reference: Prompt | None = None) -> None:
+    """Embeddings are :class:`~jointdiff.families.base.Embeddings` with the same tensor names
+    and per-row shapes as the family's own encoding (``reference``); negatives match them;
+    every window has a prompt index in ``[0, P)``, for batches of any size."""
     embeds, negative = prompt.embeds, prompt.negative_embeds
-    if embeds.ndim != 3 or embeds.shape[-1] != cross_attention_dim:
-        fail(f"prompt embeds must be (P, L, {cross_attention_dim}), got {tuple(embeds.shape)}")
-    if negative.shape != embeds.shape:
-        fail(f"negative_embeds {tuple(negative.shape)} must match embeds {tuple(embeds.shape)}")
+    if reference is not None:
+        want = {k: tuple(v.shape[1:]) for k, v in reference.embeds.tensors.items()}
+        got = {k: tuple(v.shape[1:]) for k, v in embeds.tensors.items()}
+        if want != got:
+            fail(f"prompt embeds must have the model's tensors {want} per row, got {got}")
+    if negative is not None and {k: v.shape for k, v in negative.tensors.items()} != {k: v.shape for k, v in embeds.tensors.items()}:
+        fail(f"negative_embeds {negative!r} must match embeds {embeds!r}")
     if not float(prompt.guidance_scale) >= 0:
         fail(f"guidance_scale must be a number >= 0, got {prompt.guidance_scale!r}")
     for size in sorted({1, 2, num_windows}):
@@ -143,75 +156,74 @@ def check_prompt(prompt: Prompt, num_windows: int, cross_attention_dim: int) -> 
 
 
 def _branch_inputs(context: JobContext, prompt: Prompt | None, ids: Sequence[int], branches: int):
-    """UNet inputs of a window batch as the denoiser lays them out: rows are
-    ``[branch 0: windows..., branch 1: windows...]`` (unconditional branch first)."""
-    geometry, unet = context.geometry, context.pipeline.unet
-    canvas = _canvas(geometry, unet.config.in_channels, seed=4).to(context.device, context.dtype)
+    """Model inputs of a window batch as the denoiser lays them out: rows are
+    ``[branch 0: windows..., branch 1: windows...]`` (unconditional branch first), with
+    their :class:`Embeddings` rows (a test prompt's when the conditioner has none)."""
+    geometry, model = context.geometry, context.model
+    canvas = _canvas(geometry, model.latent_format.channels, seed=4).to(context.device, context.dtype)
     windows = geometry.extract(canvas, ids)
-    if prompt is not None:
-        rows = [prompt.negative_embeds, prompt.embeds][-branches:]
-        index = torch.tensor(prompt.indices(ids), device=context.device)
-        states = torch.cat([r.to(context.device, context.dtype).index_select(0, index) for r in rows])
-    else:
-        shape = (branches, 77, unet.config.cross_attention_dim)
-        states = torch.randn(shape, generator=torch.Generator().manual_seed(5))
-        states = states.to(context.device, context.dtype).repeat_interleave(len(ids), 0)
+    if prompt is None or prompt.negative_embeds is None and branches == 2:
+        prompt = encode_test_prompt(context)
+    negative = prompt.negative_embeds if prompt.negative_embeds is not None else prompt.embeds
+    index = prompt.indices(ids)
+    rows = [negative.select(index), prompt.embeds.select(index)][-branches:]
+    states = Embeddings.cat(rows).to(context.device, context.dtype)
     return torch.cat([windows] * branches), states
 
 
-def _unet_kwargs_rows(conditioner: Conditioner, context: JobContext, ids: list[int], branches: int) -> None:
+def _model_kwargs_rows(conditioner: Conditioner, context: JobContext, ids: list[int], branches: int) -> None:
     """One batch: every returned tensor has one row per UNet input row, and row ``b*B + k``
     equals what window ``ids[k]`` gets when computed alone."""
-    timestep = context.pipeline.scheduler.timesteps[0]
+    timestep = context.model.scheduler.timesteps[0]
     prompt = conditioner.prompt()
     model_input, states = _branch_inputs(context, prompt, ids, branches)
-    kwargs = conditioner.unet_kwargs(model_input, timestep, states, ids, context)
+    kwargs = conditioner.model_kwargs(model_input, timestep, states, ids, context)
     if not isinstance(kwargs, dict):
-        fail(f"unet_kwargs must return a dict, got {type(kwargs).__name__}")
+        fail(f"model_kwargs must return a dict, got {type(kwargs).__name__}")
     for path, tensor in _tensors(kwargs):
         if tensor.ndim == 0 or tensor.shape[0] != len(model_input):
-            fail(f"unet_kwargs{path} has shape {tuple(tensor.shape)}; expected {len(model_input)} "
+            fail(f"model_kwargs{path} has shape {tuple(tensor.shape)}; expected {len(model_input)} "
                  f"rows ({branches} branch(es) x {len(ids)} window(s))")
     for k, window_id in enumerate(ids):
         one_input, one_states = _branch_inputs(context, prompt, [window_id], branches)
-        alone = dict(_tensors(conditioner.unet_kwargs(one_input, timestep, one_states, [window_id], context)))
+        alone = dict(_tensors(conditioner.model_kwargs(one_input, timestep, one_states, [window_id], context)))
         for path, tensor in _tensors(kwargs):
             if path not in alone:
-                fail(f"unet_kwargs{path} is returned for a batch of {len(ids)} but not for window {window_id} alone")
+                fail(f"model_kwargs{path} is returned for a batch of {len(ids)} but not for window {window_id} alone")
             rows = tensor[[b * len(ids) + k for b in range(branches)]]
-            where = f"unet_kwargs{path} of window {window_id} in a batch of {len(ids)}"
+            where = f"model_kwargs{path} of window {window_id} in a batch of {len(ids)}"
             _close(rows, alone[path], 1e-4, where)
 
 
-def check_unet_kwargs(conditioner: Conditioner, context: JobContext) -> None:
+def check_model_kwargs(conditioner: Conditioner, context: JobContext) -> None:
     """For batches of 1, 2 and all windows, with and without a guidance branch, the rows of
-    ``unet_kwargs`` match the UNet input rows (see :func:`_unet_kwargs_rows`); and the UNet
-    accepts the keyword arguments."""
+    ``model_kwargs`` match the model input rows (see :func:`_model_kwargs_rows`); and the
+    model family's ``forward`` accepts them."""
     count = context.geometry.num_windows
     for branches in (1, 2):
         for size in sorted({1, min(2, count), count}):
-            _unet_kwargs_rows(conditioner, context, list(range(count))[-size:], branches)
+            _model_kwargs_rows(conditioner, context, list(range(count))[-size:], branches)
     ids = list(range(count))[: min(2, count)]
     model_input, states = _branch_inputs(context, conditioner.prompt(), ids, 2)
-    timestep = context.pipeline.scheduler.timesteps[0]
-    kwargs = conditioner.unet_kwargs(model_input, timestep, states, ids, context)
-    unet = context.pipeline.unet
+    timestep = context.model.scheduler.timesteps[0]
+    kwargs = conditioner.model_kwargs(model_input, timestep, states, ids, context)
+    model = context.model
+    scale = torch.full((len(model_input),), model.default_guidance_scale) if model.guidance_mode == "distilled" else None
     with torch.no_grad():
-        output = unet(model_input, timestep, encoder_hidden_states=states, return_dict=False, **kwargs)[0]
+        output = model.forward(model_input, timestep, states, guidance_scale=scale, extra=kwargs)
     if output.shape != model_input.shape:
-        fail(f"with these unet_kwargs the UNet returned {tuple(output.shape)} for input {tuple(model_input.shape)}")
+        fail(f"with these model_kwargs the model returned {tuple(output.shape)} for input {tuple(model_input.shape)}")
 
 
 def check_conditioner(conditioner: Conditioner, context: JobContext | None = None) -> None:
     """Every conditioner check: set up on ``context`` (default: the tiny model and
-    :func:`example_geometry`), then :func:`check_prompt` and :func:`check_unet_kwargs`."""
+    :func:`example_geometry`), then :func:`check_prompt` and :func:`check_model_kwargs`."""
     context = context if context is not None else make_context()
-    context.pipeline.scheduler.set_timesteps(context.num_inference_steps, device="cpu")
     conditioner.setup(context)
     prompt = conditioner.prompt()
     if prompt is not None:
-        check_prompt(prompt, context.geometry.num_windows, context.pipeline.unet.config.cross_attention_dim)
-    check_unet_kwargs(conditioner, context)
+        check_prompt(prompt, context.geometry.num_windows, encode_test_prompt(context))
+    check_model_kwargs(conditioner, context)
     check_options_round_trip(conditioner)
 
 
@@ -235,13 +247,13 @@ def run_synchronizer(
     """Drive a synchronizer as the engine does, for every step of ``context`` on one noisy
     canvas: ``setup``, then per step ``begin_step`` and ``update`` of each window batch.
     Returns ``(window latents, updated latents)`` pairs; fails if the canvas changes in place."""
-    pipeline, geometry = context.pipeline, context.geometry
-    scheduler = pipeline.scheduler
-    scheduler.set_timesteps(context.num_inference_steps, device="cpu")
+    model, geometry = context.model, context.geometry
+    scheduler = model.scheduler
+    model.set_timesteps(scheduler, context.num_inference_steps, geometry.window_size_latent)
     denoiser = Denoiser(context, prompt if prompt is not None else encode_test_prompt(context), [])
     synchronizer.setup(context)
-    canvas = _canvas(geometry, pipeline.unet.config.in_channels, seed=6).to(context.device)
-    canvas = canvas * scheduler.init_noise_sigma
+    canvas = _canvas(geometry, model.latent_format.channels, seed=6).to(context.device)
+    canvas = canvas * model.initial_noise_sigma(scheduler)
     before = canvas.clone()
     ids = list(range(geometry.num_windows))
     batches = [
@@ -409,7 +421,7 @@ class ConditionerConformance:
         raise NotImplementedError("define make_conditioner() to return the conditioner to check")
 
     def make_pipeline(self) -> Any:
-        return tiny_pipeline()
+        return tiny_model()
 
     def make_geometry(self) -> Geometry:
         return example_geometry()
@@ -429,7 +441,7 @@ class SynchronizerConformance:
         return None
 
     def make_pipeline(self) -> Any:
-        return tiny_pipeline()
+        return tiny_model()
 
     def test_synchronizer_deterministic(self) -> None:
         check_synchronizer_deterministic(self.make_synchronizer, self.make_pipeline())

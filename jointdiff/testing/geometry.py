@@ -10,6 +10,7 @@ from typing import Any, Callable
 import torch
 from PIL import Image
 
+from ..families.base import LatentFormat
 from ..geometry import Geometry
 
 LATENT_CHANNELS = 4
@@ -142,6 +143,27 @@ def check_geometry_round_trip(geometry: Geometry, atol: float = 1e-5) -> None:
         _close(numerator / denominator, canvas, atol, f"insert(extract(canvas)) round trip with {label}")
 
 
+def check_geometry_origins(geometry: Geometry) -> None:
+    """``window_origins_latent()`` is None (windows are not crops of one plane) or an
+    ``(N, 2)`` long tensor of ``(top, left)`` in latent cells such that every window is the
+    canvas crop at its origin, on one of the canvas's sheets, continuing across the edges
+    where an axis wraps."""
+    origins = geometry.window_origins_latent()
+    if origins is None:
+        return
+    count = geometry.num_windows
+    if not isinstance(origins, torch.Tensor) or origins.dtype != torch.long or tuple(origins.shape) != (count, 2):
+        what = f"{tuple(origins.shape)} {origins.dtype}" if isinstance(origins, torch.Tensor) else repr(origins)
+        fail(f"window_origins_latent() must be None or a ({count}, 2) torch.long tensor, got {what}")
+    canvas = _canvas(geometry)
+    h, w = geometry.window_size_latent
+    windows = geometry.extract(canvas, list(range(count)))
+    for window_id, (top, left) in enumerate(origins.tolist()):
+        crops = canvas.roll((-top, -left), dims=(-2, -1))[:, :, :h, :w]  # every sheet's crop
+        if not any(torch.equal(windows[window_id], crop) for crop in crops):
+            fail(f"window {window_id} is not the canvas crop at its origin {(top, left)} from window_origins_latent()")
+
+
 def local_decoder(latent_scale: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """A stand-in VAE decoder acting on each latent cell alone: ``(B, C, h, w)`` →
     ``(B, 3, f*h, f*w)`` in [-1, 1]. Padding or cropping errors in ``decode`` show up as
@@ -174,13 +196,16 @@ def check_options_round_trip(plugin: Any) -> None:
         fail(f"{type(plugin).__name__}: options {dumped!r} do not rebuild the same options")
 
 
-def check_geometry(geometry: Geometry, latent_scale: int = 8, atol: float = 1e-5) -> None:
-    """Every geometry check, after ``geometry.setup(latent_scale)``."""
-    geometry.setup(latent_scale)
+def check_geometry(geometry: Geometry, latent: LatentFormat | int = 8, atol: float = 1e-5) -> None:
+    """Every geometry check, after ``geometry.setup(latent)`` (a model's latent format, or the
+    VAE factor of an SD-like model)."""
+    geometry.setup(latent)
+    latent_scale = geometry.latent_scale
     check_geometry_shapes(geometry)
     check_geometry_batching(geometry)
     check_geometry_insert_is_linear(geometry, atol)
     check_geometry_coverage(geometry)
     check_geometry_round_trip(geometry, atol)
+    check_geometry_origins(geometry)
     check_geometry_decode(geometry, latent_scale)
     check_options_round_trip(geometry)

@@ -47,23 +47,23 @@ SPEC_FIELDS = ("model", "image", "conditioning_scale", "guidance_start", "guidan
 
 
 def _check_model(value: Any) -> Any:
-    """A hub id, a local diffusers folder of a ``ControlNetModel``, ``"tiny"`` or a
-    ``ControlNetModel`` object; anything else is refused before a model loads."""
-    from diffusers import ControlNetModel
-
-    if isinstance(value, ControlNetModel):
+    """A hub id, a local diffusers ControlNet folder, ``"tiny"`` or a diffusers ControlNet
+    object (``ControlNetModel``, ``SD3ControlNetModel``, ``FluxControlNetModel``, ...);
+    anything else is refused before a model loads. Whether it fits the job's model family is
+    checked when the model is known."""
+    if isinstance(value, torch.nn.Module) and type(value).__name__.endswith("ControlNetModel"):
         return value
     if not isinstance(value, str):
         raise ValueError(
             f"unknown ControlNet type {type(value).__name__}: model must be a hub id, a local "
-            "diffusers folder or a diffusers ControlNetModel (SD 1.x/2.x)"
+            "diffusers folder or a diffusers ControlNet model"
         )
     path = Path(value).expanduser()
     if path.is_dir():
         config = path / "config.json"
         kind = json.loads(config.read_text(encoding="utf-8")).get("_class_name") if config.is_file() else None
-        if kind != "ControlNetModel":
-            raise ValueError(f"unknown ControlNet type {kind!r} in {value!r}: expected a diffusers ControlNetModel folder")
+        if not str(kind).endswith("ControlNetModel"):
+            raise ValueError(f"unknown ControlNet type {kind!r} in {value!r}: expected a diffusers ControlNet folder")
     elif value.startswith((".", "/", "~")) or path.suffix in SINGLE_FILE_SUFFIXES:
         raise ValueError(f"{value!r} is not a diffusers ControlNetModel folder (single-file checkpoints are not supported)")
     return value
@@ -81,7 +81,7 @@ def _check_image(value: Any) -> Any:
 class ControlSpec(PluginOptions):
     """One ControlNet with its condition (a table of ``controls``)."""
 
-    model: Any = pydantic.Field(description="hub id, local ControlNetModel folder, 'tiny', or a ControlNetModel")
+    model: Any = pydantic.Field(description="hub id, local ControlNet folder, 'tiny', or a diffusers ControlNet model")
     image: Any = pydantic.Field(description="condition at the canvas's pixel size: path, PIL, array, tensor; a list per sheet")
     conditioning_scale: float = pydantic.Field(1.0, ge=0.0, description="residual scale (diffusers' controlnet_conditioning_scale)")
     guidance_start: float = pydantic.Field(0.0, ge=0.0, le=1.0, description="first fraction of the steps with control")
@@ -163,7 +163,8 @@ class ControlNetConditioner(Conditioner):
     # -- setup ---------------------------------------------------------------------------
 
     def setup(self, context) -> None:
-        """Load every ControlNet, check it against the UNet, put its condition on the device."""
+        """Load every ControlNet, check it against the model, put its condition (in the form
+        the family's ControlNet takes: pixels or latents) on the device."""
         owner = context.extras.setdefault(EXTRAS_KEY, self)
         if owner is not self:
             raise ConfigError(
@@ -173,48 +174,39 @@ class ControlNetConditioner(Conditioner):
         for index, spec in enumerate(self.options.controls):
             where = f"controlnet: controls[{index}]" if len(self.options.controls) > 1 else "controlnet"
             model = load_controlnet(spec.model, context, where)
-            image = load_condition(spec, context, model.config.conditioning_channels, where)
-            self._controls.append(_Control(model, image.to(context.device, model.dtype), spec))
+            channels = model.config.get("conditioning_channels", None) or 3
+            image = load_condition(spec, context, channels, where).to(context.device)
+            with torch.no_grad():
+                condition = torch.cat([context.model.control_condition(model, sheet[None]) for sheet in image])
+            self._controls.append(_Control(model, condition.to(model.dtype), spec))
 
     # -- the loop ------------------------------------------------------------------------
 
-    def unet_kwargs(
-        self,
-        latent_model_input: torch.Tensor,
-        timestep: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
-        window_ids: Sequence[int],
-        context,
-    ) -> dict[str, Any]:
-        """Residuals ``down_block_additional_residuals`` / ``mid_block_additional_residual``
-        for the rows ``[branch 0: windows..., branch 1: windows...]`` of the UNet input.
+    def model_kwargs(self, model_input: torch.Tensor, timestep: torch.Tensor, embeds, window_ids: Sequence[int], context) -> dict[str, Any]:
+        """The ControlNet residuals (the family's keyword arguments of the model call, e.g.
+        ``down_block_additional_residuals`` / ``mid_block_additional_residual`` for a UNet)
+        for the rows ``[branch 0: windows..., branch 1: windows...]`` of the model input.
 
         Gradients flow through the ControlNet (a synchronizer's x̂0 depends on it)."""
         step, count = step_index(timestep, context)
-        branches = len(latent_model_input) // len(window_ids)
-        down, mid = None, None
+        branches = len(model_input) // len(window_ids)
+        model = context.model
+        total: dict[str, Any] | None = None
         for control in self._controls:
             scale = control.scale_at(step, count)
             if scale == 0.0:
                 continue  # diffusers multiplies the residuals by 0; skipping adds the same nothing
             condition = context.geometry.extract(control.image, window_ids)
             condition = condition.repeat(branches, 1, 1, 1)
-            d, m = control.model(
-                latent_model_input.to(control.model.dtype), timestep,
-                encoder_hidden_states=encoder_hidden_states.to(control.model.dtype),
-                controlnet_cond=condition, conditioning_scale=scale, return_dict=False,
-            )
-            down = list(d) if down is None else [a + b for a, b in zip(down, d)]
-            mid = m if mid is None else mid + m
-        if down is None:
-            return {}
-        return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+            residuals = model.controlnet_kwargs(control.model, model_input, timestep, embeds, condition, scale)
+            total = residuals if total is None else model.sum_control(total, residuals)
+        return total or {}
 
 
 def step_index(timestep: torch.Tensor, context) -> tuple[int | None, int]:
     """``(i, n)``: the position of ``timestep`` in the job's schedule and its length (the
     engine enumerates ``scheduler.timesteps``); ``i`` is None outside the schedule."""
-    timesteps = context.pipeline.scheduler.timesteps
+    timesteps = context.model.scheduler.timesteps
     if timesteps is None:
         return None, 1
     found = (timesteps.cpu() == torch.as_tensor(timestep).cpu()).nonzero()
@@ -225,28 +217,36 @@ def step_index(timestep: torch.Tensor, context) -> tuple[int | None, int]:
 
 
 def load_controlnet(model: Any, context, where: str = "controlnet") -> Any:
-    """A ``ControlNetModel`` on the job's device and dtype, checked against its UNet."""
-    from diffusers import ControlNetModel
+    """A diffusers ControlNet of the job's model family on the job's device and dtype,
+    checked against the family's ControlNet classes and, for UNets, the UNet's config."""
+    import diffusers
 
-    unet = context.pipeline.unet
-    if isinstance(model, ControlNetModel):
+    family = context.model
+    if not family.controlnet_classes:
+        raise ConfigError(f"{where}: model family {family.name!r} has no ControlNet support")
+    if isinstance(model, torch.nn.Module):
         controlnet = model
     elif model == TINY:
-        from jointdiff.tiny import tiny_controlnet
-
-        controlnet = tiny_controlnet(unet)
+        controlnet = family.tiny_controlnet()
     else:
+        loader = getattr(diffusers, family.controlnet_classes[0])
         try:
-            controlnet = ControlNetModel.from_pretrained(model, torch_dtype=context.dtype)
+            controlnet = loader.from_pretrained(model, torch_dtype=context.dtype)
         except Exception as error:
             reason = f"{type(error).__name__}: {error}".splitlines()[0]
             raise ModelLoadError(f"{where}: could not load ControlNet {model!r} ({reason})") from error
+    if type(controlnet).__name__ not in family.controlnet_classes:
+        raise ConfigError(
+            f"{where}: a {type(controlnet).__name__} does not fit model family {family.name!r} "
+            f"(it takes {', '.join(family.controlnet_classes)})"
+        )
+    denoiser = family.denoiser_module
     for key in ("in_channels", "cross_attention_dim", "block_out_channels", "down_block_types"):
-        ours, theirs = controlnet.config.get(key), unet.config.get(key)
-        if list(np.atleast_1d(ours)) != list(np.atleast_1d(theirs)):
+        ours, theirs = controlnet.config.get(key), denoiser.config.get(key)
+        if ours is not None and theirs is not None and list(np.atleast_1d(ours)) != list(np.atleast_1d(theirs)):
             raise ConfigError(
-                f"{where}: the ControlNet's {key} = {ours!r} does not fit the model's UNet ({theirs!r}); "
-                "use a ControlNet trained for this Stable Diffusion version"
+                f"{where}: the ControlNet's {key} = {ours!r} does not fit the model ({theirs!r}); "
+                "use a ControlNet trained for this model"
             )
     controlnet = controlnet.to(context.device)
     if controlnet.dtype != context.dtype:

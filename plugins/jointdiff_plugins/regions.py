@@ -37,7 +37,7 @@ import pydantic
 import torch
 
 from jointdiff import hookimpl
-from jointdiff.conditioner import Conditioner, Prompt
+from jointdiff.conditioner import Conditioner, Prompt, encode_text
 from jointdiff.errors import ConfigError
 from jointdiff.masks import area_downsample, feather, image_mask, polygon_mask, rectangle_mask
 from jointdiff.options import PluginOptions
@@ -78,8 +78,8 @@ class RegionsConditioner(Conditioner):
 
     class Options(PluginOptions):
         prompt: str = pydantic.Field(description="background prompt")
-        negative_prompt: str = ""
-        guidance_scale: float = pydantic.Field(7.5, ge=0.0)
+        negative_prompt: str | None = None
+        guidance_scale: float | None = pydantic.Field(None, ge=0.0, description="None: the model family's default")
         regions: list[Region] = pydantic.Field(min_length=1)
         feather_px: float = pydantic.Field(0.0, ge=0.0, description="Gaussian blur of every mask, in pixels")
         bootstrap_steps: int = pydantic.Field(0, ge=0, description="MultiDiffusion's bootstrapping steps (reference: 20 of 50)")
@@ -147,23 +147,17 @@ class RegionsConditioner(Conditioner):
         return image_mask(region.mask, size_px, f"{where}: mask")
 
     def _encode(self, context, masks: torch.Tensor) -> Prompt:
-        """Embeddings ``(P, L, D)`` of the background and region prompts, each encoded alone
-        exactly as the ``text`` conditioner does; one guidance scale per prompt."""
+        """Embeddings (``P`` rows) of the background and region prompts, encoded as the
+        ``text`` conditioner does; one guidance scale per prompt."""
         o = self.options
+        default = context.model.default_guidance_scale if o.guidance_scale is None else o.guidance_scale
         texts = [o.prompt] + [r.prompt for r in o.regions]
         negatives = [o.negative_prompt] + [o.negative_prompt if r.negative_prompt is None else r.negative_prompt for r in o.regions]
-        scales = [o.guidance_scale] + [o.guidance_scale if r.guidance_scale is None else r.guidance_scale for r in o.regions]
-        guided = max(scales) > 1.0
-        embeds, uncond = [], []
-        with torch.no_grad():
-            for text, negative in zip(texts, negatives):
-                e, n = context.pipeline.encode_prompt(
-                    text, context.device, 1, guided, negative_prompt=negative if guided else None
-                )
-                embeds.append(e)
-                uncond.append(n if n is not None else torch.zeros_like(e))
+        scales = [default] + [default if r.guidance_scale is None else r.guidance_scale for r in o.regions]
+        given = None if o.guidance_scale is None and all(r.guidance_scale is None for r in o.regions) else max(scales)
+        embeds, uncond, _ = encode_text(context, texts, negatives, given, "regions")
         scale = scales[0] if len(set(scales)) == 1 else torch.tensor(scales, dtype=torch.float32)
-        return Prompt(torch.cat(embeds), torch.cat(uncond), scale, region_masks=masks)
+        return Prompt(embeds, uncond, scale, region_masks=masks)
 
     def prompt(self) -> Prompt:
         return self._prompt
@@ -172,24 +166,23 @@ class RegionsConditioner(Conditioner):
 
     def _bootstrap_backgrounds(self, context) -> torch.Tensor:
         """``(n, C, h, w)`` latents of ``n = bootstrap_steps`` window-sized images of one
-        uniformly random colour each (VAE posterior samples, scaled), float32."""
-        vae = context.pipeline.vae
+        uniformly random colour each (VAE posterior samples in the model's latent space), float32."""
         h, w = context.geometry.window_size_latent
         scale = context.geometry.latent_scale
         colours = torch.rand(self.options.bootstrap_steps, 3, 1, 1, generator=self._generator)
         latents = []
         with torch.no_grad():
             for colour in colours:
-                image = (colour * 2.0 - 1.0).expand(1, 3, scale * h, scale * w).to(context.device, vae.dtype)
-                posterior = vae.encode(image).latent_dist
-                latents.append(posterior.sample(generator=self._generator).float() * vae.config.scaling_factor)
+                image = (colour * 2.0 - 1.0).expand(1, 3, scale * h, scale * w).to(context.device)
+                latents.append(context.model.encode(image, generator=self._generator).float())
         return torch.cat(latents)
 
     def modify_latents(self, latents: torch.Tensor, batch, state) -> torch.Tensor:
         """Bootstrapping of region branches during the first ``bootstrap_steps`` steps
         (module docstring); other branches and steps are returned unchanged."""
         if self._backgrounds is not None and self._noise is None and state.step_index == 0:
-            sigma = float(state.context.pipeline.scheduler.init_noise_sigma)
+            model = state.context.model
+            sigma = model.initial_noise_sigma(model.scheduler)
             self._noise = state.canvas.float() / sigma
         region = batch.prompt_index
         if not region or state.step_index >= self.options.bootstrap_steps or self._noise is None:
@@ -200,8 +193,7 @@ class RegionsConditioner(Conditioner):
         noise = geometry.extract(self._noise, ids)
         picks = torch.randint(len(self._backgrounds), (len(ids),), generator=self._generator)
         background = self._backgrounds[picks.to(self._backgrounds.device)]
-        timestep = torch.as_tensor(state.timestep).reshape(1)
-        noisy = batch.scheduler.add_noise(background, noise, timestep)
+        noisy = state.context.model.add_noise(background, noise, torch.as_tensor(state.timestep), batch.scheduler)
         return latents * mask + noisy.to(latents.dtype) * (1.0 - mask)
 
 

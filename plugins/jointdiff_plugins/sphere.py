@@ -25,6 +25,7 @@ import torch
 
 from jointdiff import cube, hookimpl, spherical
 from jointdiff.errors import ConfigError
+from jointdiff.families.base import LatentFormat
 from jointdiff.geometry import DecodeFn, Geometry
 from jointdiff.options import PluginOptions
 
@@ -34,7 +35,12 @@ with 90° views, neighbours overlap by half a view on the horizon and more above
 
 
 class SphereOptions(PluginOptions):
-    window_latent: int = pydantic.Field(64, gt=0, description="view side in latent cells (the model's native size)")
+    window_latent: int | None = pydantic.Field(
+        None,
+        gt=0,
+        description="view side in latent cells; None: the model's native window (64 for SD 1.x/2.x, "
+        "128 for SDXL and FLUX)",
+    )
     fov_deg: float = pydantic.Field(90.0, gt=0.0, lt=180.0, description="field of view of every view (square)")
     feather: float = pydantic.Field(
         0.25, ge=0.0, le=1.0, description="fraction of the view's half-width over which its weight ramps down to its border (0: hard mask)"
@@ -72,8 +78,18 @@ class SphereGeometry(Geometry):
         """``grid_sample`` coordinates ``(..., 2)`` in :meth:`padded_canvas` of directions."""
         raise NotImplementedError
 
-    def setup(self, latent_scale: int) -> None:
-        super().setup(latent_scale)
+    def setup_canvas(self) -> None:
+        """Compute the canvas size from :attr:`latent_scale` (called by :meth:`setup` once the
+        latent format is known); ConfigError naming the option for sizes that do not fit."""
+        raise NotImplementedError
+
+    def setup(self, latent: LatentFormat | int) -> None:
+        """Views for the model's latent format: their side is ``window_latent`` (None: the
+        model's native window), whole patches within the model's window sizes; then the
+        canvas (:meth:`setup_canvas`), the views and the coverage check."""
+        super().setup(latent)
+        self._window_side = self.window_side(self.options.window_latent, "window_latent")
+        self.setup_canvas()
         self.views_deg = [(float(yaw), float(pitch)) for yaw, pitch in self.view_angles_deg()]
         self._extract_grids: dict[tuple[int, str], torch.Tensor] = {}
         self._insert_maps: dict[tuple[int, str], list[tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -82,7 +98,7 @@ class SphereGeometry(Geometry):
 
     @property
     def window_size_latent(self) -> tuple[int, int]:
-        return (self.options.window_latent, self.options.window_latent)
+        return (self._window_side, self._window_side)
 
     @property
     def num_windows(self) -> int:
@@ -102,7 +118,7 @@ class SphereGeometry(Geometry):
         """``(N, k*h, k*w, 2)`` sampling grids of all views into :meth:`padded_canvas` (cached)."""
         key = (scale, str(device))
         if key not in self._extract_grids:
-            size = (scale * self.options.window_latent,) * 2
+            size = (scale * self._window_side,) * 2
             grids = [
                 self.canvas_grid(spherical.perspective_directions(yaw, pitch, self.options.fov_deg, size), scale)
                 for yaw, pitch in self.views_deg
@@ -147,7 +163,7 @@ class SphereGeometry(Geometry):
         outer ``feather`` of its half-width (positive at every pixel centre)."""
         key = str(device)
         if key not in self._weights:
-            size = self.options.window_latent
+            size = self._window_side
             centres = spherical.pixel_centres(size).abs()
             border = 1 - torch.maximum(centres[:, None], centres[None, :])
             feather = self.options.feather
@@ -211,15 +227,14 @@ class EquirectGeometry(SphereGeometry):
         """Small options for tests: a 512×256 px panorama of 22 views of 16 latent cells."""
         return {"width_px": 512, "window_latent": 16}
 
-    def setup(self, latent_scale: int) -> None:
-        width = self.options.width_px
-        if width % (2 * latent_scale):
+    def setup_canvas(self) -> None:
+        width, scale = self.options.width_px, self.latent_scale
+        if width % (2 * scale):
             raise ConfigError(
-                f"{self.name}: width_px = {width} must be a multiple of {2 * latent_scale} "
+                f"{self.name}: width_px = {width} must be a multiple of {2 * scale} "
                 f"(twice the VAE factor, so that the height width / 2 fits the latent grid)"
             )
-        self._size = (width // (2 * latent_scale), width // latent_scale)
-        super().setup(latent_scale)
+        self._size = (width // (2 * scale), width // scale)
 
     def view_angles_deg(self) -> list[tuple[float, float]]:
         o = self.options
@@ -277,11 +292,11 @@ class CubemapGeometry(SphereGeometry):
         """Small options for tests: 128 px faces, 26 views of 16 latent cells."""
         return {"face_px": 128, "window_latent": 16}
 
-    def setup(self, latent_scale: int) -> None:
-        if self.options.face_px % latent_scale:
-            raise ConfigError(f"{self.name}: face_px = {self.options.face_px} is not a multiple of the VAE factor {latent_scale}")
-        self._n = self.options.face_px // latent_scale
-        super().setup(latent_scale)
+    def setup_canvas(self) -> None:
+        scale = self.latent_scale
+        if self.options.face_px % scale:
+            raise ConfigError(f"{self.name}: face_px = {self.options.face_px} is not a multiple of the VAE factor {scale}")
+        self._n = self.options.face_px // scale
 
     def view_angles_deg(self) -> list[tuple[float, float]]:
         views = list(spherical.FACE_YAW_PITCH_DEG)

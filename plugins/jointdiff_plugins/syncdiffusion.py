@@ -84,8 +84,12 @@ class SyncDiffusion(Synchronizer):
         net: Literal["vgg", "alex", "squeeze"] = pydantic.Field("vgg", description="LPIPS backbone")
         lpips_module: Any = pydantic.Field(None, description="a ready LPIPS module (replaces net)")
         lpips_random_backbone: bool = pydantic.Field(False, description="random LPIPS backbone (tests only)")
-        decoder: Literal["vae", "taesd"] = pydantic.Field("vae", description="decoder D of the loss")
-        taesd_path: str = pydantic.Field(DEFAULT_TAESD, description="AutoencoderTiny folder or hub id")
+        decoder: Literal["vae", "taesd"] = pydantic.Field(
+            "vae", description="decoder D of the loss: the model's VAE, or the family's tiny autoencoder"
+        )
+        taesd_path: str | None = pydantic.Field(
+            None, description="AutoencoderTiny folder or hub id (None: the model family's, e.g. madebyollin/taesd)"
+        )
         micro_batch: int | None = pydantic.Field(None, ge=1, description="windows per gradient pass")
         memory_budget_gb: float | None = pydantic.Field(None, gt=0.0, description="CUDA budget for the pass")
         checkpoint_decoder: bool = pydantic.Field(False, description="gradient checkpointing of D")
@@ -135,7 +139,7 @@ class SyncDiffusion(Synchronizer):
         self._device = torch.device(context.device)
         if o.autocast == "float16" and self._device.type != "cuda":
             raise ConfigError(f"syncdiffusion: autocast = 'float16' needs a CUDA device, the job runs on {self._device}")
-        if context.pipeline.scheduler.config.get("thresholding", False):
+        if context.model.scheduler.config.get("thresholding", False):
             raise ConfigError("syncdiffusion: schedulers with thresholding=True are not supported")
         self._context = context
         self._distance = AnchorDistance(self._lpips(context))
@@ -155,21 +159,29 @@ class SyncDiffusion(Synchronizer):
             _LPIPS_CACHE[key] = load_lpips(o.net, random_backbone=o.lpips_random_backbone).to(self._device)
         return _LPIPS_CACHE[key]
 
-    def _loss_decoder(self, context) -> tuple[Any, float]:
-        """The decoder ``D`` of the loss and the factor latents are divided by before it."""
-        vae = context.pipeline.vae
+    def _loss_decoder(self, context) -> tuple[Any, Any]:
+        """The decoder ``D`` of the loss (None: the model's own VAE through the family) and
+        the tiny autoencoder's config."""
+        model = context.model
         if self.options.decoder == "vae":
-            return vae, float(vae.config.scaling_factor)
-        key = (self.options.taesd_path, str(self._device), vae.dtype)
+            return None, None
+        path = self.options.taesd_path or model.tiny_autoencoder
+        if path is None:
+            raise ConfigError(
+                f"syncdiffusion: decoder = 'taesd' but model family {model.name!r} has no tiny autoencoder; "
+                "give taesd_path (a diffusers AutoencoderTiny folder for this family's latents) or use decoder = 'vae'"
+            )
+        dtype = model.pipeline.vae.dtype
+        key = (path, str(self._device), dtype)
         if key not in _TAESD_CACHE:
-            _TAESD_CACHE[key] = _load_taesd(self.options.taesd_path, vae.dtype).to(self._device)
+            _TAESD_CACHE[key] = _load_taesd(path, dtype).to(self._device)
         taesd = _TAESD_CACHE[key]
-        return taesd, float(taesd.config.scaling_factor)
+        return taesd, taesd.config
 
     def _check_checkpointing(self, context) -> None:
         for flag, label, module in (
-            (self.options.checkpoint_decoder, "checkpoint_decoder", self._decoder),
-            (self.options.checkpoint_unet, "checkpoint_unet", context.pipeline.unet),
+            (self.options.checkpoint_decoder, "checkpoint_decoder", self._decoder_module()),
+            (self.options.checkpoint_unet, "checkpoint_unet", context.model.denoiser_module),
         ):
             if flag and not any(hasattr(m, "gradient_checkpointing") for m in module.modules()):
                 raise ConfigError(f"syncdiffusion: {label} = True but {type(module).__name__} has no checkpointable blocks")
@@ -274,11 +286,22 @@ class SyncDiffusion(Synchronizer):
         return x0
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """``D``: latents ``(B, 4, h, w)`` → images ``(B, 3, f·h, f·w)`` clamped to [-1, 1]
-        (float32, or float64 for a float64 decoder)."""
+        """``D``: canvas latents ``(B, C, h, w)`` → images ``(B, 3, f·h, f·w)`` clamped to
+        [-1, 1] (float32, or float64 for a float64 decoder): the family's VAE decode, or the
+        tiny autoencoder on ``latents / scaling_factor + shift_factor`` of its config."""
         module = self._decoder
-        images = module.decode(latents.to(module.dtype) / self._decoder_scale, return_dict=False)[0]
+        if module is None:
+            model = self._context.model
+            vae = model.pipeline.vae
+            images = vae.decode(model.to_vae_latents(latents).to(vae.dtype), return_dict=False)[0]
+        else:
+            shift = self._decoder_scale.get("shift_factor", None) or 0.0
+            scaled = latents.to(module.dtype) / self._decoder_scale.scaling_factor + shift
+            images = module.decode(scaled, return_dict=False)[0]
         return images.to(torch.promote_types(images.dtype, torch.float32)).clamp(-1.0, 1.0)
+
+    def _decoder_module(self) -> torch.nn.Module:
+        return self._decoder if self._decoder is not None else self._context.model.pipeline.vae
 
     # -- speed and memory ----------------------------------------------------------------
 
@@ -297,9 +320,10 @@ class SyncDiffusion(Synchronizer):
     def _checkpointing(self) -> Iterator[None]:
         modules = []
         if self.options.checkpoint_decoder:
-            modules.append(getattr(self._decoder, "decoder", self._decoder))
+            decoder = self._decoder_module()
+            modules.append(getattr(decoder, "decoder", decoder))
         if self.options.checkpoint_unet:
-            modules.append(self._context.pipeline.unet)
+            modules.append(self._context.model.denoiser_module)
         with _gradient_checkpointing(modules):
             yield
 

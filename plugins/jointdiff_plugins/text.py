@@ -3,46 +3,40 @@
 from __future__ import annotations
 
 import pydantic
-import torch
 
 from jointdiff import hookimpl
-from jointdiff.conditioner import Conditioner, Prompt
+from jointdiff.conditioner import Conditioner, Prompt, encode_text
 from jointdiff.options import PluginOptions
 
 
 class TextConditioner(Conditioner):
-    """Prompt and negative prompt encoded once with the pipeline's text encoder.
+    """Prompt and negative prompt encoded once with the model family's text encoders.
 
-    Guidance follows classifier-free guidance (Ho & Salimans 2022) with diffusers' convention:
-    no unconditional branch when ``guidance_scale <= 1``.
+    Guidance is the family's: classifier-free guidance (Ho & Salimans 2022) with diffusers'
+    convention (no unconditional branch when ``guidance_scale <= 1``; an empty negative prompt
+    when none is given), the embedded guidance of distilled models (FLUX.1-dev), or none.
     """
 
     name = "text"
 
     class Options(PluginOptions):
         prompt: str
-        negative_prompt: str = ""
-        guidance_scale: float = pydantic.Field(7.5, ge=0.0)
+        negative_prompt: str | None = pydantic.Field(
+            None, description="what to steer away from (classifier-free guidance families only)"
+        )
+        guidance_scale: float | None = pydantic.Field(
+            None, ge=0.0, description="None: the model family's default (7.5 for SD, 3.5 for FLUX.1-dev)"
+        )
 
     @classmethod
     def example_options(cls) -> dict:
         """Options for tests (``prompt`` has no default)."""
-        return {"prompt": "a photo of a city", "negative_prompt": "blurry", "guidance_scale": 7.5}
+        return {"prompt": "a photo of a city"}
 
     def setup(self, context) -> None:
-        pipeline = context.pipeline
-        guided = self.options.guidance_scale > 1.0
-        with torch.no_grad():
-            embeds, negative = pipeline.encode_prompt(
-                self.options.prompt,
-                context.device,
-                1,
-                guided,
-                negative_prompt=self.options.negative_prompt if guided else None,
-            )
-        if negative is None:
-            negative = torch.zeros_like(embeds)
-        self._prompt = Prompt(embeds, negative, self.options.guidance_scale)
+        o = self.options
+        embeds, negative, scale = encode_text(context, [o.prompt], [o.negative_prompt], o.guidance_scale, "text")
+        self._prompt = Prompt(embeds, negative, scale)
 
     def prompt(self) -> Prompt:
         return self._prompt

@@ -17,7 +17,8 @@ A *cube texture* (``cube_texture``) covers the six faces of a cube or skybox: wi
 each face plus windows that straddle each of the 12 edges, seeing both faces unfolded flat
 (face order and orientation: :mod:`jointdiff.cube`), so the texture continues across edges.
 
-Window and stride are in latent cells (as ``grid``); tile and face sizes are in pixels.
+Window and stride are in latent cells (as ``grid``: unset, the model's native window and
+``window // 8``); tile and face sizes are in pixels.
 """
 
 from __future__ import annotations
@@ -28,20 +29,24 @@ import pydantic
 import torch
 
 from jointdiff import cube, hookimpl
-from jointdiff.conditioner import Conditioner, Prompt
+from jointdiff.conditioner import Conditioner, Prompt, encode_text
 from jointdiff.errors import ConfigError
+from jointdiff.families.base import LatentFormat
 from jointdiff.geometry import DecodeFn, Geometry
 from jointdiff.options import PluginOptions
 from jointdiff.textures import AtlasLayout, TileSource
-from jointdiff.tiling import TiledGeometry, axis_starts
+from jointdiff.tiling import TiledGeometry, axis_starts, resolve_window_stride
 from jointdiff_plugins.tiles import WindowOptions
 
 
-def torus_starts(extent_latent: int, window_latent: int, stride_latent: int, axis: str) -> tuple[list[int], int]:
+def torus_starts(
+    extent_latent: int, window_latent: int, stride_latent: int, axis: str, patch: int = 1
+) -> tuple[list[int], int]:
     """Window origins on a looping axis and the stride used (latent cells), as
-    :func:`jointdiff.tiling.axis_starts` with wrap, but the windows must overlap: windows
-    that only touch would leave their borders (the wrap edge among them) as seams."""
-    starts, used = axis_starts(extent_latent, window_latent, stride_latent, True, axis)
+    :func:`jointdiff.tiling.axis_starts` with wrap (strides whole ``patch`` cells), but the
+    windows must overlap: windows that only touch would leave their borders (the wrap edge
+    among them) as seams."""
+    starts, used = axis_starts(extent_latent, window_latent, stride_latent, True, axis, patch)
     if used >= window_latent:
         raise ConfigError(
             f"stride_latent = {stride_latent} leaves no overlap between windows across the tile {axis} "
@@ -77,19 +82,16 @@ class TorusGeometry(TiledGeometry):
     def canvas_size_px(self) -> tuple[int, int]:
         return self.options.height_px, self.options.width_px
 
-    def window_stride_latent(self):
-        o = self.options
-        return (o.window_latent, o.window_latent), (o.stride_latent, o.stride_latent)
-
     def wraps(self) -> tuple[bool, bool]:
         return (True, True)
 
-    def setup(self, latent_scale: int) -> None:
+    def setup(self, latent: LatentFormat | int) -> None:
         """Windows of one tile (every tile has the same), repeated for each sheet."""
-        super().setup(latent_scale)  # checks the sizes against the VAE factor and the window
-        (win_h, win_w), (stride_y, stride_x) = self.window_stride_latent()
-        tops, used_y = torus_starts(self._size[0], win_h, stride_y, "height")
-        lefts, used_x = torus_starts(self._size[1], win_w, stride_x, "width")
+        super().setup(latent)  # checks the sizes against the latent format and the window
+        (win_h, win_w), (stride_y, stride_x) = self._window, self._stride
+        patch = self.latent_format.patch
+        tops, used_y = torus_starts(self._size[0], win_h, stride_y, "height", patch)
+        lefts, used_x = torus_starts(self._size[1], win_w, stride_x, "width", patch)
         self.stride_used_latent = (used_y, used_x)
         self.tile_origins = [(top, left) for top in tops for left in lefts]
         self.origins = self.tile_origins * self.num_tiles
@@ -188,29 +190,35 @@ class CubeTextureGeometry(Geometry):
         """Small options for tests: 256 px faces, one window per face and one per edge."""
         return {"face_px": 256, "window_latent": 32, "stride_latent": 16}
 
-    def setup(self, latent_scale: int) -> None:
-        super().setup(latent_scale)
+    def setup(self, latent: LatentFormat | int) -> None:
+        """Face and edge windows for the model's latent format: the window and stride are
+        whole patches (unset: the native window and ``window // 8``), ``face_px`` a multiple
+        of the VAE factor times the patch and at least one window."""
+        super().setup(latent)
         o = self.options
-        if o.face_px % self.latent_scale:
-            raise ConfigError(f"{self.name}: face_px = {o.face_px} is not a multiple of the VAE factor {latent_scale}")
-        self._n = o.face_px // self.latent_scale
-        if self._n < o.window_latent:
+        self._window_side, self._stride_side = resolve_window_stride(self, o.window_latent, o.stride_latent)
+        scale, patch = self.latent_scale, self.latent_format.patch
+        if o.face_px % (scale * patch):
+            factor = f"the VAE factor {scale}" if patch == 1 else f"{scale * patch} (the VAE factor {scale} times the patch {patch})"
+            raise ConfigError(f"{self.name}: face_px = {o.face_px} is not a multiple of {factor}")
+        self._n = o.face_px // scale
+        if self._n < self._window_side:
             raise ConfigError(
                 f"{self.name}: face_px = {o.face_px} is {self._n} latent cells, "
-                f"smaller than one window ({o.window_latent})"
+                f"smaller than one window ({self._window_side})"
             )
         self.window_specs = self._face_windows() + self._edge_windows()
         self._cells = torch.stack([self.window_cells(i) for i in range(len(self.window_specs))])
 
     def _face_windows(self) -> list[tuple[int, int, int]]:
         """``(face, top, left)`` of the windows inside each face (latent cells)."""
-        starts, _ = axis_starts(self._n, self.options.window_latent, self.options.stride_latent, False, "face")
+        starts, _ = axis_starts(self._n, self._window_side, self._stride_side, False, "face")
         return [(face, top, left) for face in range(6) for top in starts for left in starts]
 
     def _edge_windows(self) -> list[tuple[int, int, int]]:
         """``(face, top, left)`` of windows reaching past one side of ``face`` (negative or
         beyond the face), for each edge once (from the first face that has it)."""
-        n, w, stride = self._n, self.options.window_latent, self.options.stride_latent
+        n, w, stride = self._n, self._window_side, self._stride_side
         along, _ = axis_starts(n, w, stride, False, "face")
         probes = {"right": (0, n), "bottom": (n, 0), "left": (0, -1), "top": (-1, 0)}
         windows, seen = [], set()
@@ -230,7 +238,7 @@ class CubeTextureGeometry(Geometry):
         """``(3, k*h, k*w)`` LongTensor: face, row and column of every cell of a window on a
         canvas ``k`` times the latent resolution (``k`` = 1 for latents)."""
         face, top, left = self.window_specs[window_id]
-        size = scale * self.options.window_latent
+        size = scale * self._window_side
         local = torch.arange(size)
         rows = (scale * top + local)[:, None].expand(size, size)
         cols = (scale * left + local)[None, :].expand(size, size)
@@ -253,7 +261,7 @@ class CubeTextureGeometry(Geometry):
 
     @property
     def window_size_latent(self) -> tuple[int, int]:
-        return (self.options.window_latent, self.options.window_latent)
+        return (self._window_side, self._window_side)
 
     @property
     def num_windows(self) -> int:
@@ -302,12 +310,12 @@ class TileTextConditioner(Conditioner):
     class Options(PluginOptions):
         prompts: list[str] = pydantic.Field(min_length=1, description="one prompt per tile, in tile order")
         style_prompt: str = pydantic.Field("", description="appended to every tile's prompt")
-        negative_prompt: str = ""
-        guidance_scale: float = pydantic.Field(7.5, ge=0.0)
+        negative_prompt: str | None = None
+        guidance_scale: float | None = pydantic.Field(None, ge=0.0, description="None: the model family's default")
 
     @classmethod
     def example_options(cls) -> dict:
-        return {"prompts": ["a test texture"], "guidance_scale": 7.5}
+        return {"prompts": ["a test texture"]}
 
     def full_prompts(self) -> list[str]:
         style = self.options.style_prompt.strip()
@@ -327,19 +335,10 @@ class TileTextConditioner(Conditioner):
     def setup(self, context) -> None:
         self.check_geometry(context.geometry)
         prompts = self.full_prompts()
-        guided = self.options.guidance_scale > 1.0
-        with torch.no_grad():
-            embeds, negative = context.pipeline.encode_prompt(
-                prompts,
-                context.device,
-                1,
-                guided,
-                negative_prompt=[self.options.negative_prompt] * len(prompts) if guided else None,
-            )
-        if negative is None:
-            negative = torch.zeros_like(embeds)
+        o = self.options
+        embeds, negative, scale = encode_text(context, prompts, [o.negative_prompt] * len(prompts), o.guidance_scale, "tile_text")
         tile_of = context.geometry.tile_of if isinstance(context.geometry, TileSource) else None
-        self._prompt = Prompt(embeds, negative, self.options.guidance_scale, window_prompt=tile_of)
+        self._prompt = Prompt(embeds, negative, scale, window_prompt=tile_of)
 
     def prompt(self) -> Prompt:
         return self._prompt

@@ -1,7 +1,8 @@
 """Built-in crop geometries: ``strip`` (horizontal or vertical, optionally looping) and ``grid``.
 
-Window and stride are in latent cells; defaults follow MultiDiffusion / SyncDiffusion
-(a 64-cell window, i.e. 512 px for SD's VAE factor 8, and stride 8).
+Window and stride are in latent cells. Unset, the window is the model's native one (64 cells
+= 512 px for SD 1.x/2.x, 128 cells = 1024 px for SDXL or FLUX) and the stride ``window // 8``:
+MultiDiffusion's and SyncDiffusion's 64-cell window and stride 8 with SD.
 """
 
 from __future__ import annotations
@@ -16,17 +17,22 @@ from jointdiff.tiling import TiledGeometry
 
 
 class WindowOptions(PluginOptions):
-    window_latent: int = pydantic.Field(64, gt=0, description="window side in latent cells")
-    stride_latent: int = pydantic.Field(8, gt=0, description="distance between windows in latent cells")
+    """Square windows (latent cells). Both are checked against the model when the geometry
+    is set up (whole patches, within the model's window sizes, stride at most the window):
+    the model's native window is only known then."""
 
-    @pydantic.model_validator(mode="after")
-    def _stride_within_window(self):
-        if self.stride_latent > self.window_latent:
-            raise ValueError(
-                f"stride_latent ({self.stride_latent}) must not exceed window_latent "
-                f"({self.window_latent}), or cells between windows are never denoised"
-            )
-        return self
+    window_latent: int | None = pydantic.Field(
+        None,
+        gt=0,
+        description="window side in latent cells; None: the model's native window "
+        "(64 for SD 1.x/2.x, 128 for SDXL and FLUX)",
+    )
+    stride_latent: int | None = pydantic.Field(
+        None,
+        gt=0,
+        description="distance between windows in latent cells, at most the window; "
+        "None: window // 8 (8 for SD's 64)",
+    )
 
 
 class StripGeometry(TiledGeometry):
@@ -50,14 +56,10 @@ class StripGeometry(TiledGeometry):
         return {"length_px": 1024, "stride_latent": 32}
 
     def canvas_size_px(self) -> tuple[int, int]:
-        across = self.options.window_latent * self.latent_scale
+        across = self._window[0] * self.latent_scale  # one window across: the resolved window_latent
         if self.options.direction == "horizontal":
             return across, self.options.length_px
         return self.options.length_px, across
-
-    def window_stride_latent(self):
-        o = self.options
-        return (o.window_latent, o.window_latent), (o.stride_latent, o.stride_latent)
 
     def size_option_names(self) -> tuple[str, str]:
         across = "window_latent (times the VAE factor)"
@@ -84,10 +86,6 @@ class GridGeometry(TiledGeometry):
 
     def canvas_size_px(self) -> tuple[int, int]:
         return self.options.height_px, self.options.width_px
-
-    def window_stride_latent(self):
-        o = self.options
-        return (o.window_latent, o.window_latent), (o.stride_latent, o.stride_latent)
 
 
 @hookimpl

@@ -1,0 +1,81 @@
+"""Stable Diffusion 1.x/2.x (Rombach et al. 2022): a UNet with one CLIP text encoder,
+ε- or v-prediction, classifier-free guidance, a VAE with factor 8."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from .base import Embeddings, LatentFormat
+from .vp import VPFamily
+
+
+class StableDiffusion(VPFamily):
+    """SD 1.x/2.x. The native window is the UNet's ``sample_size`` (64 cells for SD 1.x and
+    SD 2-base, 96 for SD 2-768)."""
+
+    name = "sd"
+    pipeline_classes = (
+        "StableDiffusionPipeline",
+        "StableDiffusionImg2ImgPipeline",
+        "StableDiffusionInpaintPipeline",
+        "StableDiffusionPanoramaPipeline",
+        "StableDiffusionControlNetPipeline",
+    )
+    latent = LatentFormat(channels=4, scale_factor=8, patch=1, native_window=64, min_window=8, max_window=256)
+    guidance = "cfg"
+    default_guidance_scale = 7.5
+    tiny_autoencoder = "madebyollin/taesd"
+    controlnet_classes = ("ControlNetModel",)
+    tiny_models = {"tiny": "jointdiff.tiny:build_tiny_pipeline"}
+    load_kwargs = {"safety_checker": None, "requires_safety_checker": False}
+
+    @property
+    def latent_format(self) -> LatentFormat:
+        unet, vae = self.pipeline.unet, self.pipeline.vae
+        native = int(unet.config.sample_size)
+        scale = 2 ** (len(vae.config.block_out_channels) - 1)
+        return LatentFormat(
+            channels=int(unet.config.in_channels), scale_factor=scale, patch=1, native_window=native,
+            min_window=self.latent.min_window, max_window=self.latent.max_window,
+        )
+
+    def encode_prompts(self, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None):
+        """CLIP last hidden states ``(P, 77, D)`` through the pipeline's own ``encode_prompt``
+        (so results equal diffusers' exactly); negatives the same way."""
+        guided = negative_prompts is not None
+        with torch.no_grad():
+            embeds, negative = self.pipeline.encode_prompt(
+                list(prompts), self.device, 1, guided, negative_prompt=list(negative_prompts) if guided else None
+            )
+        positive = Embeddings({"prompt_embeds": embeds})
+        return positive, Embeddings({"prompt_embeds": negative}) if guided else None
+
+    def forward(self, latents, timestep, embeds, *, guidance_scale=None, offsets=None, extra=None):
+        """The UNet on ``(N, 4, h, w)``; ``extra`` goes into the UNet call (ControlNet residuals)."""
+        unet = self.pipeline.unet
+        output = unet(
+            latents.to(unet.dtype), timestep, encoder_hidden_states=embeds["prompt_embeds"],
+            return_dict=False, **dict(extra or {}),
+        )[0]
+        return output.float()
+
+    # -- ControlNet ----------------------------------------------------------------------
+
+    def control_condition(self, controlnet: Any, pixels: torch.Tensor) -> torch.Tensor:
+        """UNet ControlNets take the condition image in pixels, [0, 1]."""
+        return pixels
+
+    def tiny_controlnet(self, seed: int = 0) -> Any:
+        from ..tiny import tiny_controlnet
+
+        return tiny_controlnet(self.pipeline.unet, seed)
+
+    def controlnet_kwargs(self, controlnet, latents, timestep, embeds, condition, conditioning_scale, guidance_scale=None):
+        down, mid = controlnet(
+            latents.to(controlnet.dtype), timestep, encoder_hidden_states=embeds["prompt_embeds"],
+            controlnet_cond=condition.to(controlnet.dtype), conditioning_scale=conditioning_scale,
+            guess_mode=False, return_dict=False,
+        )
+        return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
