@@ -35,12 +35,17 @@ def _plugin_table(name: str, assignments: Sequence[str]) -> dict[str, Any]:
 
 
 def job_from_generate_args(args: argparse.Namespace) -> Job:
-    text = {"name": "text", "prompt": args.prompt, "negative_prompt": args.negative_prompt}
+    text = {"name": "text", "prompt": args.prompt}
+    if args.negative_prompt is not None:
+        text["negative_prompt"] = args.negative_prompt
     if args.guidance_scale is not None:
         text["guidance_scale"] = args.guidance_scale
     model = {"id": args.model, "device": args.device, "dtype": args.dtype}
-    if args.scheduler:
-        model["scheduler"] = args.scheduler
+    for key in ("scheduler", "family"):
+        if getattr(args, key):
+            model[key] = getattr(args, key)
+    if args.lora:
+        model["loras"] = [_lora_table(text) for text in args.lora]
     return Job.from_dict(
         {
             "model": model,
@@ -54,6 +59,17 @@ def job_from_generate_args(args: argparse.Namespace) -> Job:
             "output": args.output,
         }
     )
+
+
+def _lora_table(text: str) -> dict[str, Any]:
+    """``PATH`` or ``PATH:SCALE`` → a ``[model] loras`` entry."""
+    path, sep, scale = text.rpartition(":")
+    if sep and path:
+        try:
+            return {"path": path, "scale": float(scale)}
+        except ValueError:
+            pass
+    return {"path": text}
 
 
 def _execute(job: Job, quiet: bool, timeout_s: float | None = None) -> int:
@@ -164,13 +180,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate from a prompt")
     gen.add_argument("prompt")
-    gen.add_argument("--negative-prompt", default="")
-    gen.add_argument("--guidance-scale", type=float)
+    gen.add_argument("--negative-prompt", help="classifier-free guidance families only (SD, SDXL, SD3, Qwen-Image)")
+    gen.add_argument("--guidance-scale", type=float, help="default: the model family's")
     gen.add_argument("--geometry", default="strip")
     gen.add_argument("-g", "--geometry-option", action="append", default=[], metavar="KEY=VALUE")
     gen.add_argument("--sync", default="none", help="synchronizer name")
     gen.add_argument("-s", "--sync-option", action="append", default=[], metavar="KEY=VALUE")
-    gen.add_argument("--model", default="tiny")
+    gen.add_argument("--model", default="tiny", help="hub id, local folder, single file, or a tiny model (tiny, tiny-sdxl, tiny-flux, ...)")
+    gen.add_argument("--family", help="model family (sd, sdxl, sd3, flux, flux2, qwenimage); default: detected")
+    gen.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]", help="a LoRA (repeat for several)")
     gen.add_argument("--scheduler")
     gen.add_argument("--device", default="auto")
     gen.add_argument("--dtype", default="auto")

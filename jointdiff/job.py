@@ -168,6 +168,13 @@ class Job(_Strict):
             raise ConfigError("job: conditioners is empty; add at least [[conditioners]] name = \"text\"")
         family = known_family(self.model.id, self.model.family)
         geometry.setup(family.latent if family is not None else SD_LATENT)
+        if family is not None and family.guidance_modes is not None and "cfg" not in family.guidance_modes:
+            for spec, conditioner in zip(self.conditioners, conditioners):
+                if getattr(conditioner.options, "negative_prompt", None):
+                    raise ConfigError(
+                        f"{spec.name}: negative_prompt = {conditioner.options.negative_prompt!r} cannot be used with "
+                        f"model family {family.name!r} (guidance-distilled: no unconditional branch); remove it"
+                    )
         return geometry, conditioners, synchronizer
 
 

@@ -135,6 +135,9 @@ class ModelFamily(Configurable, ABC):
     latent: ClassVar[LatentFormat]
     guidance: ClassVar[GuidanceMode] = "cfg"
     default_guidance_scale: ClassVar[float] = 7.5
+    guidance_modes: ClassVar[frozenset[str] | None] = None
+    """Every guidance mode this family's checkpoints can have, when known before loading
+    (lets a job refuse a negative prompt for FLUX.1 before the model loads); None: unknown."""
     tiny_autoencoder: ClassVar[str | None] = None
     """Hub id of the family's tiny autoencoder (diffusers ``AutoencoderTiny``), or None."""
     tiny_models: ClassVar[dict[str, str]] = {}
@@ -147,6 +150,9 @@ class ModelFamily(Configurable, ABC):
     supports_offsets: ClassVar[bool] = False
     """Whether :meth:`forward` can take window ``offsets`` (``positions = "canvas"``)."""
     controlnet_classes: ClassVar[tuple[str, ...]] = ()
+    controlnet_positive_only: ClassVar[bool] = False
+    """With classifier-free guidance, run the ControlNet on the conditional rows only and
+    reuse its residuals for the unconditional ones (as Qwen-Image's ControlNet pipeline does)."""
     """diffusers ControlNet class names this family can use (empty: none)."""
 
     class Options(PluginOptions):

@@ -37,6 +37,7 @@ class Flux(FlowMatchFamily):
     pipeline_classes = ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline", "FluxFillPipeline")
     latent = LatentFormat(channels=16, scale_factor=8, patch=PATCH, native_window=128, min_window=8, max_window=512)
     guidance = "distilled"
+    guidance_modes = frozenset({"distilled", "none"})
     default_guidance_scale = 3.5
     tiny_autoencoder = "madebyollin/taef1"
     cuda_dtype = torch.bfloat16

@@ -72,6 +72,7 @@ class QwenImage(FlowMatchFamily):
     """The transformer builds its centred RoPE ids itself from ``img_shapes`` (one size for the
     whole batch, no per-row offsets), so ``positions = "canvas"`` is refused."""
     controlnet_classes = ("QwenImageControlNetModel",)
+    controlnet_positive_only = True
     tiny_models = {"tiny-qwenimage": "jointdiff.families.qwenimage:build_tiny_pipeline"}
 
     class Options(FlowMatchFamily.Options):

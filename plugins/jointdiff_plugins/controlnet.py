@@ -197,10 +197,28 @@ class ControlNetConditioner(Conditioner):
             if scale == 0.0:
                 continue  # diffusers multiplies the residuals by 0; skipping adds the same nothing
             condition = context.geometry.extract(control.image, window_ids)
-            condition = condition.repeat(branches, 1, 1, 1)
-            residuals = model.controlnet_kwargs(control.model, model_input, timestep, embeds, condition, scale)
+            if model.controlnet_positive_only and branches == 2:
+                rows = list(range(len(window_ids), 2 * len(window_ids)))
+                residuals = model.controlnet_kwargs(
+                    control.model, model_input[rows], timestep, embeds.select(rows), condition, scale
+                )
+                residuals = _repeat_rows(residuals, 2)
+            else:
+                condition = condition.repeat(branches, 1, 1, 1)
+                residuals = model.controlnet_kwargs(control.model, model_input, timestep, embeds, condition, scale)
             total = residuals if total is None else model.sum_control(total, residuals)
         return total or {}
+
+
+def _repeat_rows(value: Any, times: int) -> Any:
+    """Every tensor in a nest of dicts and lists repeated ``times`` along its batch dimension."""
+    if isinstance(value, torch.Tensor):
+        return value.repeat(times, *([1] * (value.ndim - 1)))
+    if isinstance(value, dict):
+        return {key: _repeat_rows(item, times) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_repeat_rows(item, times) for item in value)
+    return value
 
 
 def step_index(timestep: torch.Tensor, context) -> tuple[int | None, int]:
