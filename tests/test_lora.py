@@ -19,6 +19,8 @@ from jointdiff.errors import ConfigError
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TOLERANCE = 1e-4
+B_STD = 2.0
+"""Standard deviation of the random ``lora_B`` weights."""
 
 
 @dataclass(frozen=True)
@@ -59,10 +61,13 @@ def lora_tensors(seed: int, rank: int, alpha: int, cross_attention_dim: int = 32
     from peft.utils import get_peft_model_state_dict
 
     unet = unet_for_lora(cross_attention_dim)
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=TARGETS, init_lora_weights=False)
-    with torch.random.fork_rng(devices=[]):
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=TARGETS)
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(seed)
         unet.add_adapter(config)
+        for name, parameter in unet.named_parameters():
+            if "lora_B" in name:  # peft starts B at zero: draw it, so the LoRA does something
+                parameter.normal_(std=B_STD)
     state = {key: value.detach().clone() for key, value in get_peft_model_state_dict(unet).items()}
     return state, config
 
@@ -177,18 +182,23 @@ def assert_one_line(error: pytest.ExceptionInfo, *parts: str) -> None:
 # -- (a), (b): results equal weights merged by hand -------------------------------------------
 
 
-def test_one_lora_equals_weights_merged_by_hand(loras, plain):
-    actual = run([loras["first"].spec(0.8)])
+@pytest.fixture(scope="module")
+def first_only(loras) -> torch.Tensor:
+    """The job with the first LoRA at 0.8, loaded by jointdiff."""
+    return run([loras["first"].spec(0.8)])
+
+
+def test_one_lora_equals_weights_merged_by_hand(loras, plain, first_only):
     expected = run_merged((loras["first"], 0.8))
-    assert (actual - plain).abs().max() > 100 * TOLERANCE  # the LoRA changes the result
-    torch.testing.assert_close(actual, expected, atol=TOLERANCE, rtol=0)
+    assert (first_only - plain).abs().max() > 100 * TOLERANCE  # the LoRA changes the result
+    torch.testing.assert_close(first_only, expected, atol=TOLERANCE, rtol=0)
 
 
-def test_two_loras_at_once_equal_both_merged_by_hand(loras, plain):
+def test_two_loras_at_once_equal_both_merged_by_hand(loras, first_only):
     first, second = loras["first"], loras["second"]
     actual = run([first.spec(0.8), second.spec(-0.6)])
     expected = run_merged((first, 0.8), (second, -0.6))
-    assert (actual - run([first.spec(0.8)])).abs().max() > 100 * TOLERANCE
+    assert (actual - first_only).abs().max() > 100 * TOLERANCE  # the second LoRA counts too
     torch.testing.assert_close(actual, expected, atol=TOLERANCE, rtol=0)
 
 
