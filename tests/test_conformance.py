@@ -1,21 +1,31 @@
-"""The conformance checks of :mod:`jointdiff.testing`: every built-in plugin passes them, and
-each check fails on a plugin that breaks the property it checks."""
+"""The conformance checks of :mod:`jointdiff.testing`: every built-in plugin passes them, on
+a UNet family (``tiny``, SD) and a transformer family (``tiny-flux``, FLUX.1); every built-in
+model family passes the model-layer checks; and each check fails on a plugin or family that
+breaks the property it checks."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import pytest
 import torch
 
+from PIL import Image
+
 from jointdiff.conditioner import Conditioner, Prompt
+from jointdiff.families.base import LatentFormat
+from jointdiff.families.flux import Flux
+from jointdiff.families.sd import StableDiffusion
 from jointdiff.plugins import get_registry
 from jointdiff.synchronizer import Synchronizer
 from jointdiff.testing import (
     ConditionerConformance,
+    FamilyConformance,
     GeometryConformance,
     SynchronizerConformance,
     check_conditioner,
+    check_family,
     check_geometry,
     check_geometry_batching,
     check_geometry_coverage,
@@ -26,8 +36,10 @@ from jointdiff.testing import (
     check_plugin_class,
     check_synchronizer_deterministic,
     check_synchronizer_noop,
+    example_geometry,
     example_options,
     make_context,
+    tiny_model,
     zero_strength_options,
 )
 from jointdiff.testing.geometry import check_geometry_origins
@@ -42,19 +54,86 @@ def builtin_plugins():
     return [pytest.param(info, id=f"{info.kind}-{info.name}") for info in infos]
 
 
-@pytest.mark.parametrize("info", builtin_plugins())
-def test_every_builtin_plugin_conforms(info):
+MODELS = ("tiny", "tiny-flux")
+"""Every geometry, conditioner and synchronizer is checked on a UNet family (SD) and on a
+transformer family (FLUX.1: 16 channels, 2×2 patches, distilled guidance)."""
+
+
+def conformance_cases():
+    """``(plugin, model)`` pairs: plugins on every model of :data:`MODELS`; a model family
+    on its own (first) tiny model."""
+    cases = []
+    for param in builtin_plugins():
+        info = param.values[0]
+        for model in [None] if info.kind == "family" else MODELS:
+            suffix = f"-{model}" if model else ""
+            cases.append(pytest.param(info, model, id=f"{info.kind}-{info.name}{suffix}"))
+    return cases
+
+
+def controlnet_options(model: str, tmp_path) -> dict:
+    """The ``controlnet`` conditioner of the checks: the family's random tiny ControlNet and
+    a condition image of the example geometry's canvas size, saved as a PNG (a path, so
+    the options survive the JSON round trip; a tensor image would not)."""
+    geometry = example_geometry()
+    geometry.setup(tiny_model(model).latent_format)
+    sheets, height, width = geometry.canvas_shape_latent
+    scale = geometry.latent_scale
+    pixels = torch.rand(scale * height, scale * width, 3, generator=torch.Generator().manual_seed(5))
+    path = tmp_path / "condition.png"
+    Image.fromarray((pixels * 255).round().to(torch.uint8).numpy()).save(path)
+    return {"model": "tiny", "image": str(path)}
+
+
+TEST_OPTIONS = {("conditioner", "controlnet"): controlnet_options}
+"""Options, built here, for built-in plugins whose example_options() would need a model."""
+
+
+def geometry_latent(model: str) -> LatentFormat:
+    """The latent format geometries are checked with: the model's (channels, patch, VAE
+    factor), with the 64-cell native window the example options are sized for (FLUX's 128
+    would make the default window larger than some example canvases)."""
+    return dataclasses.replace(tiny_model(model).latent_format, native_window=64)
+
+
+@pytest.mark.parametrize(("info", "model"), conformance_cases())
+def test_every_builtin_plugin_conforms(info, model, tmp_path):
     # Geometries build from their defaults; conditioners and synchronizers may load weights,
-    # so only their example_options() are trusted to run offline.
-    options = example_options(info.cls, guess=info.kind == "geometry")
+    # so only their example_options() (or TEST_OPTIONS) are trusted to run offline.
+    make_options = TEST_OPTIONS.get((info.kind, info.name))
+    if make_options is not None:
+        options = make_options(model, tmp_path)
+    else:
+        options = example_options(info.cls, guess=info.kind in ("geometry", "family"))
     if options is None:
         pytest.skip(f"{info.kind} {info.name!r} has no example_options() classmethod")
-    check_plugin_class(info.kind, info.cls, options)
+    check_plugin_class(info.kind, info.cls, options, geometry_latent(model) if info.kind == "geometry" else model)
+
+
+def builtin_tiny_model_variants():
+    """Every built-in tiny model but each family's first (checked above as the family plugin):
+    schnell (no guidance), LCM (distilled), refiner, SD 3.5, FLUX.2 klein, ..."""
+    names = []
+    for param in builtin_plugins():
+        info = param.values[0]
+        if info.kind == "family":
+            names += list(info.cls.tiny_models)[1:]
+    return names
+
+
+@pytest.mark.parametrize("name", builtin_tiny_model_variants())
+def test_every_builtin_tiny_model_variant_passes_the_family_checks(name):
+    from jointdiff.models import load_model
+
+    check_family(load_model(name, device="cpu", dtype="float32"))
 
 
 def test_the_core_builtins_are_all_checked():
     checked = {(p.values[0].kind, p.values[0].name) for p in builtin_plugins()}
     assert {("geometry", "strip"), ("geometry", "grid"), ("conditioner", "text"), ("synchronizer", "none")} <= checked
+    families = {("family", name) for name in ("sd", "sdxl", "sd3", "flux", "flux2", "qwenimage")}
+    assert {("conditioner", "controlnet")} | families <= checked
+    assert {type(tiny_model(m)).flow_matching for m in MODELS} == {False, True}  # a UNet and a transformer
     for kind, name in checked:
         cls = get_registry().get(kind, name)
         if cls in (StripGeometry, GridGeometry, TextConditioner, NoSynchronizer):
@@ -101,6 +180,16 @@ class TestNoneMixin(SynchronizerConformance):
     def make_zero_strength_synchronizer(self):
         return NoSynchronizer()
 # --8<-- [end:mixins]
+
+
+class TestTextMixinOnFlux(TestTextMixin):
+    def make_pipeline(self):
+        return tiny_model("tiny-flux")
+
+
+class TestFluxFamilyMixin(FamilyConformance):
+    def make_model(self):
+        return tiny_model("tiny-flux")
 
 
 # ----------------------------------------------------------------------------- broken geometries
@@ -269,3 +358,86 @@ def test_synchronizer_checks_catch_the_defect_they_check():
         check_synchronizer_noop(AlwaysOn)
     with pytest.raises(AssertionError, match="modified the canvas in place"):
         check_synchronizer_noop(TouchesCanvas)
+
+
+# ----------------------------------------------------------------------------- broken model families
+
+
+class MixesRows(StableDiffusion):
+    def forward(self, latents, timestep, embeds, **kwargs):
+        output = super().forward(latents, timestep, embeds, **kwargs)
+        return output + 0.1 * output.mean(0, keepdim=True)  # e.g. a batch norm over windows
+
+
+class FirstScaleOnly(Flux):
+    def forward(self, latents, timestep, embeds, *, guidance_scale=None, **kwargs):
+        scale = guidance_scale[:1].expand(len(latents))  # row 0's guidance for every window
+        return super().forward(latents, timestep, embeds, guidance_scale=scale, **kwargs)
+
+
+class FirstOffsetOnly(Flux):
+    def forward(self, latents, timestep, embeds, *, offsets=None, **kwargs):
+        offsets = offsets[:1].expand(len(latents), 2) if offsets is not None else None
+        return super().forward(latents, timestep, embeds, offsets=offsets, **kwargs)
+
+
+class WrongInverse(StableDiffusion):
+    def output_from_x0(self, latents, x0, timestep, scheduler):
+        return -super().output_from_x0(latents, x0, timestep, scheduler)
+
+
+class StartsClean(StableDiffusion):
+    def add_noise(self, x0, noise, timestep, scheduler):
+        return x0 + 0.1 * noise
+
+
+class ForgetsShift(Flux):
+    def from_vae_latents(self, latents):
+        return latents * self.pipeline.vae.config.scaling_factor
+
+
+class OneRow(StableDiffusion):
+    def encode_prompts(self, prompts, negative_prompts=None):
+        embeds, negative = super().encode_prompts(prompts[:1], negative_prompts and negative_prompts[:1])
+        return embeds, negative
+
+
+class NoNegatives(StableDiffusion):
+    def encode_prompts(self, prompts, negative_prompts=None):
+        return super().encode_prompts(prompts)[0], None
+
+
+class HalfDecode(StableDiffusion):
+    def decode(self, latents):
+        return torch.nn.functional.avg_pool2d(super().decode(latents), 2)
+
+
+class Unaccepting(StableDiffusion):
+    pipeline_classes = ("FluxPipeline",)
+
+
+class OddNative(Flux):
+    latent = LatentFormat(channels=16, scale_factor=8, patch=2, native_window=127)
+
+
+@pytest.mark.parametrize(
+    ("family", "model", "message"),
+    [
+        (MixesRows, "tiny", "forward is not batch-invariant: row 0 of a batch of 2 vs. that window alone"),
+        (FirstScaleOnly, "tiny-flux", "forward is not batch-invariant: row 1 of a batch of 2"),
+        (FirstOffsetOnly, "tiny-flux", "forward with offsets is not batch-invariant: row 1"),
+        (WrongInverse, "tiny", r"output_from_x0\(predicted_x0\(output\)\) vs. output at timestep 501"),
+        (StartsClean, "tiny", "must be mostly noise at the initial noise level 1: got 1·x0 \\+ 0.1·noise"),
+        (ForgetsShift, "tiny-flux", r"from_vae_latents\(to_vae_latents\(x\)\) vs. x: differs"),
+        (OneRow, "tiny", r"encode_prompts of 2 prompt\(s\) must have 2 row\(s\)"),
+        (NoNegatives, "tiny", "with negative prompts returned no negative embeddings"),
+        (HalfDecode, "tiny", r"decode of \(2, 4, 8, 8\) has shape \(2, 3, 32, 32\), expected \(2, 3, 64, 64\)"),
+        (Unaccepting, "tiny", "accepts\\(\\) refuses its own pipeline, a StableDiffusionPipeline"),
+        (OddNative, "tiny-flux", "native_window 127 is not a whole number of 2-cell patches"),
+    ],
+)
+def test_family_checks_catch_the_defect_they_check(family, model, message):
+    pipeline = tiny_model(model).pipeline
+    check_family(family.__base__(pipeline))  # the unbroken base passes
+    with pytest.raises(AssertionError, match=message):
+        check_family(family(pipeline))

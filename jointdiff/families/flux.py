@@ -234,6 +234,11 @@ class Flux(FlowMatchFamily):
             latent = vae.encode(image.to(vae.device, vae.dtype)).latent_dist.mode()
         return self.from_vae_latents(latent.float())
 
+    def tiny_controlnet(self, seed: int = 0) -> Any:
+        """A random-weight FLUX ControlNet that fits this transformer (``model = "tiny"``)."""
+        guidance = bool(self.pipeline.transformer.config.guidance_embeds)
+        return build_tiny_controlnet(seed, guidance_embeds=guidance)
+
     def controlnet_kwargs(
         self, controlnet, latents, timestep, embeds, condition, conditioning_scale, guidance_scale=None, offsets=None
     ):

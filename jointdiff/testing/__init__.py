@@ -8,11 +8,13 @@ A few lines run every check on a plugin class with pytest::
         def make_geometry(self):
             return MyGeometry(width_px=1024)
 
-:class:`ConditionerConformance` and :class:`SynchronizerConformance` work the same way. Every
-check is also a plain function (:func:`check_geometry`, :func:`check_conditioner`,
-:func:`check_synchronizer`, ...) that raises ``AssertionError`` saying what is wrong. The
-checks need no GPU and no download: conditioner and synchronizer checks run the built-in
-``tiny`` model (random weights), so they test the contract, not image quality.
+:class:`ConditionerConformance`, :class:`SynchronizerConformance` and
+:class:`FamilyConformance` (model families) work the same way. Every check is also a plain
+function (:func:`check_geometry`, :func:`check_conditioner`, :func:`check_synchronizer`,
+:func:`check_family`, ...) that raises ``AssertionError`` saying what is wrong. The checks
+need no GPU and no download: conditioner and synchronizer checks run a built-in tiny model
+(random weights; ``tiny``, a UNet, by default; pass ``model="tiny-flux"`` or another tiny
+model name to check on a transformer family), so they test the contract, not image quality.
 
 Conventions follow :mod:`jointdiff.geometry`: canvases are ``(S, C, H, W)`` latents, windows
 ``(B, C, h, w)``, sizes ``(h, w)`` in latent cells.
@@ -34,7 +36,7 @@ import pydantic
 import torch
 
 from ..conditioner import Conditioner, Prompt, encode_text
-from ..families.base import Embeddings
+from ..families.base import Embeddings, LatentFormat
 from ..context import JobContext, StepState, WindowBatch
 from ..denoiser import Denoiser
 from ..geometry import Geometry
@@ -56,12 +58,21 @@ from .geometry import (  # noqa: F401  (re-exported: jointdiff.testing is the pu
     check_options_round_trip,
     check_geometry,
 )
+from .family import (  # noqa: F401  (re-exported)
+    FAMILY_CHECKS,
+    check_family,
+    check_family_facts,
+    check_family_forward,
+    check_family_prompts,
+    check_family_schedule,
+    check_family_vae,
+)
 
 
 # ----------------------------------------------------------------------------- model context
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=8)
 def tiny_model(name: str = "tiny") -> Any:
     """A built-in tiny model (``"tiny"``: Stable Diffusion; ``"tiny-flux"``: a FLUX.1
     transformer; ...) on the CPU in float32, built once per process. Shared: checks must not
@@ -332,21 +343,53 @@ def zero_strength_options(cls: type) -> dict[str, Any] | None:
     return dict(provider()) if provider is not None else None
 
 
-def check_plugin_class(kind: str, cls: type, options: Mapping[str, Any] | None = None) -> None:
+def family_model(cls: type, model: Any = None, options: Mapping[str, Any] | None = None) -> Any:
+    """An instance of the model family ``cls`` to check: ``model`` itself when it is a
+    bound family, else ``cls`` bound to the pipeline of the tiny model ``model`` (default:
+    the first of ``cls.tiny_models``), with ``options``."""
+    from ..families.base import ModelFamily
+
+    if isinstance(model, ModelFamily):
+        return model
+    if model is None:
+        if not cls.tiny_models:
+            fail(f"model family {getattr(cls, 'name', cls.__name__)!r} has no tiny_models: pass model= "
+                 "(a bound family or a pipeline) to check it")
+        model = next(iter(cls.tiny_models))
+    pipeline = tiny_model(model).pipeline if isinstance(model, str) else model
+    return cls(pipeline, dict(options or {}))
+
+
+def check_plugin_class(kind: str, cls: type, options: Mapping[str, Any] | None = None, model: Any = None) -> None:
     """Run the checks of ``kind`` on ``cls`` built with ``options`` (default: its
-    :func:`example_options`)."""
+    :func:`example_options`).
+
+    ``model``: what to check on (a tiny model name such as ``"tiny"`` or ``"tiny-flux"``, a
+    model family or a pipeline; default ``"tiny"``): geometries are set up with its latent
+    format (or ``model`` itself when it is a :class:`LatentFormat`), conditioners and
+    synchronizers run on it. For ``kind == "family"``, ``cls`` is
+    bound to it (default: the class's first tiny model) and :func:`check_family` runs."""
     options = dict(options) if options is not None else example_options(cls)
     if options is None:
         fail(f"{cls.__name__} needs options: pass them or give the class an example_options() classmethod")
+    if kind == "family":
+        check_family(family_model(cls, model, options))
+        return
+    if isinstance(model, str):
+        model = tiny_model(model)
     if kind == "geometry":
-        check_geometry(cls(**options), atol=getattr(cls, "round_trip_atol", 1e-5))
+        from ..models import as_model
+
+        latent = model if model is None or isinstance(model, (LatentFormat, int)) else as_model(model).latent_format
+        latent = latent if latent is not None else 8
+        check_geometry(cls(**options), latent, atol=getattr(cls, "round_trip_atol", 1e-5))
     elif kind == "conditioner":
-        check_conditioner(cls(**options))
+        check_conditioner(cls(**options), make_context(model))
     elif kind == "synchronizer":
         zero = zero_strength_options(cls)
-        check_synchronizer(lambda: cls(**options), (lambda: cls(**zero)) if zero is not None else None)
+        check_synchronizer(lambda: cls(**options), (lambda: cls(**zero)) if zero is not None else None, model)
     else:
-        raise ValueError(f"kind must be geometry, conditioner or synchronizer, got {kind!r}")
+        raise ValueError(f"kind must be geometry, conditioner, synchronizer or family, got {kind!r}")
 
 
 @contextlib.contextmanager
@@ -455,3 +498,28 @@ class SynchronizerConformance:
 
     def test_synchronizer_options_round_trip(self) -> None:
         check_options_round_trip(self.make_synchronizer())
+
+
+class FamilyConformance:
+    """Mix into a ``Test...`` class and define :meth:`make_model` (a
+    :class:`~jointdiff.families.base.ModelFamily` bound to a small pipeline on the CPU in
+    float32, e.g. of random tiny weights); pytest then runs every model-family check as its
+    own test. ``make_model`` is called once per test: cache it if building is slow."""
+
+    def make_model(self) -> Any:
+        raise NotImplementedError("define make_model() to return the model family (bound to a pipeline) to check")
+
+    def test_family_facts(self) -> None:
+        check_family_facts(self.make_model())
+
+    def test_family_prompts(self) -> None:
+        check_family_prompts(self.make_model())
+
+    def test_family_forward(self) -> None:
+        check_family_forward(self.make_model())
+
+    def test_family_schedule(self) -> None:
+        check_family_schedule(self.make_model())
+
+    def test_family_vae(self) -> None:
+        check_family_vae(self.make_model())
