@@ -9,13 +9,15 @@ import warnings
 import pytest
 import torch
 
+from jointdiff import JointDiffusion, create
 from jointdiff.errors import ConfigError
-from jointdiff.families.base import Embeddings
 from jointdiff.families.flow import pack_patches, unpack_patches
 from jointdiff.families.flux2 import Flux2, build_tiny_pipeline, empirical_mu
+from jointdiff.tiling import TiledGeometry
 
 PROMPT = "a red fox in the snow"
 SIZE = (6, 10)  # canvas cells of a non-square window: 96 × 160 px
+WINDOW = (8, 12)  # the engine's non-square window (at least min_window = 8 cells): 128 × 192 px
 STEPS = 2
 
 
@@ -33,24 +35,29 @@ def initial_latents(seed: int = 1, size: tuple[int, int] = SIZE) -> torch.Tensor
     return torch.randn((1, 128, *size), generator=torch.Generator().manual_seed(seed))
 
 
-def denoise_window(family, scheduler, noise, positive, negative=None, guidance_scale=4.0, offsets=None):
-    """One window denoised with the family's methods only (the engine's per-step calls)."""
-    scheduler = copy.deepcopy(scheduler)
-    family.set_timesteps(scheduler, STEPS, tuple(noise.shape[-2:]))
-    x = noise * family.initial_noise_sigma(scheduler)
-    cfg = family.guidance_mode == "cfg" and negative is not None and guidance_scale > 1
-    embeds = Embeddings.cat([negative, positive]) if cfg else positive
-    distilled = torch.full((len(x),), guidance_scale) if family.guidance_mode == "distilled" else None
-    for t in scheduler.timesteps:
-        x_in = family.scale_model_input(x, t, scheduler)
-        x_in = torch.cat([x_in, x_in]) if cfg else x_in
-        with torch.no_grad():
-            out = family.forward(x_in, t, embeds, guidance_scale=distilled, offsets=offsets)
-        if cfg:
-            uncond, cond = out.chunk(2)
-            out = family.combine_guidance(uncond, cond, guidance_scale)
-        x = scheduler.step(out, t, x).prev_sample
-    return x
+class OneWindow(TiledGeometry):
+    """A canvas that is exactly one window of ``size`` latent cells (non-square windows:
+    the built-in geometries have square ones)."""
+
+    name = "one-window"
+
+    def __init__(self, size: tuple[int, int]) -> None:
+        super().__init__()
+        self.size = tuple(size)
+
+    def canvas_size_px(self) -> tuple[int, int]:
+        return (self.size[0] * self.latent_scale, self.size[1] * self.latent_scale)
+
+    def window_stride_latent(self):
+        return self.size, self.size
+
+
+def engine_window(family, noise, guidance_scale=None):
+    """The real engine on one window from unit ``noise`` ``(1, 128, h, w)`` with the ``text``
+    conditioner (no negative prompt); returns the final latents."""
+    text = create("conditioner", "text", prompt=PROMPT, guidance_scale=guidance_scale)
+    job = JointDiffusion(family, OneWindow(noise.shape[-2:]), [text])
+    return job(STEPS, latents=noise.clone(), output_type="latent", progress=False).latents
 
 
 def assert_close(ours: torch.Tensor, stock: torch.Tensor, rtol: float = 1e-4) -> None:
@@ -64,10 +71,10 @@ def test_window_equals_stock_pipeline(pipes, variant):
     """dev: embedded guidance; klein base: true CFG with "" negatives; klein: no guidance."""
     pipe = pipes[variant]
     family = Flux2(pipe)
-    noise = initial_latents()
-    positive, negative = family.encode_prompts([PROMPT], [""] if family.guidance_mode == "cfg" else None)
-    ours = denoise_window(family, pipe.scheduler, noise, positive, negative, guidance_scale=3.5)
-    h, w = SIZE
+    noise = initial_latents(size=WINDOW)
+    guided = family.guidance_mode != "none"
+    ours = engine_window(family, noise, 3.5 if guided else None)
+    h, w = WINDOW
     with torch.no_grad():
         stock = pipe(
             prompt=PROMPT, height=16 * h, width=16 * w, num_inference_steps=STEPS, guidance_scale=3.5,

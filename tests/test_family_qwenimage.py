@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 import torch
 
+from jointdiff import JointDiffusion, create
 from jointdiff.errors import ConfigError
 from jointdiff.families.base import Embeddings
 from jointdiff.families.flow import linear_shift_mu, pack_patches, unpack_patches
 from jointdiff.families.qwenimage import QwenImage, build_tiny_pipeline
+from jointdiff.tiling import TiledGeometry
 
 PROMPT = "a photo of a red fox in the snow"
 NEGATIVE = "blurry"  # shorter than PROMPT: the negative rows are padded and masked
@@ -36,30 +38,29 @@ def initial_latents(seed: int = 1) -> torch.Tensor:
     return torch.randn((1, 16, *SIZE), generator=torch.Generator().manual_seed(seed))
 
 
-def denoise_window(family, scheduler, noise, positive, negative=None, guidance_scale=4.0, control=None):
-    """One window denoised with the family's methods only (the engine's per-step calls).
-    ``control``: ``(controlnet, condition (1, 3, H, W) in [0, 1], scale)``."""
-    scheduler = copy.deepcopy(scheduler)
-    family.set_timesteps(scheduler, STEPS, tuple(noise.shape[-2:]))
-    x = noise * family.initial_noise_sigma(scheduler)
-    cfg = negative is not None and guidance_scale > 1
-    embeds = Embeddings.cat([negative, positive]) if cfg else positive
-    for t in scheduler.timesteps:
-        x_in = family.scale_model_input(x, t, scheduler)
-        x_in = torch.cat([x_in, x_in]) if cfg else x_in
-        extra = None
-        if control is not None:
-            controlnet, condition, scale = control
-            torch.manual_seed(5)  # the posterior sample, drawn as the stock pipeline draws it
-            condition = family.control_condition(controlnet, condition).expand(len(x_in), -1, -1, -1)
-            extra = family.controlnet_kwargs(controlnet, x_in, t, embeds, condition, scale)
-        with torch.no_grad():
-            out = family.forward(x_in, t, embeds, extra=extra)
-        if cfg:
-            uncond, cond = out.chunk(2)
-            out = family.combine_guidance(uncond, cond, guidance_scale)
-        x = scheduler.step(out, t, x).prev_sample
-    return x
+class OneWindow(TiledGeometry):
+    """A canvas that is exactly one window of ``size`` latent cells (non-square windows:
+    the built-in geometries have square ones)."""
+
+    name = "one-window"
+
+    def __init__(self, size: tuple[int, int]) -> None:
+        super().__init__()
+        self.size = tuple(size)
+
+    def canvas_size_px(self) -> tuple[int, int]:
+        return (self.size[0] * self.latent_scale, self.size[1] * self.latent_scale)
+
+    def window_stride_latent(self):
+        return self.size, self.size
+
+
+def engine_window(family, noise, negative=None, guidance_scale=4.0, conditioners=()):
+    """The real engine on one window from unit ``noise`` ``(1, 16, h, w)``, with the ``text``
+    conditioner (and ``conditioners``); returns the final latents."""
+    text = create("conditioner", "text", prompt=PROMPT, negative_prompt=negative, guidance_scale=guidance_scale)
+    job = JointDiffusion(family, OneWindow(noise.shape[-2:]), [text, *conditioners])
+    return job(STEPS, latents=noise.clone(), output_type="latent", progress=False).latents
 
 
 def assert_close(ours: torch.Tensor, stock: torch.Tensor, rtol: float = 1e-4) -> None:
@@ -90,9 +91,7 @@ def run_stock(pipeline, noise, **kwargs):
 def test_one_window_equals_stock_pipeline(pipe, family, negative):
     """True CFG 4.0 with a negative prompt (norm-preserving); none without one, as stock."""
     noise = initial_latents()
-    cfg = family.uses_cfg(4.0, negative)
-    positive, neg = family.encode_prompts([PROMPT], [negative] if cfg else None)
-    ours = denoise_window(family, pipe.scheduler, noise, positive, neg, guidance_scale=4.0)
+    ours = engine_window(family, noise, negative, guidance_scale=4.0)
     stock, image = run_stock(pipe, noise, negative_prompt=negative, true_cfg_scale=4.0, output_type="pt")
     assert_close(ours, stock)
     with torch.no_grad():
@@ -179,21 +178,26 @@ def test_facts_packing_and_vae_round_trip(pipe, family):
         assert family.encode(torch.rand(1, 3, 64, 96) * 2 - 1).shape == (1, 16, 8, 12)
 
 
-def test_controlnet_window_equals_stock_pipeline(pipe, family):
-    """Without CFG: the stock pipeline reuses the positive-prompt residuals for the negative
-    branch, which a per-row ControlNet call does not reproduce."""
+@pytest.mark.parametrize("negative", [None, NEGATIVE])
+def test_controlnet_window_equals_stock_pipeline(pipe, family, negative):
+    """With true CFG the stock pipeline reuses the positive-prompt residuals for the negative
+    branch (``controlnet_positive_only``); without a negative prompt there is no CFG."""
     from diffusers import QwenImageControlNetPipeline
 
     controlnet = family.tiny_controlnet(seed=3)
     noise = initial_latents()
     condition = torch.rand((1, 3, 8 * SIZE[0], 8 * SIZE[1]), generator=torch.Generator().manual_seed(4))
-    positive, _ = family.encode_prompts([PROMPT])
-    ours = denoise_window(family, pipe.scheduler, noise, positive, control=(controlnet, condition, 0.8))
+    control = create("conditioner", "controlnet", model=controlnet, image=condition, conditioning_scale=0.8)
+    torch.manual_seed(5)  # the condition's posterior sample, drawn (once, in setup) as the stock pipeline draws it
+    ours = engine_window(family, noise, negative, conditioners=[control])
     stock_pipe = QwenImageControlNetPipeline(**{**pipe.components, "scheduler": copy.deepcopy(pipe.scheduler)}, controlnet=controlnet)
     torch.manual_seed(5)
-    stock, _ = run_stock(stock_pipe, noise, control_image=condition * 2 - 1, controlnet_conditioning_scale=0.8)
+    stock, _ = run_stock(
+        stock_pipe, noise, negative_prompt=negative, true_cfg_scale=4.0, control_image=condition * 2 - 1,
+        controlnet_conditioning_scale=0.8,
+    )  # fmt: skip
     assert_close(ours, stock)
-    plain = denoise_window(family, pipe.scheduler, noise, positive)
+    plain = engine_window(family, noise, negative)
     assert (ours - plain).abs().max() > 1e-3  # the residuals matter
 
 

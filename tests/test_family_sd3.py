@@ -8,9 +8,10 @@ import warnings
 import pytest
 import torch
 
+from jointdiff import JointDiffusion, create
 from jointdiff.errors import ConfigError
-from jointdiff.families.base import Embeddings
 from jointdiff.families.sd3 import SD3Family, build_tiny_pipeline, build_tiny_sd35_pipeline
+from jointdiff.tiling import TiledGeometry
 
 PROMPT, NEGATIVE = "a photo of a cat in the city", "blurry"
 
@@ -29,25 +30,29 @@ def noise(*shape, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
-@torch.no_grad()
-def run_family(family, latents, steps, guidance, negative="", controlnet=None, condition=None, scale=1.0):
-    """The engine's per-step loop on one window using only the family's methods and a copy of
-    the stock scheduler (CFG: ``[uncond, cond]`` rows). The engine will replace this helper."""
-    positive, negative_rows = family.encode_prompts([PROMPT] * len(latents), [negative] * len(latents))
-    rows = Embeddings.cat([negative_rows, positive])
-    scheduler = copy.deepcopy(family.scheduler)
-    family.set_timesteps(scheduler, steps, tuple(latents.shape[-2:]))
-    x = latents * family.initial_noise_sigma(scheduler)
-    for t in scheduler.timesteps:
-        x_in = family.scale_model_input(x, t, scheduler)
-        x_in = torch.cat([x_in, x_in])
-        extra = None
-        if controlnet is not None:
-            cond = condition.repeat(2, 1, 1, 1)
-            extra = family.controlnet_kwargs(controlnet, x_in, t, rows, cond, scale)
-        uncond, cond_out = family.forward(x_in, t, rows, extra=extra).chunk(2)
-        x = scheduler.step(family.combine_guidance(uncond, cond_out, guidance), t, x).prev_sample
-    return x
+class OneWindow(TiledGeometry):
+    """A canvas that is exactly one window of ``size`` latent cells (non-square windows:
+    the built-in geometries have square ones)."""
+
+    name = "one-window"
+
+    def __init__(self, size: tuple[int, int]) -> None:
+        super().__init__()
+        self.size = tuple(size)
+
+    def canvas_size_px(self) -> tuple[int, int]:
+        return (self.size[0] * self.latent_scale, self.size[1] * self.latent_scale)
+
+    def window_stride_latent(self):
+        return self.size, self.size
+
+
+def engine_window(family, latents, steps, guidance, negative=None, conditioners=()):
+    """The real engine on one window from unit noise ``latents`` ``(1, 16, h, w)``, with the
+    ``text`` conditioner (and ``conditioners``); returns the final latents."""
+    text = create("conditioner", "text", prompt=PROMPT, negative_prompt=negative, guidance_scale=guidance)
+    job = JointDiffusion(family, OneWindow(latents.shape[-2:]), [text, *conditioners])
+    return job(steps, latents=latents.clone(), output_type="latent", progress=False).latents
 
 
 def assert_close(ours, ref, rel=1e-4):
@@ -61,7 +66,7 @@ def test_one_window_equals_stock_pipeline(build):
     pipe = build()
     family = SD3Family(pipe)
     latents = noise(1, 16, 16, 24)
-    ours = run_family(family, latents, steps=2, guidance=5.0, negative=NEGATIVE)
+    ours = engine_window(family, latents, steps=2, guidance=5.0, negative=NEGATIVE)
     ref = pipe(
         PROMPT, negative_prompt=NEGATIVE, height=128, width=192, num_inference_steps=2, guidance_scale=5.0,
         latents=latents.clone(), output_type="latent",
@@ -158,12 +163,13 @@ def test_controlnet_window_equals_stock_pipeline(pipe, family, monkeypatch):
     latents = noise(1, 16, 16, 24)
     condition = family.control_condition(controlnet, pixels)
     assert condition.shape == (1, 16, 16, 24)
-    ours = run_family(family, latents, 2, 4.0, NEGATIVE, controlnet, condition, scale=0.7)
+    control = create("conditioner", "controlnet", model=controlnet, image=pixels, conditioning_scale=0.7)
+    ours = engine_window(family, latents, 2, 4.0, NEGATIVE, [control])
     stock = StableDiffusion3ControlNetPipeline(**pipe.components, controlnet=controlnet)
     ref = stock(
         PROMPT, negative_prompt=NEGATIVE, height=128, width=192, num_inference_steps=2, guidance_scale=4.0,
         control_image=pixels * 2 - 1, controlnet_conditioning_scale=0.7, latents=latents.clone(), output_type="latent",
     ).images  # fmt: skip
     assert_close(ours, ref)
-    plain = run_family(family, latents, 2, 4.0, NEGATIVE)
+    plain = engine_window(family, latents, 2, 4.0, NEGATIVE)
     assert (plain - ref).abs().max() > 1e-3  # the residuals matter

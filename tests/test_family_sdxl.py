@@ -8,14 +8,15 @@ import warnings
 import pytest
 import torch
 
+from jointdiff import JointDiffusion, create
 from jointdiff.errors import ConfigError
-from jointdiff.families.base import Embeddings
 from jointdiff.families.sdxl import (
     StableDiffusionXL,
     build_tiny_pipeline,
     build_tiny_refiner_pipeline,
     guidance_embedding,
 )
+from jointdiff.tiling import TiledGeometry
 
 PROMPT = "a photo of a lighthouse"
 SIZE = (16, 24)  # latent cells of a non-square window: 128 × 192 px
@@ -36,30 +37,29 @@ def initial_latents(seed: int = 1) -> torch.Tensor:
     return torch.randn((1, 4, *SIZE), generator=torch.Generator().manual_seed(seed))
 
 
-def denoise_window(family, scheduler, noise, positive, negative=None, guidance_scale=5.0, control=None):
-    """One window denoised with the family's methods only (the engine's per-step calls).
-    ``control``: ``(controlnet, condition (1, 3, H, W), scale)``. ``noise`` is unit Gaussian."""
-    scheduler = copy.deepcopy(scheduler)
-    family.set_timesteps(scheduler, STEPS, tuple(noise.shape[-2:]))
-    x = noise * family.initial_noise_sigma(scheduler)
-    cfg = family.guidance_mode == "cfg" and negative is not None and guidance_scale > 1
-    embeds = Embeddings.cat([negative, positive]) if cfg else positive
-    distilled = torch.full((len(x),), guidance_scale) if family.guidance_mode == "distilled" else None
-    for t in scheduler.timesteps:
-        x_in = family.scale_model_input(x, t, scheduler)
-        x_in = torch.cat([x_in, x_in]) if cfg else x_in
-        extra = None
-        if control is not None:
-            controlnet, condition, scale = control
-            condition = family.control_condition(controlnet, condition).expand(len(x_in), -1, -1, -1)
-            extra = family.controlnet_kwargs(controlnet, x_in, t, embeds, condition, scale)
-        with torch.no_grad():
-            out = family.forward(x_in, t, embeds, guidance_scale=distilled, extra=extra)
-        if cfg:
-            uncond, cond = out.chunk(2)
-            out = family.combine_guidance(uncond, cond, guidance_scale)
-        x = scheduler.step(out, t, x).prev_sample
-    return x
+class OneWindow(TiledGeometry):
+    """A canvas that is exactly one window of ``size`` latent cells (non-square windows:
+    the built-in geometries have square ones)."""
+
+    name = "one-window"
+
+    def __init__(self, size: tuple[int, int]) -> None:
+        super().__init__()
+        self.size = tuple(size)
+
+    def canvas_size_px(self) -> tuple[int, int]:
+        return (self.size[0] * self.latent_scale, self.size[1] * self.latent_scale)
+
+    def window_stride_latent(self):
+        return self.size, self.size
+
+
+def engine_window(family, noise, negative=None, guidance_scale=5.0, conditioners=()):
+    """The real engine on one window from unit ``noise`` ``(1, 4, h, w)``, with the ``text``
+    conditioner (and ``conditioners``); returns the final latents."""
+    text = create("conditioner", "text", prompt=PROMPT, negative_prompt=negative, guidance_scale=guidance_scale)
+    job = JointDiffusion(family, OneWindow(noise.shape[-2:]), [text, *conditioners])
+    return job(STEPS, latents=noise.clone(), output_type="latent", progress=False).latents
 
 
 def assert_close(ours: torch.Tensor, stock: torch.Tensor, rtol: float = 1e-4) -> None:
@@ -81,10 +81,10 @@ def stock_latents(pipeline, noise, **kwargs):
 def test_one_window_equals_stock_pipeline(pipe, family, negative):
     """CFG 5.0; no negative prompt = zeroed unconditional rows (force_zeros_for_empty_prompt)."""
     noise = initial_latents()
-    positive, neg = family.encode_prompts([PROMPT], [negative or ""])
+    _, neg = family.encode_prompts([PROMPT], [negative or ""])
     if negative is None:
         assert neg["prompt_embeds"].abs().max() == 0 and neg["pooled_prompt_embeds"].abs().max() == 0
-    ours = denoise_window(family, pipe.scheduler, noise, positive, neg, guidance_scale=5.0)
+    ours = engine_window(family, noise, negative, guidance_scale=5.0)
     stock = stock_latents(pipe, noise, negative_prompt=negative, guidance_scale=5.0)
     assert_close(ours, stock)
 
@@ -95,12 +95,12 @@ def test_controlnet_window_equals_stock_pipeline(pipe, family):
     controlnet = family.tiny_controlnet(seed=3)
     noise = initial_latents()
     condition = torch.rand((1, 3, 8 * SIZE[0], 8 * SIZE[1]), generator=torch.Generator().manual_seed(4))
-    positive, neg = family.encode_prompts([PROMPT], ["blurry"])
-    ours = denoise_window(family, pipe.scheduler, noise, positive, neg, control=(controlnet, condition, 0.8))
+    control = create("conditioner", "controlnet", model=controlnet, image=condition, conditioning_scale=0.8)
+    ours = engine_window(family, noise, "blurry", conditioners=[control])
     stock_pipe = StableDiffusionXLControlNetPipeline(**{**pipe.components, "scheduler": copy.deepcopy(pipe.scheduler)}, controlnet=controlnet)
     stock = stock_latents(stock_pipe, noise, negative_prompt="blurry", image=condition, controlnet_conditioning_scale=0.8)
     assert_close(ours, stock)
-    plain = denoise_window(family, pipe.scheduler, noise, positive, neg)
+    plain = engine_window(family, noise, "blurry")
     assert (ours - plain).abs().max() > 1e-3  # the residuals matter
 
 
@@ -108,10 +108,10 @@ def test_lcm_distilled_guidance_equals_stock_pipeline():
     pipeline = build_tiny_pipeline(time_cond_proj_dim=8)
     family = StableDiffusionXL(pipeline)
     assert family.guidance_mode == "distilled"
-    positive, negative = family.encode_prompts([PROMPT], [""])
+    _, negative = family.encode_prompts([PROMPT], [""])
     assert negative is None
     noise = initial_latents()
-    ours = denoise_window(family, pipeline.scheduler, noise, positive, guidance_scale=3.0)
+    ours = engine_window(family, noise, guidance_scale=3.0)
     assert_close(ours, stock_latents(pipeline, noise, guidance_scale=3.0))
     with pytest.raises(ConfigError, match="negative_prompts.*blurry"):
         family.encode_prompts([PROMPT], ["blurry"])
@@ -128,7 +128,7 @@ def test_refiner_aesthetic_window_equals_stock_pipeline():
     positive, negative = family.encode_prompts([PROMPT], [""])
     assert negative["prompt_embeds"].abs().max() > 0
     assert negative["aesthetic_score"].item() == 2.5 and positive["aesthetic_score"].item() == 6.0
-    ours = denoise_window(family, pipeline.scheduler, noise, positive, negative, guidance_scale=5.0)
+    ours = engine_window(family, noise, guidance_scale=5.0)  # no negative prompt: "" encoded
     scheduler = copy.deepcopy(pipeline.scheduler)
     scheduler.set_timesteps(STEPS)  # img2img takes `latents` as they are: scale them as text-to-image does
     with torch.no_grad():
