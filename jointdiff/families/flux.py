@@ -23,7 +23,7 @@ import pydantic
 import torch
 
 from ..errors import ConfigError
-from .base import Embeddings, GuidanceMode, LatentFormat
+from .base import Embeddings, GuidanceMode, LatentFormat, first_parameter
 from .flow import FlowMatchFamily, pack_patches, unpack_patches
 
 PATCH = 2
@@ -129,7 +129,7 @@ class Flux(FlowMatchFamily):
         """The keyword arguments FluxPipeline gives its transformer (and FluxControlNetPipeline
         its ControlNet): tokens, ``t / 1000`` in the model dtype, guidance, prompt rows, ids."""
         n, _, h, w = latents.shape
-        dtype, device = model.dtype, latents.device
+        dtype, device = first_parameter(model).dtype, latents.device
         prompt = embeds["prompt_embeds"]
         return {
             "hidden_states": pack_patches(latents, PATCH).to(dtype),

@@ -193,11 +193,11 @@ class Flux2(FlowMatchFamily):
     def _call(self, tokens, timestep, prompt, guidance, img_ids, extra) -> torch.Tensor:
         """One transformer call on packed tokens ``(N, S, C)``; returns the image tokens."""
         transformer = self.pipeline.transformer
-        n = tokens.shape[0]
-        t = timestep.to(tokens.device).reshape(-1).expand(n).to(transformer.dtype)
+        n, dtype = tokens.shape[0], self.dtype
+        t = timestep.to(tokens.device).reshape(-1).expand(n).to(dtype)
         out = transformer(
-            hidden_states=tokens.to(transformer.dtype), timestep=t / 1000, guidance=guidance,
-            encoder_hidden_states=prompt.to(transformer.dtype), txt_ids=self.text_ids(prompt.shape[1], tokens.device),
+            hidden_states=tokens.to(dtype), timestep=t / 1000, guidance=guidance,
+            encoder_hidden_states=prompt.to(dtype), txt_ids=self.text_ids(prompt.shape[1], tokens.device),
             img_ids=img_ids, return_dict=False, **dict(extra or {}),
         )[0]
         return out[:, : tokens.shape[1]]

@@ -37,7 +37,7 @@ import torch
 from pydantic import Field
 
 from ..errors import ConfigError
-from .base import Embeddings, LatentFormat
+from .base import Embeddings, LatentFormat, first_parameter
 from .flow import FlowMatchFamily, pack_patches, unpack_patches
 
 PROMPT_TEMPLATE = (
@@ -183,7 +183,8 @@ class QwenImage(FlowMatchFamily):
         text rows with their mask and ``img_shapes`` of the window (Python ints: no sync)."""
         patch = self.latent_format.patch
         n, _, h, w = latents.shape
-        device, dtype = module.device, module.dtype
+        parameter = first_parameter(module)
+        device, dtype = parameter.device, parameter.dtype
         mask = embeds["prompt_embeds_mask"] if "prompt_embeds_mask" in embeds else None
         return {
             "hidden_states": pack_patches(latents.to(device=device, dtype=dtype), patch),

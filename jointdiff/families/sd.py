@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Sequence
 
 import torch
 
-from .base import Embeddings, LatentFormat
+from .base import Embeddings, LatentFormat, first_parameter
 from .vp import VPFamily
 
 
@@ -45,6 +46,7 @@ class StableDiffusion(VPFamily):
         """CLIP last hidden states ``(P, 77, D)`` through the pipeline's own ``encode_prompt``
         (so results equal diffusers' exactly); negatives the same way."""
         guided = negative_prompts is not None
+        warn_cut_prompts(self.pipeline.tokenizer, list(prompts) + list(negative_prompts or []), self.name)
         with torch.no_grad():
             embeds, negative = self.pipeline.encode_prompt(
                 list(prompts), self.device, 1, guided, negative_prompt=list(negative_prompts) if guided else None
@@ -56,7 +58,7 @@ class StableDiffusion(VPFamily):
         """The UNet on ``(N, 4, h, w)``; ``extra`` goes into the UNet call (ControlNet residuals)."""
         unet = self.pipeline.unet
         output = unet(
-            latents.to(unet.dtype), timestep, encoder_hidden_states=embeds["prompt_embeds"],
+            latents.to(self.dtype), timestep, encoder_hidden_states=embeds["prompt_embeds"],
             return_dict=False, **dict(extra or {}),
         )[0]
         return output.float()
@@ -73,9 +75,35 @@ class StableDiffusion(VPFamily):
         return tiny_controlnet(self.pipeline.unet, seed)
 
     def controlnet_kwargs(self, controlnet, latents, timestep, embeds, condition, conditioning_scale, guidance_scale=None):
+        dtype = first_parameter(controlnet).dtype
         down, mid = controlnet(
-            latents.to(controlnet.dtype), timestep, encoder_hidden_states=embeds["prompt_embeds"],
-            controlnet_cond=condition.to(controlnet.dtype), conditioning_scale=conditioning_scale,
+            latents.to(dtype), timestep, encoder_hidden_states=embeds["prompt_embeds"],
+            controlnet_cond=condition.to(dtype), conditioning_scale=conditioning_scale,
             guess_mode=False, return_dict=False,
         )
         return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+
+
+LENGTH_WARNING = "sequence-length-is-longer-than-the-specified-maximum"
+"""transformers' key for its once-per-tokenizer "Token indices sequence length is longer than
+the specified maximum ... will result in indexing errors" log line: false here, since the
+pipeline truncates before the encoder sees the ids."""
+
+
+def warn_cut_prompts(tokenizer: Any, texts: Sequence[str], family: str) -> None:
+    """``warnings.warn`` naming the words CLIP cuts off each text longer than its window
+    (``model_max_length`` tokens, 77), as the pipeline truncates; silences transformers'
+    misleading "indexing errors" line for this tokenizer."""
+    if tokenizer is None:
+        return
+    flags = getattr(tokenizer, "deprecation_warnings", None)
+    if isinstance(flags, dict):
+        flags[LENGTH_WARNING] = True
+    limit = tokenizer.model_max_length
+    for text, ids in zip(texts, tokenizer(list(texts), truncation=False).input_ids):
+        if text and len(ids) > limit:
+            cut = tokenizer.decode(ids[limit - 1 : -1], skip_special_tokens=True)
+            warnings.warn(
+                f"model family {family!r}: prompt {text!r} is longer than CLIP's {limit} tokens; cut off: {cut!r}",
+                stacklevel=3,
+            )

@@ -155,7 +155,7 @@ class SD3Family(FlowMatchFamily):
         float32. ``extra`` holds ControlNet residuals (``block_controlnet_hidden_states``)."""
         self._check_call(latents, embeds, guidance_scale, offsets)
         transformer = self.pipeline.transformer
-        device, dtype = transformer.device, transformer.dtype
+        device, dtype = self.device, self.dtype
         rows = embeds.to(device=device, dtype=dtype)
         out = transformer(
             hidden_states=latents.to(device=device, dtype=dtype),

@@ -193,7 +193,7 @@ class StableDiffusionXL(VPFamily):
         positional ids: ``offsets`` are not used); ``extra`` goes into the UNet call
         (ControlNet residuals). Returns ε (or v) ``(N, 4, h, w)`` float32."""
         unet = self.pipeline.unet
-        dtype = unet.dtype
+        dtype = self.dtype
         timestep_cond = None
         if self.guidance_mode == "distilled":
             if guidance_scale is None:
