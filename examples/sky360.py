@@ -29,8 +29,7 @@ from PIL import Image
 
 from jointdiff import JointDiffusion, load_pipeline
 from jointdiff.errors import JointDiffError
-from jointdiff.export360 import PY360_ORDER, faces_to_equirect, faces_to_layout, save_cubemap, save_equirect
-from jointdiff.output import save_image_atomic
+from jointdiff.export360 import faces_to_equirect, save_cubemap, save_equirect
 from jointdiff.plugins import create
 from jointdiff.viewer import write_viewer
 
@@ -72,11 +71,11 @@ def build_job(args: argparse.Namespace, pipeline) -> JointDiffusion:
 
 def as_equirect(images: list[Image.Image], geometry: str) -> Image.Image:
     """The panorama as one equirectangular image (the cubemap geometry gives six faces in
-    py360convert's order F R B L U D)."""
+    jointdiff.cube's order px nx py ny pz nz, which faces_to_equirect takes as a list)."""
     if geometry == "equirect":
         return images[0]
     face = images[0].width
-    return faces_to_equirect(dict(zip(PY360_ORDER, images)), (2 * face, 4 * face))
+    return faces_to_equirect(images, (2 * face, 4 * face))
 
 
 def export(pano: Image.Image, out: Path) -> list[Path]:

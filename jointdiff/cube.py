@@ -1,19 +1,23 @@
-"""The six faces of a cube, their orientation and how they join: for cube textures, skyboxes
-and cubemaps.
+"""The six faces of a cube, their order, orientation and names, and how they join: the one
+cube-face convention of jointdiff, used by the ``cube_texture`` and ``cubemap`` geometries
+(their canvas sheets and output images), :mod:`jointdiff.spherical` (sphere ↔ cube sampling)
+and the exports (:mod:`jointdiff.export360`, :func:`jointdiff.textures.export_cube`).
 
 Face order and orientation follow the cube-map convention shared by OpenGL (4.6 spec,
-Table 8.19 "Selection of cube map images"), Vulkan, Direct3D and the KTX/DDS formats:
+Table 8.19 "Selection of cube map images"), Vulkan, Direct3D and the KTX/DDS formats, in the
+frame of :mod:`jointdiff.spherical` (``x`` right/east, ``y`` up, ``z`` forward, the centre
+of an equirectangular image):
 
-======  =====  ======  ======  ==================================
-index   face   sc      tc      looking from the centre toward
-======  =====  ======  ======  ==================================
-0       +X     −z      −y      +x (right)
-1       −X     +z      −y      −x (left)
-2       +Y     +x      +z      +y (up)
-3       −Y     +x      −z      −y (down)
-4       +Z     +x      −y      +z (front in that convention)
-5       −Z     −x      −y      −z (back)
-======  =====  ======  ======  ==================================
+======  =====  =====  ======  ======  ==================================
+index   face   name   sc      tc      looking from the centre toward
+======  =====  =====  ======  ======  ==================================
+0       +X     px     −z      −y      +x (right)
+1       −X     nx     +z      −y      −x (left)
+2       +Y     py     +x      +z      +y (up)
+3       −Y     ny     +x      −z      −y (down)
+4       +Z     pz     +x      −y      +z (front: yaw 0, pitch 0)
+5       −Z     nz     −x      −y      −z (back)
+======  =====  =====  ======  ======  ==================================
 
 For a direction ``r = (x, y, z)`` whose largest-magnitude component is ``m`` (the face),
 ``s = (sc / |m| + 1) / 2`` runs along a face image's columns (left → right) and
@@ -21,28 +25,35 @@ For a direction ``r = (x, y, z)`` whose largest-magnitude component is ``m`` (th
 cell ``(row, col)`` of an ``N × N`` face has its centre at ``s = (col + ½) / N``,
 ``t = (row + ½) / N``. Faces are tensors ``(6, C, N, N)`` in this order.
 
-A horizontal-cross layout (:func:`cross_layout`) shows how the faces unfold without any
-rotation in this convention::
+The horizontal cross (the ``dice`` layout of :func:`jointdiff.export360.faces_to_layout`)
+shows how the faces unfold without any rotation in this convention::
 
           +Y
     −X    +Z    +X    −Z
           −Y
+
+Other libraries' conventions are converted at their boundary only: py360convert names the
+same faces, in the same orientation, F R B L U D (:data:`jointdiff.export360.PY360_FACE`).
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-from PIL import Image
 
 from .errors import ConfigError
 
-FACE_NAMES = ("+x", "-x", "+y", "-y", "+z", "-z")
+if TYPE_CHECKING:
+    from .geometry import DecodeFn
+
+
+FACE_NAMES = ("px", "nx", "py", "ny", "pz", "nz")
+"""Names of the faces in index order (+X −X +Y −Y +Z −Z), as in cube-map file names."""
 # Outward normal, and the 3D directions of increasing column (sc) and increasing row (tc).
 NORMALS = torch.tensor([[1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1]], dtype=torch.float64)
 COLUMN_AXES = torch.tensor([[0, 0, -1], [0, 0, 1], [1, 0, 0], [1, 0, 0], [1, 0, 0], [-1, 0, 0]], dtype=torch.float64)
 ROW_AXES = torch.tensor([[0, -1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1], [0, -1, 0], [0, -1, 0]], dtype=torch.float64)
-# (row, column) of each face in the 3 × 4 horizontal cross.
-CROSS_CELLS = {0: (1, 2), 1: (1, 0), 2: (0, 1), 3: (2, 1), 4: (1, 1), 5: (1, 3)}
 
 
 def cell_points(face: int, rows: torch.Tensor, cols: torch.Tensor, face_size: int) -> torch.Tensor:
@@ -67,16 +78,25 @@ def cell_points(face: int, rows: torch.Tensor, cols: torch.Tensor, face_size: in
     )
 
 
-def point_cells(points: torch.Tensor, face_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The ``(face, row, col)`` cells (LongTensors) of an ``N × N`` cube map that contain
-    directions ``points`` ``(..., 3)`` (OpenGL's face selection; ties are not resolved, so
-    give points off the cube's edges, such as cell centres)."""
+def face_coordinates(points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The face (LongTensor ``(...)``) each direction ``points`` ``(..., 3)`` hits, by
+    OpenGL's face selection (the axis of largest magnitude; ties are not resolved), and its
+    coordinates ``sc``, ``tc`` in ``[−1, 1]`` on that face (column and row direction, pixel
+    edges at ±1), in the points' dtype."""
     major = points.abs().argmax(dim=-1)
     positive = points.gather(-1, major[..., None])[..., 0] > 0
     face = 2 * major + (~positive).long()
     scale = points.abs().amax(dim=-1)
-    sc = (points * COLUMN_AXES[face]).sum(-1) / scale
-    tc = (points * ROW_AXES[face]).sum(-1) / scale
+    sc = (points * COLUMN_AXES.to(points)[face]).sum(-1) / scale
+    tc = (points * ROW_AXES.to(points)[face]).sum(-1) / scale
+    return face, sc, tc
+
+
+def point_cells(points: torch.Tensor, face_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``(face, row, col)`` cells (LongTensors) of an ``N × N`` cube map that contain
+    directions ``points`` ``(..., 3)`` (:func:`face_coordinates`; give points off the cube's
+    edges, such as cell centres)."""
+    face, sc, tc = face_coordinates(points)
     col = torch.round((sc + 1) * face_size / 2 - 0.5).long().clamp(0, face_size - 1)
     row = torch.round((tc + 1) * face_size / 2 - 0.5).long().clamp(0, face_size - 1)
     return face, row, col
@@ -135,17 +155,29 @@ def blend_padded_faces(pixels: torch.Tensor, pad_px: int) -> torch.Tensor:
     return (total / weights).permute(0, 3, 1, 2)
 
 
-def cross_layout(faces: list[Image.Image]) -> Image.Image:
-    """The six faces (this module's order) in a 3 × 4 horizontal cross; empty cells black."""
-    if len(faces) != 6:
-        raise ConfigError(f"cross_layout needs 6 faces, got {len(faces)}")
-    size = faces[0].width
-    if any(face.size != (size, size) for face in faces):
-        raise ConfigError(f"cube faces must be square and of one size, got {[f.size for f in faces]}")
-    cross = Image.new("RGB", (4 * size, 3 * size))
-    for index, (row, col) in CROSS_CELLS.items():
-        cross.paste(faces[index].convert("RGB"), (col * size, row * size))
-    return cross
+def face_directions(face_size: int) -> torch.Tensor:
+    """Points ``(6, N, N, 3)`` on the cube ``max |·| = 1`` (directions, not unit) of the cell
+    centres of six ``N × N`` faces, in this module's order and orientation."""
+    grid = torch.arange(face_size)
+    rows, cols = torch.meshgrid(grid, grid, indexing="ij")
+    return torch.stack([cell_points(face, rows, cols, face_size) for face in range(6)])
+
+
+def decode_padded_faces(canvas: torch.Tensor, decode: DecodeFn, pad_latent: int, scale: int) -> torch.Tensor:
+    """Decode six faces ``(6, C, N, N)`` without seams along the cube's edges: each face
+    grown by ``min(pad_latent, N)`` cells of its neighbours (:func:`padded_face_index`), the
+    six stacked into one tall image and decoded at once (so the decoder's normalisation
+    statistics are shared, as for one image), the overlapping borders fused by
+    :func:`blend_padded_faces`. ``decode`` maps latents ``(1, C, h, w)`` to pixels
+    ``(1, 3, scale*h, scale*w)``; returns ``(6, 3, scale*N, scale*N)``."""
+    size = canvas.shape[-1]
+    pad = min(pad_latent, size)
+    padded = []
+    for face in range(6):
+        faces, rows, cols = (i.to(canvas.device) for i in padded_face_index(face, size, pad))
+        padded.append(canvas[faces, :, rows, cols].permute(2, 0, 1))
+    tall = decode(torch.cat(padded, dim=1)[None])[0]  # (3, 6 * f * (N + 2p), f * (N + 2p))
+    return blend_padded_faces(torch.stack(tall.chunk(6, dim=1)), pad * scale)
 
 
 def edge_pairs(face_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -6,10 +6,16 @@ Conventions
 An equirectangular image ``(h, w)`` with ``w = 2 h`` covers longitude −180°…180° left to
 right and latitude 90°…−90° top to bottom; its centre column (yaw 0) looks *forward*.
 Directions use the cube-map frame of OpenGL (4.6 spec, Table 8.19), Direct3D, KTX/DDS and
-Unity: +X right, +Y up, +Z forward (the equirect centre). Cube faces are named
-``px nx py ny pz nz`` (+X −X +Y −Y +Z −Z) and stored top row first, seen from inside the
-cube, oriented as that table says. py360convert names its faces F R B L U D in the same
-frame, so the mapping is a renaming without any flip or rotation:
+Unity: +X right, +Y up, +Z forward (the equirect centre). Cube faces follow
+:mod:`jointdiff.cube`, jointdiff's one cube-face convention: named ``px nx py ny pz nz``
+(:data:`jointdiff.cube.FACE_NAMES`, +X −X +Y −Y +Z −Z), in that order wherever faces form a
+sequence (the ``cube_texture`` and ``cubemap`` geometries' images included), stored top row
+first, seen from inside the cube, oriented as that table says.
+
+py360convert names its faces F R B L U D in the same frame and orientation. This module is
+the one place that converts (:data:`PY360_FACE`, :data:`PY360_ORDER`): a renaming and
+reordering without any flip or rotation, used for its resampling (``e2c``, ``c2e``) and its
+``horizon`` layout:
 
 ======  ==========  ===========  =====================================================
 file    py360conv.  direction    where it goes
@@ -29,31 +35,40 @@ down −Z. Unreal Engine is Z-up: import the equirectangular file (long-lat) the
 than loose faces.
 
 Layouts (:data:`CUBE_LAYOUTS`): ``faces`` (six files), ``dice`` (the horizontal cross,
-3 × 4 faces, that Unity detects: ``py`` above ``pz``, row ``nx pz px nz``, ``ny`` below),
-``horizon`` (py360convert's 6 × 1 strip in the order F R B L U D) and ``strip`` (a 6 × 1
-row in the order px nx py ny pz nz).
+3 × 4 faces, that Unity detects: ``py`` above ``pz``, row ``nx pz px nz``, ``ny`` below;
+py360convert's ``dice`` too), ``horizon`` (py360convert's 6 × 1 strip in the order
+F R B L U D) and ``strip`` (a 6 × 1 row in the order px nx py ny pz nz).
+:func:`save_faces` writes faces in any layout; :func:`save_cubemap` converts an
+equirectangular image first.
 """
 
 from __future__ import annotations
 
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
-from typing import Literal, Mapping, Sequence
+from typing import Literal, Mapping, Sequence, Union
 
 import numpy as np
 import py360convert
 from PIL import Image
 
+from .cube import FACE_NAMES
 from .errors import ConfigError
 from .output import save_image_atomic
 
 GPANO_NS = "http://ns.google.com/photos/1.0/panorama/"
 RDF_NS = "http://www.w3.org/1999/02/22-rdf-syntax-ns#"
 XMP_PNG_KEY = "XML:com.adobe.xmp"
-FACE_KEYS = ("px", "nx", "py", "ny", "pz", "nz")
-PY360_FACE = {"px": "R", "nx": "L", "py": "U", "ny": "D", "pz": "F", "nz": "B"}
-PY360_ORDER = ("pz", "px", "nz", "nx", "py", "ny")
-"""Our face keys in py360convert's order F R B L U D (also the ``cubemap`` geometry's)."""
+FACE_KEYS = FACE_NAMES
+"""The faces' names in :mod:`jointdiff.cube` order: ``px nx py ny pz nz``."""
+PY360_FACE = dict(zip(FACE_KEYS, ("R", "L", "U", "D", "F", "B")))
+"""py360convert's name of each face: the boundary between the two conventions."""
+PY360_ORDER = tuple(sorted(FACE_KEYS, key=lambda key: "FRBLUD".index(PY360_FACE[key])))
+"""Our face names in py360convert's order F R B L U D (its ``list`` and ``horizon`` formats)."""
+DICE_CELLS = {"py": (0, 1), "nx": (1, 0), "pz": (1, 1), "px": (1, 2), "nz": (1, 3), "ny": (2, 1)}
+"""``(row, column)`` of each face in the 3 × 4 horizontal cross (``dice``)."""
+Faces = Union[Mapping[str, Image.Image], Sequence[Image.Image]]
+"""Six faces: ``{px: …, …, nz: …}``, or a sequence in :mod:`jointdiff.cube` order."""
 CubeLayout = Literal["faces", "dice", "horizon", "strip"]
 CUBE_LAYOUTS = ("faces", "dice", "horizon", "strip")
 EQUIRECT_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -114,6 +129,14 @@ def gpano_xmp(fields: Mapping[str, str]) -> bytes:
     return packet.encode("utf-8")
 
 
+def _image_path(path: str | Path) -> Path:
+    """``path`` as a Path; ConfigError unless it ends in .png, .jpg or .jpeg."""
+    path = Path(path)
+    if path.suffix.lower() not in EQUIRECT_SUFFIXES:
+        raise ConfigError(f"path {str(path)!r} must end in .png, .jpg or .jpeg")
+    return path
+
+
 def save_equirect(
     image: Image.Image,
     path: str | Path,
@@ -126,10 +149,8 @@ def save_equirect(
     atomically. PNG: an uncompressed ``iTXt`` chunk with keyword ``XML:com.adobe.xmp``;
     JPEG: an APP1 segment headed ``http://ns.adobe.com/xap/1.0/\\0`` (both per the XMP
     specification, part 3). See :func:`gpano_fields` for the size arguments."""
-    path = Path(path)
+    path = _image_path(path)
     suffix = path.suffix.lower()
-    if suffix not in EQUIRECT_SUFFIXES:
-        raise ConfigError(f"path {str(path)!r} must end in .png, .jpg or .jpeg")
     if not 1 <= quality <= 100:
         raise ConfigError(f"quality must be in 1..100, got {quality}")
     xmp = gpano_xmp(gpano_fields((image.height, image.width), full_size_px, crop_offset_px))
@@ -163,7 +184,27 @@ def read_gpano(path: str | Path) -> dict[str, str]:
 
 def _check_layout(layout: str) -> None:
     if layout not in CUBE_LAYOUTS:
-        raise ConfigError(f"layout must be one of {', '.join(CUBE_LAYOUTS)}; got {layout!r}")
+        hint = " ('dice' is the horizontal cross)" if layout == "cross" else ""
+        raise ConfigError(f"layout must be one of {', '.join(CUBE_LAYOUTS)}; got {layout!r}{hint}")
+
+
+def face_dict(faces: Faces) -> dict[str, Image.Image]:
+    """Six faces as ``{px: …, …, nz: …}``, from that mapping or from a sequence in
+    :mod:`jointdiff.cube` order (e.g. the images of a ``cubemap`` or ``cube_texture`` job);
+    checked to be six squares of one size."""
+    if isinstance(faces, Mapping):
+        missing = [key for key in FACE_KEYS if key not in faces]
+        if missing:
+            raise ConfigError(f"faces lacks {', '.join(missing)}; give all of {', '.join(FACE_KEYS)}")
+        faces = {key: faces[key] for key in FACE_KEYS}
+    else:
+        if len(faces) != 6:
+            raise ConfigError(f"a cube needs 6 faces ({' '.join(FACE_KEYS)}), got {len(faces)}")
+        faces = dict(zip(FACE_KEYS, faces))
+    sizes = {face.size for face in faces.values()}
+    if len(sizes) != 1 or next(iter(sizes))[0] != next(iter(sizes))[1]:
+        raise ConfigError(f"faces must be squares of one size, got sizes {sorted(sizes)}")
+    return faces
 
 
 def _to_array(image: Image.Image) -> np.ndarray:
@@ -190,16 +231,11 @@ def equirect_to_faces(
 
 
 def faces_to_equirect(
-    faces: Mapping[str, Image.Image], size_px: tuple[int, int], mode: Interpolation = "bilinear"
+    faces: Faces, size_px: tuple[int, int], mode: Interpolation = "bilinear"
 ) -> Image.Image:
     """The equirectangular image of size ``(h, w)`` (``w`` a multiple of 4) seen from
-    ``faces`` ``{px: …, …, nz: …}`` — resampled with ``py360convert.c2e``."""
-    missing = [key for key in FACE_KEYS if key not in faces]
-    if missing:
-        raise ConfigError(f"faces lacks {', '.join(missing)}; give all of {', '.join(FACE_KEYS)}")
-    sizes = {faces[key].size for key in FACE_KEYS}
-    if len(sizes) != 1 or next(iter(sizes))[0] != next(iter(sizes))[1]:
-        raise ConfigError(f"faces must be squares of one size, got sizes {sorted(sizes)}")
+    ``faces`` (:data:`Faces`) — resampled with ``py360convert.c2e``."""
+    faces = face_dict(faces)
     h, w = size_px
     if w % 4 or h < 1:
         raise ConfigError(f"size_px (h, w) needs w a multiple of 4 and h ≥ 1, got {size_px}")
@@ -207,44 +243,66 @@ def faces_to_equirect(
     return _to_image(py360convert.c2e(cube, h, w, mode=mode, cube_format="dict"))
 
 
-def faces_to_layout(faces: Mapping[str, Image.Image], layout: CubeLayout) -> Image.Image:
-    """One image holding the six ``faces`` in ``layout`` (``dice``, ``horizon`` or ``strip``)."""
+def _layout_cells(layout: CubeLayout) -> tuple[dict[str, tuple[int, int]], tuple[int, int]]:
+    """``(row, column)`` of each face in a one-image ``layout``, and its ``(rows, columns)``."""
+    if layout == "dice":
+        return DICE_CELLS, (3, 4)
+    order = FACE_KEYS if layout == "strip" else PY360_ORDER
+    return {key: (0, column) for column, key in enumerate(order)}, (1, 6)
+
+
+def faces_to_layout(faces: Faces, layout: CubeLayout) -> Image.Image:
+    """One RGB image holding the six ``faces`` (:data:`Faces`) in ``layout`` (``dice``,
+    ``horizon`` or ``strip``); the empty cells of ``dice`` are black."""
     _check_layout(layout)
     if layout == "faces":
         raise ConfigError("layout 'faces' is six images; faces_to_layout takes dice, horizon or strip")
-    if layout == "strip":
-        return _to_image(np.concatenate([_to_array(faces[key]) for key in FACE_KEYS], axis=1))
-    horizon = np.concatenate([_to_array(faces[key]) for key in PY360_ORDER], axis=1)
-    if layout == "horizon":
-        return _to_image(horizon)
-    return _to_image(py360convert.utils.cube_h2dice(horizon))
+    faces = face_dict(faces)
+    size = faces["px"].width
+    cells, (rows, columns) = _layout_cells(layout)
+    image = Image.new("RGB", (columns * size, rows * size))
+    for key, (row, column) in cells.items():
+        image.paste(faces[key].convert("RGB"), (column * size, row * size))
+    return image
 
 
 def layout_to_faces(image: Image.Image, layout: CubeLayout) -> dict[str, Image.Image]:
     """The six faces ``{px: …, …, nz: …}`` of one image in ``layout`` (inverse of
     :func:`faces_to_layout`)."""
     _check_layout(layout)
-    array = _to_array(image)
     if layout in ("horizon", "strip") and image.width != 6 * image.height:
         raise ConfigError(f"a {layout} image must be 6:1 (w = 6 h), got size (h, w) {(image.height, image.width)}")
     if layout == "dice" and (image.height % 3 or image.width * 3 != image.height * 4):
         raise ConfigError(f"a dice image must be 4:3 faces (w = 4 h / 3), got size (h, w) {(image.height, image.width)}")
     if layout == "faces":
         raise ConfigError("layout 'faces' is six images; load them with load_cubemap")
-    if layout == "strip":
-        return dict(zip(FACE_KEYS, (_to_image(a) for a in np.split(array, 6, axis=1))))
-    parts = np.split(array, 6, axis=1) if layout == "horizon" else py360convert.utils.cube_dice2list(array)
-    return dict(zip(PY360_ORDER, (_to_image(a) for a in parts)))
+    cells, (rows, _) = _layout_cells(layout)
+    size, rgb = image.height // rows, image.convert("RGB")
+    boxes = {key: (column * size, row * size, (column + 1) * size, (row + 1) * size) for key, (row, column) in cells.items()}
+    return {key: rgb.crop(boxes[key]) for key in FACE_KEYS}
 
 
 def cubemap_paths(path: str | Path, layout: CubeLayout = "faces") -> list[Path]:
-    """Where :func:`save_cubemap` writes: ``sky.png`` → ``sky_px.png`` … ``sky_nz.png`` for
-    ``faces`` (in the order px nx py ny pz nz), else ``sky.png`` itself."""
+    """Where :func:`save_faces` and :func:`save_cubemap` write: ``sky.png`` → ``sky_px.png``
+    … ``sky_nz.png`` for ``faces`` (in the order px nx py ny pz nz), else ``sky.png`` itself."""
     _check_layout(layout)
     path = Path(path)
     if layout != "faces":
         return [path]
     return [path.with_name(f"{path.stem}_{key}{path.suffix}") for key in FACE_KEYS]
+
+
+def save_faces(faces: Faces, path: str | Path, layout: CubeLayout = "faces") -> list[Path]:
+    """Save six cube ``faces`` (:data:`Faces`: e.g. a ``cubemap`` or ``cube_texture`` job's
+    images) atomically in ``layout``: six files or one image (:func:`faces_to_layout`).
+    Returns the paths written (see :func:`cubemap_paths`). The one cube-map writer."""
+    _check_layout(layout)
+    _image_path(path)
+    faces = face_dict(faces)
+    paths = cubemap_paths(path, layout)
+    if layout == "faces":
+        return [save_image_atomic(faces[key], p) for key, p in zip(FACE_KEYS, paths)]
+    return [save_image_atomic(faces_to_layout(faces, layout), paths[0])]
 
 
 def save_cubemap(
@@ -254,16 +312,11 @@ def save_cubemap(
     face_size_px: int | None = None,
     mode: Interpolation = "bilinear",
 ) -> list[Path]:
-    """Convert an equirectangular image to a cube map and save it (atomically) in ``layout``;
-    returns the paths written (see :func:`cubemap_paths`)."""
+    """Convert an equirectangular image to a cube map (:func:`equirect_to_faces`) and save
+    it with :func:`save_faces`; returns the paths written (see :func:`cubemap_paths`)."""
     _check_layout(layout)
-    if Path(path).suffix.lower() not in EQUIRECT_SUFFIXES:
-        raise ConfigError(f"path {str(path)!r} must end in .png, .jpg or .jpeg")
-    faces = equirect_to_faces(equirect, face_size_px, mode)
-    paths = cubemap_paths(path, layout)
-    if layout == "faces":
-        return [save_image_atomic(faces[key], p) for key, p in zip(FACE_KEYS, paths)]
-    return [save_image_atomic(faces_to_layout(faces, layout), paths[0])]
+    _image_path(path)
+    return save_faces(equirect_to_faces(equirect, face_size_px, mode), path, layout)
 
 
 def load_cubemap(path: str | Path | Sequence[str | Path], layout: CubeLayout = "faces") -> dict[str, Image.Image]:

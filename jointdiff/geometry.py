@@ -124,13 +124,39 @@ class Geometry(Configurable, ABC):
     def decode(self, canvas: torch.Tensor, decode: DecodeFn) -> torch.Tensor:
         """Decode the final canvas ``(S, C, H, W)`` into pixels ``(S, 3, f*H, f*W)`` in [-1, 1].
 
-        Geometries that wrap override this to decode with circular context (no seam).
+        Geometries that wrap override this to decode with circular context (no seam):
+        :func:`decode_wrapped`.
         """
-        return torch.cat([decode(canvas[s : s + 1]) for s in range(canvas.shape[0])])
+        return decode_sheets(canvas, decode)
 
     def to_images(self, pixels: torch.Tensor) -> list[Image.Image]:
         """Turn decoded pixels ``(S, 3, H_px, W_px)`` in [-1, 1] into output images (one per sheet)."""
         return tensor_to_pil(pixels)
+
+
+def decode_sheets(canvas: torch.Tensor, decode: DecodeFn) -> torch.Tensor:
+    """Decode a canvas ``(S, C, H, W)`` sheet by sheet into pixels ``(S, 3, f*H, f*W)``."""
+    return torch.cat([decode(canvas[s : s + 1]) for s in range(canvas.shape[0])])
+
+
+def decode_wrapped(
+    canvas: torch.Tensor, decode: DecodeFn, wraps: tuple[bool, bool], padding_latent: int, scale: int
+) -> torch.Tensor:
+    """Decode a canvas ``(S, C, H, W)`` that loops along the axes ``wraps = (y, x)`` (a wrapped
+    strip, a torus, an equirectangular panorama) sheet by sheet with ``min(padding_latent,
+    side)`` cells of circular context on both sides of each wrapped axis, cropped off the
+    pixels afterwards (``scale`` pixels per latent cell): the VAE sees the other side of the
+    seam instead of zero padding, so nothing marks where the canvas closes. Returns
+    ``(S, 3, scale*H, scale*W)``; with no wrapped axis, :func:`decode_sheets`."""
+    pads = []
+    for dim, wrapped in zip((-2, -1), wraps):
+        pad = min(padding_latent, canvas.shape[dim]) if wrapped else 0
+        if pad:
+            canvas = torch.cat([canvas.narrow(dim, canvas.shape[dim] - pad, pad), canvas, canvas.narrow(dim, 0, pad)], dim)
+        pads.append(pad * scale)
+    pixels = decode_sheets(canvas, decode)
+    pad_y, pad_x = pads
+    return pixels[..., pad_y : pixels.shape[-2] - pad_y, pad_x : pixels.shape[-1] - pad_x]
 
 
 def tensor_to_pil(pixels: torch.Tensor) -> list[Image.Image]:

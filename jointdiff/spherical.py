@@ -18,11 +18,13 @@ Conventions (kornia style, and the same as py360convert's):
   pixel ``(u, v)`` sees the camera ray ``(u·t, −v·t, 1)`` with ``t = tan(fov/2)``, turned up
   by ``pitch`` about the x axis and then right by ``yaw`` about the y axis. At pitch ±90° the
   yaw sets which way the view's top points (yaw 0: toward −z at the north pole).
-- Cube faces, in py360convert's order F R B L U D (front, right, back, left, up, down) and
-  orientation (its ``dice`` and ``horizon`` layouts): :data:`FACE_NORMALS`,
-  :data:`FACE_COLUMN_AXES` (the direction of increasing column) and :data:`FACE_ROW_AXES`
-  (increasing row, i.e. downward in the face image). This is the OpenGL cube-map
-  orientation of :mod:`jointdiff.cube` with its faces reordered (:data:`TO_GL_FACE`).
+- Cube faces: the order (+X −X +Y −Y +Z −Z), orientation and names of :mod:`jointdiff.cube`
+  (the OpenGL cube-map convention), whose tables :data:`jointdiff.cube.NORMALS`,
+  :data:`~jointdiff.cube.COLUMN_AXES` (the direction of increasing column) and
+  :data:`~jointdiff.cube.ROW_AXES` (increasing row, i.e. downward in the face image) this
+  module samples with. The face of yaw 0, pitch 0 is +Z; a 90° view at ``(yaw, pitch)``
+  sees exactly a face, oriented as its image: +X (90°, 0°), −X (−90°, 0°), +Y (0°, 90°),
+  −Y (0°, −90°), +Z (0°, 0°), −Z (180°, 0°).
 """
 
 from __future__ import annotations
@@ -34,17 +36,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from .cube import padded_face_index
-
-FACE_NAMES = ("F", "R", "B", "L", "U", "D")
-FACE_NORMALS = torch.tensor([[0, 0, 1], [1, 0, 0], [0, 0, -1], [-1, 0, 0], [0, 1, 0], [0, -1, 0]], dtype=torch.float64)
-FACE_COLUMN_AXES = torch.tensor([[1, 0, 0], [0, 0, -1], [-1, 0, 0], [0, 0, 1], [1, 0, 0], [1, 0, 0]], dtype=torch.float64)
-FACE_ROW_AXES = torch.tensor([[0, -1, 0], [0, -1, 0], [0, -1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1]], dtype=torch.float64)
-FACE_YAW_PITCH_DEG = ((0.0, 0.0), (90.0, 0.0), (180.0, 0.0), (-90.0, 0.0), (0.0, 90.0), (0.0, -90.0))
-"""``(yaw, pitch)`` of a 90° view that sees exactly face i, oriented as the face image."""
-TO_GL_FACE = (4, 0, 5, 1, 2, 3)
-"""Index in :mod:`jointdiff.cube` (+X, −X, +Y, −Y, +Z, −Z) of each face F R B L U D."""
-FROM_GL_FACE = (1, 3, 4, 5, 0, 2)
+from . import cube
 
 
 def pixel_centres(size: int, dtype=torch.float64) -> torch.Tensor:
@@ -123,24 +115,15 @@ def project_to_view(
 
 def cube_directions(face_size: int) -> torch.Tensor:
     """Directions ``(6, N, N, 3)`` (not unit: points on the cube ``max |·| = 1``) of the cell
-    centres of six ``N × N`` faces in F R B L U D order."""
-    u = pixel_centres(face_size)
-    a = u[None, :, None]  # columns
-    b = u[:, None, None]  # rows
-    faces = [FACE_NORMALS[f] + a * FACE_COLUMN_AXES[f] + b * FACE_ROW_AXES[f] for f in range(6)]
-    return torch.stack(faces)
+    centres of six ``N × N`` faces (:func:`jointdiff.cube.face_directions`)."""
+    return cube.face_directions(face_size)
 
 
 def directions_to_cube(directions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The face (LongTensor ``(...)``, F R B L U D) each direction ``(..., 3)`` hits and its
-    normalized coordinates ``(..., 2)`` = ``(u, v)`` on that face (align_corners=False)."""
-    major = directions.abs().argmax(dim=-1)
-    positive = directions.gather(-1, major[..., None])[..., 0] > 0
-    gl_face = 2 * major + (~positive).long()
-    face = torch.tensor(FROM_GL_FACE, device=directions.device)[gl_face]
-    scale = directions.abs().amax(dim=-1)
-    u = (directions * FACE_COLUMN_AXES.to(directions)[face]).sum(-1) / scale
-    v = (directions * FACE_ROW_AXES.to(directions)[face]).sum(-1) / scale
+    """The face (LongTensor ``(...)``) each direction ``(..., 3)`` hits and its normalized
+    coordinates ``(..., 2)`` = ``(u, v)`` on that face (align_corners=False), as
+    :func:`jointdiff.cube.face_coordinates`."""
+    face, u, v = cube.face_coordinates(directions)
     return face, torch.stack([u, v], dim=-1)
 
 
@@ -167,10 +150,9 @@ def equirect_grid(uv: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 def cube_pad_index(size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gather indices ``(face, row, col)``, each ``(6, N + 2, N + 2)``, of the six faces of
     side ``N = size`` grown by one cell taken from their neighbours across each edge
-    (:func:`jointdiff.cube.padded_face_index`, mapped to F R B L U D)."""
-    parts = [padded_face_index(TO_GL_FACE[face], size, 1) for face in range(6)]
-    faces = torch.stack([torch.tensor(FROM_GL_FACE)[gl_faces] for gl_faces, _, _ in parts])
-    return faces, torch.stack([rows for _, rows, _ in parts]), torch.stack([cols for _, _, cols in parts])
+    (:func:`jointdiff.cube.padded_face_index`)."""
+    parts = [cube.padded_face_index(face, size, 1) for face in range(6)]
+    return tuple(torch.stack(index) for index in zip(*parts))
 
 
 def pad_cube(faces: torch.Tensor) -> torch.Tensor:

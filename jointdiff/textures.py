@@ -272,17 +272,13 @@ def export_textures(
 
 
 def export_cube(faces: Sequence[Image.Image], folder: str | Path) -> list[str]:
-    """Write six cube faces as ``face_+x.png`` … ``face_-z.png`` (order and orientation of
-    :mod:`jointdiff.cube`: the OpenGL / KTX cube-map convention) and ``cross.png`` (a
-    horizontal cross). Returns the written paths."""
-    from .cube import FACE_NAMES, cross_layout
+    """Write six cube faces (a ``cube_texture`` or ``cubemap`` job's images, in
+    :mod:`jointdiff.cube` order) as ``face_px.png`` … ``face_nz.png`` and ``cross.png`` (the
+    horizontal cross) in ``folder`` (created), with the cube-map writer
+    :func:`jointdiff.export360.save_faces`. Returns the written paths."""
+    from .export360 import save_faces
 
-    if len(faces) != 6:
-        raise ConfigError(f"export_cube needs 6 faces, got {len(faces)}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    paths = [folder / f"face_{name}.png" for name in FACE_NAMES]
-    for face, path in zip(faces, paths):
-        face.save(path)
-    cross_layout(list(faces)).save(folder / "cross.png")
-    return [str(p) for p in paths + [folder / "cross.png"]]
+    paths = save_faces(faces, folder / "face.png") + save_faces(faces, folder / "cross.png", "dice")
+    return [str(p) for p in paths]

@@ -8,10 +8,11 @@ import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
 import numpy as np
+import py360convert
 import pytest
 from PIL import Image
 
-from jointdiff import export360
+from jointdiff import cube, export360
 from jointdiff.errors import ConfigError
 
 FIXTURE = Path(__file__).parent / "fixtures" / "equirect_demo_1024x512.png"
@@ -191,6 +192,19 @@ def test_layout_cells_are_where_engines_expect_them(demo):
     for layout, order in strips.items():
         image = np.asarray(export360.faces_to_layout({k: Image.fromarray(v) for k, v in faces.items()}, layout))
         assert np.array_equal(image, np.concatenate([faces[k] for k in order], axis=1)), layout
+
+
+def test_dice_is_py360convert_dice_and_faces_may_be_a_sequence_in_cube_order(demo, tmp_path):
+    faces = export360.equirect_to_faces(demo, face_size_px=32)
+    as_list = [faces[key] for key in cube.FACE_NAMES]  # e.g. a cubemap or cube_texture job's images
+    dice = np.asarray(export360.faces_to_layout(as_list, "dice"))
+    horizon = np.concatenate([np.asarray(faces[key]) for key in export360.PY360_ORDER], axis=1)
+    assert np.array_equal(dice, py360convert.utils.cube_h2dice(horizon))
+    assert export360.PY360_ORDER == ("pz", "px", "nz", "nx", "py", "ny")  # F R B L U D
+    paths = export360.save_faces(as_list, tmp_path / "job.png")
+    assert [p.name for p in paths] == [f"job_{key}.png" for key in cube.FACE_NAMES]
+    loaded = export360.load_cubemap(tmp_path / "job.png")
+    assert all(np.array_equal(np.asarray(loaded[key]), np.asarray(faces[key])) for key in cube.FACE_NAMES)
 
 
 def test_cube_errors_name_the_argument(demo, tmp_path):

@@ -304,6 +304,8 @@ class TestCubeTexture:
         result = JointDiffusion(tiny_pipeline, geometry, [text])(num_inference_steps=2, progress=False)
         assert [image.size for image in result.images] == [(256, 256)] * 6
         paths = export_cube(result.images, tmp_path)
+        assert [Path(p).name for p in paths] == [f"face_{name}.png" for name in cube.FACE_NAMES] + ["cross.png"]
+        assert [np.asarray(Image.open(p)).tolist() for p in paths[:6]] == [np.asarray(i).tolist() for i in result.images]
         cross = np.asarray(Image.open(paths[-1]))
         assert cross.shape == (768, 1024, 3)
         assert np.array_equal(cross[256:512, 256:512], np.asarray(result.images[4]))  # +Z in the middle

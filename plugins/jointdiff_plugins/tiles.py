@@ -12,27 +12,7 @@ from typing import Literal
 import pydantic
 
 from jointdiff import hookimpl
-from jointdiff.options import PluginOptions
-from jointdiff.tiling import TiledGeometry
-
-
-class WindowOptions(PluginOptions):
-    """Square windows (latent cells). Both are checked against the model when the geometry
-    is set up (whole patches, within the model's window sizes, stride at most the window):
-    the model's native window is only known then."""
-
-    window_latent: int | None = pydantic.Field(
-        None,
-        gt=0,
-        description="window side in latent cells; None: the model's native window "
-        "(64 for SD 1.x/2.x, 128 for SDXL and FLUX)",
-    )
-    stride_latent: int | None = pydantic.Field(
-        None,
-        gt=0,
-        description="distance between windows in latent cells, at most the window; "
-        "None: window // 8 (8 for SD's 64)",
-    )
+from jointdiff.tiling import TiledGeometry, WindowOptions  # noqa: F401 (WindowOptions: also importable from here)
 
 
 class StripGeometry(TiledGeometry):
