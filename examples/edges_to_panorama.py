@@ -24,7 +24,6 @@ from PIL import Image
 
 from jointdiff import JointDiffusion, load_pipeline
 from jointdiff.errors import JointDiffError
-from jointdiff.output import save_image_atomic
 from jointdiff.plugins import create
 
 EDGES = Path(__file__).resolve().parent / "assets" / "canny_city_512x3072.png"
@@ -79,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    save_image_atomic(result.images[0], args.output)
+    result.save(args.output)  # the PNG carries the job and seed
     print(f"{args.output}: {result.images[0].width}×{result.images[0].height} px, {geometry.num_windows} windows, {steps} steps")
     return 0
 

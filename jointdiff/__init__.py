@@ -16,6 +16,7 @@ __all__ = [
     "hookimpl",
     "JointDiffusion",
     "JointResult",
+    "StopJob",
     "Job",
     "run_job",
     "load_pipeline",
@@ -27,7 +28,7 @@ __all__ = [
 
 def __getattr__(name: str):
     # Lazy imports keep `import jointdiff` (and plugin modules importing hookimpl) light.
-    if name in ("JointDiffusion", "JointResult"):
+    if name in ("JointDiffusion", "JointResult", "StopJob"):
         from . import engine
 
         return getattr(engine, name)

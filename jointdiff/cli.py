@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import ConfigError, JointDiffError
@@ -72,7 +73,46 @@ def _lora_table(text: str) -> dict[str, Any]:
     return {"path": text}
 
 
-def _execute(job: Job, quiet: bool, timeout_s: float | None = None) -> int:
+def _prepare(job: Job, overwrite: bool, comm: Any = None) -> Path:
+    """Everything that can fail before a model loads: the device, a local model, the output
+    (writable; an existing file is kept unless ``overwrite``: the image goes to the next free
+    name, said on stderr). Returns where the image will be written."""
+    from .job import check_before_loading
+
+    check_before_loading(job)
+    return _check_output(job, overwrite, comm)
+
+
+def _plan_output(path: str | Path, overwrite: bool) -> Path:
+    from .output import check_writable, free_output
+
+    target = check_writable(path)
+    if not overwrite:
+        target = free_output(target)
+        if target != Path(path):
+            _note(f"{str(path)!r} exists; writing {str(target)!r} instead (--overwrite replaces it)")
+    return target
+
+
+def _note(message: str) -> None:
+    print(f"jointdiff: note: {message}", file=sys.stderr)
+
+
+def _check_output(job: Job, overwrite: bool, comm: Any) -> Path:
+    """Rank 0 checks the output path; under torchrun every rank stops if it is unusable."""
+    if comm is None:
+        return _plan_output(job.output, overwrite)
+    failure, target = None, Path(job.output)
+    if comm.rank == 0:
+        try:
+            target = _plan_output(job.output, overwrite)
+        except ConfigError as error:
+            failure = error
+    comm.check(failure, "the output check")
+    return target
+
+
+def _execute(job: Job, quiet: bool, overwrite: bool, timeout_s: float | None = None, target: Path | None = None) -> int:
     """Run ``job`` and save it. Under ``torchrun`` (``WORLD_SIZE`` > 1) the ranks share the
     job's windows (see :mod:`jointdiff.distributed`); rank 0 alone shows progress and writes."""
     from .distributed import init_from_env, local_device, shutdown
@@ -82,12 +122,14 @@ def _execute(job: Job, quiet: bool, timeout_s: float | None = None) -> int:
     comm = init_from_env(timeout_s)
     main_rank = comm is None or comm.rank == 0
     try:
-        _check_output(job, comm)
         if comm is not None and job.model.device == "auto":
             job = Job.from_dict({**job.to_dict(), "model": {**job.model.model_dump(), "device": local_device()}})
+        if target is None:
+            target = _prepare(job, overwrite, comm)
         result = run_job(job, progress=not quiet and main_rank)
         if main_rank:
-            for path in save_result(result, job.output):
+            result.metadata["job"]["output"] = str(target)
+            for path in save_result(result, target, overwrite=overwrite):
                 print(path)
     finally:
         if comm is not None:
@@ -95,40 +137,56 @@ def _execute(job: Job, quiet: bool, timeout_s: float | None = None) -> int:
     return 0
 
 
-def _check_output(job: Job, comm: Any) -> None:
-    """Rank 0 checks the output path; under torchrun every rank stops if it is unusable."""
-    from .output import check_writable
+def run_job_data(args: argparse.Namespace) -> dict[str, Any]:
+    """The raw job of ``run``: the file's (paths relative to its folder) with the command
+    line's overrides (paths relative to the working folder). Reproducing a PNG writes next
+    to it under its own name (kept: see :func:`_plan_output`), never to the output path
+    stored in it."""
+    from .job import read_job_file, resolve_paths
 
-    if comm is None:
-        check_writable(job.output)
-        return
-    failure = None
-    if comm.rank == 0:
-        try:
-            check_writable(job.output)
-        except ConfigError as error:
-            failure = error
-    comm.check(failure, "the output check")
+    data, base = read_job_file(args.job)
+    if base is not None:
+        data = resolve_paths(data, base)
+    else:
+        if "id" not in (data.get("model") or {}):
+            raise ConfigError(
+                f"image {args.job!r} was made from a Python pipeline object without a name: its job names no "
+                "model; save it as TOML, set [model] id, and run that"
+            )
+        data = {**data, "output": args.job}
+    for key in ("output", "seed", "steps"):
+        if getattr(args, key) is not None:
+            data[key] = getattr(args, key)
+    if args.device:
+        data["model"] = {**(data.get("model") or {}), "device": args.device}
+    return data
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    job = Job.from_file(args.job)
-    overrides = {k: v for k, v in (("output", args.output), ("seed", args.seed), ("steps", args.steps)) if v is not None}
-    if args.device:
-        overrides["model"] = {**job.model.model_dump(), "device": args.device}
-    if overrides:
-        job = Job.from_dict({**job.to_dict(), **overrides})
-    return _execute(job, args.quiet, args.dist_timeout)
+    job = Job.from_dict(run_job_data(args))
+    return _execute(job, args.quiet, args.overwrite, args.dist_timeout)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     job = job_from_generate_args(args)
+    target = _prepare(job, args.overwrite)
     if args.save_job:
-        from .job_toml import dump_job_toml
+        _save_job(job, args.save_job, args.overwrite)
+    return _execute(job, args.quiet, args.overwrite, target=target)
 
-        with open(args.save_job, "w", encoding="utf-8") as handle:
-            handle.write(dump_job_toml(job))
-    return _execute(job, args.quiet)
+
+def _save_job(job: Job, path: str, overwrite: bool) -> None:
+    """Write the job as TOML; an existing file is kept unless ``overwrite`` (next free name)."""
+    from .job_toml import dump_job_toml
+    from .output import free_output
+
+    target = Path(path) if overwrite else free_output(path, 1)
+    if target != Path(path):
+        _note(f"{path!r} exists; writing the job to {str(target)!r} instead (--overwrite replaces it)")
+    try:
+        target.write_text(dump_job_toml(job), encoding="utf-8")
+    except OSError as error:
+        raise ConfigError(f"--save-job {path!r}: cannot write it ({error.strerror or error})") from None
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
@@ -148,8 +206,6 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def cmd_view(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from .viewer import serve_viewer, write_viewer
 
     if args.output or not args.serve:
@@ -162,86 +218,160 @@ def cmd_view(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jointdiff", description=__doc__.splitlines()[0])
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = parser.add_subparsers(dest="command", required=True)
+# -- the parser ----------------------------------------------------------------------------
 
-    run = sub.add_parser("run", help="run a job file (.toml, .json, or a PNG made by jointdiff)")
-    run.add_argument("job")
-    run.add_argument("--output", "-o")
-    run.add_argument("--seed", type=int)
-    run.add_argument("--steps", type=int)
-    run.add_argument("--device")
-    run.add_argument("--quiet", "-q", action="store_true")
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line, like every other error: ``jointdiff: error: ...``, status 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"jointdiff: error: {message} (see '{self.prog} --help')\n")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: X)`` where there is a default to show (not for unset options,
+    whose help says what unset means, nor for flags)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False, [], argparse.SUPPRESS) or "%(default)" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+class _TopHelpFormatter(argparse.RawDescriptionHelpFormatter, _HelpFormatter):
+    """Keeps the line breaks of the examples."""
+
+
+DESCRIPTION = """\
+Images of any size from fixed-size diffusion models, by joint diffusion over
+overlapping windows. Errors are one line (exit status 2), reported before a
+model loads wherever the job tells."""
+EXAMPLES = """examples:
+  jointdiff generate "a city skyline at night" -g length_px=3072 --steps 50 -o city.png
+  jointdiff run job.toml          # a whole job in a TOML file (paths relative to its folder)
+  jointdiff run city.png          # reproduce an image from its embedded job: writes city-1.png
+  jointdiff plugins               # plugins, their options, defaults and allowed values
+"""
+
+
+def _subparser(sub: Any, name: str, help: str, description: str | None = None) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help, description=description or help, formatter_class=_HelpFormatter)
+
+
+def _add_output_options(parser: argparse.ArgumentParser, output_help: str, default: str | None) -> None:
+    parser.add_argument("--output", "-o", default=default, metavar="PATH", help=output_help)
+    parser.add_argument(
+        "--overwrite", action="store_true",
+        help="replace an existing output; without it an existing file is kept and the image goes to "
+        "the next free name (NAME-1.png, NAME-2.png, ...)",
+    )
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+
+
+def _add_run(sub: Any) -> None:
+    run = _subparser(
+        sub, "run", "run a job file (.toml, .json, or a PNG made by jointdiff)",
+        "Run a job: a TOML or JSON job file (relative paths in it are relative to its folder), or a "
+        "PNG made by jointdiff (its embedded job and seed; the new image is written next to it).",
+    )
+    run.add_argument("job", metavar="JOB", help="job.toml, job.json, or IMAGE.png made by jointdiff")
+    _add_output_options(
+        run, "image to write (relative to the working folder); unset: the job's output, or for a PNG "
+        "the PNG's own name, kept (the image goes to NAME-1.png)", None,
+    )
+    run.add_argument("--seed", type=int, help=f"replace the job's seed (0..{2**63 - 1}); unset: the job's")
+    run.add_argument("--steps", type=int, help="replace the job's number of denoising steps; unset: the job's")
+    run.add_argument("--device", help="replace the job's device: auto, cpu, cuda, cuda:N or mps; unset: the job's")
     run.add_argument("--dist-timeout", type=float, metavar="SECONDS",
-                     help="under torchrun: timeout of every collective (default 600)")
+                     help="under torchrun: timeout of every collective; unset: 600")
     run.set_defaults(func=cmd_run)
 
-    gen = sub.add_parser("generate", help="generate from a prompt")
-    gen.add_argument("prompt")
-    gen.add_argument("--negative-prompt", help="classifier-free guidance families only (SD, SDXL, SD3, Qwen-Image)")
-    gen.add_argument("--guidance-scale", type=float, help="default: the model family's")
-    gen.add_argument("--geometry", default="strip")
-    gen.add_argument("-g", "--geometry-option", action="append", default=[], metavar="KEY=VALUE")
-    gen.add_argument("--sync", default="none", help="synchronizer name")
-    gen.add_argument("-s", "--sync-option", action="append", default=[], metavar="KEY=VALUE")
-    gen.add_argument("--model", default="tiny", help="hub id, local folder, single file, or a tiny model (tiny, tiny-sdxl, tiny-flux, ...)")
-    gen.add_argument("--family", help="model family (sd, sdxl, sd3, flux, flux2, qwenimage); default: detected")
-    gen.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]", help="a LoRA (repeat for several)")
-    gen.add_argument("--scheduler")
-    gen.add_argument("--device", default="auto")
-    gen.add_argument("--dtype", default="auto")
-    gen.add_argument("--steps", type=int, default=50)
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--view-batch-size", type=int, default=4)
-    gen.add_argument("--fusion", choices=["latent", "x0"], help="default: the geometry's preferred fusion")
-    gen.add_argument("--output", "-o", default="jointdiff.png")
+
+def _add_generate(sub: Any) -> None:
+    gen = _subparser(sub, "generate", "generate from a prompt",
+                     "Generate an image from a prompt: the same job as a TOML file, built from flags.")
+    gen.add_argument("prompt", help="what every window shows (the 'text' conditioner's prompt)")
+    gen.add_argument("--negative-prompt", help="what to steer away from; classifier-free guidance families only (SD, SDXL, SD3, Qwen-Image)")
+    gen.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale; unset: the model family's (7.5 for SD)")
+    gen.add_argument("--geometry", default="strip", help="geometry plugin: strip, grid, equirect, cubemap, torus, atlas, cube_texture, ... (see 'jointdiff plugins')")
+    gen.add_argument("-g", "--geometry-option", action="append", default=[], metavar="KEY=VALUE",
+                     help="a geometry option, value read as TOML (repeat: -g length_px=3072 -g wrap=true)")
+    gen.add_argument("--sync", default="none", help="synchronizer plugin: none (MultiDiffusion) or syncdiffusion")
+    gen.add_argument("-s", "--sync-option", action="append", default=[], metavar="KEY=VALUE",
+                     help="a synchronizer option, value read as TOML (repeat)")
+    gen.add_argument("--model", default="tiny", help="hub id, local diffusers folder, single-file checkpoint, or a built-in tiny model (tiny, tiny-sdxl, tiny-flux, ...)")
+    gen.add_argument("--family", help="model family: sd, sdxl, sd3, flux, flux2, qwenimage; unset: detected")
+    gen.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]", help="a LoRA file, folder or hub id with its strength (repeat for several)")
+    gen.add_argument("--scheduler", help="ddim, ddpm, pndm, euler, euler_a, dpm++, unipc; flow_euler for flow-matching families; unset: the model's")
+    gen.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda, cuda:N or mps")
+    gen.add_argument("--dtype", default="auto", help="auto (float16/bfloat16 on CUDA, float32 elsewhere), float32, float16 or bfloat16")
+    gen.add_argument("--steps", type=int, default=50, help="denoising steps")
+    gen.add_argument("--seed", type=int, default=0, help=f"random seed (0..{2**63 - 1})")
+    gen.add_argument("--view-batch-size", type=int, default=4, help="windows per model call")
+    gen.add_argument("--fusion", choices=["latent", "x0"], help="latent (MultiDiffusion) or x0 (SyncTweedies); unset: the geometry's preferred")
+    _add_output_options(gen, "image to write (.png carries the job; .jpg, .webp)", "jointdiff.png")
     gen.add_argument("--save-job", metavar="JOB.toml", help="also write the job as TOML")
-    gen.add_argument("--quiet", "-q", action="store_true")
     gen.set_defaults(func=cmd_generate)
 
-    plugins = sub.add_parser("plugins", help="list discovered plugins and their options")
-    plugins.set_defaults(func=cmd_plugins)
 
-    view = sub.add_parser("view", help="show a 360° panorama in a self-contained HTML viewer")
+def _add_view(sub: Any) -> None:
+    view = _subparser(sub, "view", "show a 360° panorama in a self-contained HTML viewer")
     view.add_argument("pano", help="equirectangular image (PNG, JPEG or WebP)")
-    view.add_argument("--output", "-o", metavar="PAGE.html", help="page to write (default: PANO with .html)")
+    view.add_argument("--output", "-o", metavar="PAGE.html", help="page to write; unset: PANO with .html")
     view.add_argument("--serve", action="store_true", help="serve the page on http://127.0.0.1:PORT/")
-    view.add_argument("--port", type=int, default=8360)
+    view.add_argument("--port", type=int, default=8360, help="port of --serve")
     view.set_defaults(func=cmd_view)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = _Parser(prog="jointdiff", description=DESCRIPTION, epilog=EXAMPLES, formatter_class=_TopHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"jointdiff {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and library warnings")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="'jointdiff COMMAND --help' for its options")
+    _add_run(sub)
+    _add_generate(sub)
+    plugins = _subparser(sub, "plugins", "list discovered plugins and their options (types, defaults, allowed values)")
+    plugins.set_defaults(func=cmd_plugins)
+    _add_view(sub)
     return parser
 
 
 def _quiet_libraries() -> None:
-    """Library warnings (hub retries, deprecations) would bury the one line a user needs."""
+    """Library warnings (hub retries, deprecations, tokenizer lengths) would bury the one line
+    a user needs. Set through the environment and logging, so nothing heavy is imported."""
     import logging
 
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     for name in ("diffusers", "transformers", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    from diffusers.utils import logging as diffusers_logging
-
-    diffusers_logging.set_verbosity_error()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not (args.debug or os.environ.get("JOINTDIFF_DEBUG")):
+    debug = bool(args.debug or os.environ.get("JOINTDIFF_DEBUG"))
+    if not debug:
         _quiet_libraries()
     try:
         return args.func(args)
-    except (JointDiffError, ValueError, TypeError, OSError) as error:
-        if args.debug or os.environ.get("JOINTDIFF_DEBUG"):
+    except (JointDiffError, ValueError, TypeError, OSError, OverflowError) as error:
+        if debug:
             raise
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        if not isinstance(error, JointDiffError):
-            message = f"{type(error).__name__}: {message} (run with --debug for the traceback)"
-        print(f"jointdiff: error: {message}", file=sys.stderr)
+        print(f"jointdiff: error: {_one_line(error)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("jointdiff: interrupted", file=sys.stderr)
         return 130
+
+
+def _one_line(error: BaseException) -> str:
+    message = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if not isinstance(error, JointDiffError):
+        message = f"{type(error).__name__}: {message} (run with --debug for the traceback)"
+    return message
 
 
 if __name__ == "__main__":  # pragma: no cover

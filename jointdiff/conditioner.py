@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from abc import ABC
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 
 import torch
 
@@ -83,7 +83,16 @@ class Prompt:
 
 
 class Conditioner(Configurable, ABC):
-    """Base class of every conditioner plugin."""
+    """Base class of every conditioner plugin.
+
+    Results must not depend on batching, batch order, ranks or resume: draw noise from
+    :meth:`~jointdiff.context.StepState.generator_for` keyed by what it belongs to (step,
+    window, region branch), and expose state that outlives a step with :meth:`state_dict`.
+    """
+
+    one_per_job: ClassVar[bool] = False
+    """Whether a job takes at most one instance of this class (e.g. ``controlnet``, whose
+    several ControlNets go in its own list); the engine refuses a second one."""
 
     def setup(self, context: JobContext) -> None:
         """Called once per job after the model is loaded (encode prompts, move models)."""
@@ -104,12 +113,24 @@ class Conditioner(Configurable, ABC):
         embeds: Embeddings,
         window_ids: Sequence[int],
         context: JobContext,
+        guidance_scale: torch.Tensor | None = None,
+        offsets: torch.Tensor | None = None,
     ) -> dict[str, Any]:
         """Extra keyword arguments of the model call for one window batch (``(B', C, h, w)``
         input and ``B'`` rows of ``embeds``, ``B'`` = windows × guidance branches), passed to
         :meth:`~jointdiff.families.base.ModelFamily.forward` as ``extra`` (e.g. ControlNet
-        residuals). Default: none."""
+        residuals). ``guidance_scale`` ``(B',)`` (guidance-distilled families) and ``offsets``
+        ``(B', 2)`` (``positions = "canvas"``) are what the model call gets; an override may
+        leave them out of its signature. Default: none."""
         return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """State that outlives a step, saved in checkpoints: tensors and plain containers
+        (dicts, lists, numbers, strings, None) only. Default: none (stateless)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned, after :meth:`setup`, on resume."""
 
 
 def encode_text(

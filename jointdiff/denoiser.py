@@ -6,6 +6,8 @@ Everything model-specific is asked of the job's :class:`~jointdiff.families.base
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import TYPE_CHECKING, Sequence
 
 import torch
@@ -81,7 +83,8 @@ class Denoiser:
         rows, scale, offsets = self._rows(window_ids, prompt_index)
         extra = {}
         for conditioner in self.conditioners:
-            extra.update(conditioner.model_kwargs(model_input, timestep, rows, window_ids, self.context))
+            call = {"guidance_scale": scale, "offsets": offsets} if _takes_call_inputs(conditioner) else {}
+            extra.update(conditioner.model_kwargs(model_input, timestep, rows, window_ids, self.context, **call))
         output = self.model.forward(model_input, timestep, rows, guidance_scale=scale, offsets=offsets, extra=extra)
         if guided:
             uncond, cond = output.chunk(2)
@@ -99,3 +102,15 @@ class Denoiser:
         """The model output that would have predicted ``x0`` from ``latents`` (the inverse of
         :meth:`predicted_x0`): lets any scheduler step with an x̂0 fused across windows."""
         return self.model.output_from_x0(latents, x0, timestep, scheduler)
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_call_inputs_of(cls: type) -> bool:
+    parameters = inspect.signature(cls.model_kwargs).parameters
+    return {"guidance_scale", "offsets"} <= set(parameters) or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+
+
+def _takes_call_inputs(conditioner) -> bool:
+    """Whether ``conditioner.model_kwargs`` takes ``guidance_scale`` and ``offsets`` (an
+    override written before they existed may not)."""
+    return _takes_call_inputs_of(type(conditioner))

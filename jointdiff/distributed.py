@@ -1,8 +1,8 @@
 """Window parallelism on ``torch.distributed``: one job's windows spread over ranks.
 
 Every rank holds the whole canvas and runs a fixed subset of the job's window batches
-(:class:`~jointdiff.context.WindowBatch`: each has its own scheduler copy and noise
-generator, so a batch gives the same result whichever rank runs it). After each step the
+(:class:`~jointdiff.context.WindowBatch`: each has its own scheduler copy, and all noise is
+keyed per window and step, so a batch gives the same result whichever rank runs it). After each step the
 fusion's numerator ``Σ_i insert_i(w_i · x_i)`` (MultiDiffusion, Bar-Tal et al. 2023, Eq. 5; or
 the x̂0 sum of SyncTweedies) is all-reduced with SUM, so every rank divides the same sum by
 the same weights (``Σ_i insert_i(w_i)``, all-reduced once per job) and holds the same canvas.
@@ -23,6 +23,7 @@ import datetime
 import os
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -144,18 +145,22 @@ class Distributed:
         finally:
             self.seconds_in_collectives += time.perf_counter() - start
 
-    def check(self, failure: BaseException | None, where: str) -> None:
-        """Exchange an error flag per rank; when any rank failed, raise on every rank a
-        :class:`DistributedJobError` naming the failed ranks and their causes."""
+    def check(self, failure: BaseException | None, where: str, stop: bool = False) -> bool:
+        """Exchange a flag per rank; when any rank failed, raise on every rank a
+        :class:`DistributedJobError` naming the failed ranks and their causes. Otherwise
+        return whether any rank asked to ``stop`` (the job ends on every rank)."""
         if isinstance(failure, DistributedJobError):
             raise failure  # already agreed on by every rank, or the group is broken
         flags = torch.zeros(self.world_size, dtype=torch.int32, device=self.device)
         if failure is not None:
             flags[self.rank] = 1
+        elif stop:
+            flags[self.rank] = 2
         self._collective(f"error check at {where}", dist.all_reduce, flags, group=self.group)
-        failed = [r for r, flag in enumerate(flags.tolist()) if flag]
+        values = flags.tolist()
+        failed = [r for r, flag in enumerate(values) if flag == 1]
         if not failed:
-            return
+            return 2 in values
         cause = f"{type(failure).__name__}: {str(failure).splitlines()[0] if str(failure) else ''}" if failure else None
         causes = [None] * self.world_size
         self._collective("error gather", dist.all_gather_object, causes, cause, group=self.group)
@@ -193,16 +198,20 @@ def assign_owners(costs: Sequence[float], world_size: int) -> list[int]:
 
 
 def window_costs(num_windows: int, num_steps: int, synchronizer: Any, sync_cost: float, anchor_cost: float) -> list[float]:
-    """Relative cost of each window over the job, in plain window steps. A synchronizer with
-    ``synchronizes(step_index)`` and ``anchor_id`` (SyncDiffusion) makes synchronized steps
-    cost ``1 + sync_cost`` per window and ``1 + anchor_cost`` for the anchor."""
+    """Relative cost of each window over the job, in plain window steps. A synchronizer's
+    :meth:`~jointdiff.synchronizer.Synchronizer.synchronizes` steps cost ``1 + sync_cost``
+    per window and ``1 + anchor_cost`` for its
+    :meth:`~jointdiff.synchronizer.Synchronizer.anchor_windows` (SyncDiffusion)."""
     synchronized = 0
     if synchronizer is not None and hasattr(synchronizer, "synchronizes"):
         synchronized = sum(1 for i in range(num_steps) if synchronizer.synchronizes(i))
-    anchor = getattr(synchronizer, "anchor_id", None)
+    if hasattr(synchronizer, "anchor_windows"):
+        anchors = set(synchronizer.anchor_windows())
+    else:  # duck-typed synchronizers of older versions
+        anchors = {getattr(synchronizer, "anchor_id", None)}
     costs = []
     for window_id in range(num_windows):
-        extra = anchor_cost if window_id == anchor else sync_cost
+        extra = anchor_cost if window_id in anchors else sync_cost
         costs.append(num_steps + synchronized * extra)
     return costs
 
@@ -257,18 +266,36 @@ def shutdown() -> None:
 
 # -- checkpoints -------------------------------------------------------------------------
 
+CHECKPOINT_FORMAT = 2
+"""Version of the checkpoint layout; files of another layout are refused (or, with
+``overwrite``, replaced)."""
+_SCHEDULER_SKIP = frozenset({"config", "_internal_dict"})
+
 
 @dataclass
 class Checkpoint:
-    """Save the job's state to ``path`` every ``every`` steps; with ``resume``, start from
-    ``path`` when it exists. Saved: the step reached, the canvas, every batch's scheduler and
-    noise generator state and, with ``x0`` fusion, every window's own latents. Rank 0 writes
-    (atomically) what all ranks hold, so a job may resume on any number of ranks.
-    Checkpoints are pickles: load only your own."""
+    """Save the job's state to ``path`` every ``every`` steps; with ``resume``, continue from
+    ``path`` when it holds a checkpoint of this very job.
+
+    Saved, as tensors and plain containers only (read back with
+    ``torch.load(weights_only=True)``): the step reached, the canvas, every window's
+    scheduler state and (``x0`` fusion) own latents, keyed by region branch and window, so a
+    job resumes with any ``view_batch_size`` and on any number of ranks; and every plugin's
+    ``state_dict()``. Rank 0 writes atomically.
+
+    The file carries a fingerprint of the whole job (model identity, scheduler, every
+    plugin's options, steps, seed, fusion, eta, canvas, windows, initial latents). A
+    checkpoint of another job, an unreadable one, or any existing file while ``resume`` is
+    False is refused with a one-line :class:`~jointdiff.errors.ConfigError` naming what
+    differs, so no interrupted work is lost; ``overwrite=True`` starts over instead (with a
+    warning) and replaces the file. A job that finishes removes its checkpoint; a stopped
+    (:class:`~jointdiff.engine.StopJob`) or interrupted one keeps it.
+    """
 
     path: str | Path
     every: int = 1
     resume: bool = False
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.every, int) or self.every < 1:
@@ -279,28 +306,109 @@ class Checkpoint:
         return (step_index + 1) % self.every == 0 and step_index + 1 < num_steps
 
 
-def batch_states(batches: Sequence[WindowBatch], fusion: Any) -> dict[int, dict[str, Any]]:
-    """The per-batch part of a checkpoint for the batches this rank runs."""
-    views = getattr(fusion, "views", None)
+def window_key(prompt_index: int | None, window_id: int) -> str:
+    """The checkpoint key of a window of a region branch (``"-"``: no branches)."""
+    return f"{'-' if prompt_index is None else prompt_index}:{window_id}"
+
+
+def is_plain(value: Any) -> bool:
+    """Whether ``value`` is a tensor or a plain container (what ``weights_only`` loads)."""
+    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(is_plain(item) for item in value)
+    if isinstance(value, dict):
+        return all(isinstance(key, (str, int)) and is_plain(item) for key, item in value.items())
+    return False
+
+
+def _cpu(tensor: torch.Tensor) -> torch.Tensor:
+    """A compact CPU copy (a view would save its whole storage)."""
+    return tensor.detach().to("cpu", copy=True)
+
+
+def _row(value: Any, rows: int, k: int) -> Any:
+    """Row ``k`` of a scheduler attribute: sample-shaped tensors ``(rows, C, h, w)`` are
+    per window and sliced to ``(1, C, h, w)``; everything else is shared and copied."""
+    if isinstance(value, torch.Tensor):
+        return _cpu(value[k : k + 1] if value.ndim == 4 and value.shape[0] == rows else value)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_row(item, rows, k) for item in value)
+    if isinstance(value, dict):
+        return {key: _row(item, rows, k) for key, item in value.items()}
+    return value
+
+
+def scheduler_rows(scheduler: Any, rows: int) -> list[dict[str, Any]]:
+    """A batch scheduler's state split into one plain dict per window. Only plain attributes
+    are kept (what ``set_timesteps`` builds otherwise, e.g. numpy arrays, is rebuilt on
+    resume); tensors ``(rows, C, h, w)`` are the per-window history of multistep solvers."""
+    attributes = {k: v for k, v in vars(scheduler).items() if k not in _SCHEDULER_SKIP and is_plain(v)}
+    return [{name: _row(value, rows, k) for name, value in attributes.items()} for k in range(rows)]
+
+
+def _join(values: list[Any], device: torch.device, like: Any) -> Any:
+    """The inverse of :func:`_row` over a batch's windows: per-window tensors concatenated
+    on ``device``, shared ones put where the fresh scheduler keeps them (``like``)."""
+    first = values[0]
+    if isinstance(first, torch.Tensor):
+        if first.ndim == 4 and first.shape[0] == 1:
+            return torch.cat(values).to(device)
+        return first.to(like.device) if isinstance(like, torch.Tensor) else first
+    if isinstance(first, (list, tuple)):
+        return type(first)(_join([v[i] for v in values], device, None) for i in range(len(first)))
+    if isinstance(first, dict):
+        return {key: _join([v[key] for v in values], device, None) for key in first}
+    return first
+
+
+def load_scheduler_rows(scheduler: Any, rows: Sequence[dict[str, Any]], device: torch.device) -> None:
+    """Put the saved states of a batch's windows (in batch order) into its fresh scheduler."""
+    for name in rows[0]:
+        setattr(scheduler, name, _join([row[name] for row in rows], device, getattr(scheduler, name, None)))
+
+
+def window_states(batches: Sequence[WindowBatch], fusion: Any) -> dict[str, dict[str, Any]]:
+    """The per-window part of a checkpoint for the batches this rank runs, keyed by
+    :func:`window_key`: the scheduler state and, with ``x0`` fusion, the window's own
+    latents ``(1, C, h, w)``."""
     states = {}
     for batch in batches:
-        state = {"scheduler": batch.scheduler, "generator": batch.generator.get_state() if batch.generator else None}
-        if views is not None:
-            state["view"] = views[batch.index].cpu()
-        states[batch.index] = state
+        schedulers = scheduler_rows(batch.scheduler, len(batch))
+        view = fusion.view_of(batch)
+        for k, window_id in enumerate(batch.window_ids):
+            state: dict[str, Any] = {"scheduler": schedulers[k]}
+            if view is not None:
+                state["view"] = _cpu(view[k : k + 1])
+            states[window_key(batch.prompt_index, window_id)] = state
     return states
 
 
+def restore_windows(batches: Sequence[WindowBatch], fusion: Any, states: dict[str, dict[str, Any]], device: torch.device) -> None:
+    """Put saved window states back into this rank's batches (of any composition)."""
+    for batch in batches:
+        keys = [window_key(batch.prompt_index, w) for w in batch.window_ids]
+        missing = [key for key in keys if key not in states]
+        if missing:
+            raise ConfigError(f"checkpoint has no state for windows {missing} (branch:window)")
+        rows = [states[key] for key in keys]
+        load_scheduler_rows(batch.scheduler, [row["scheduler"] for row in rows], device)
+        if fusion.view_of(batch) is not None:
+            fusion.set_view(batch, torch.cat([row["view"] for row in rows]).to(device))
+
+
 def save_checkpoint(checkpoint: Checkpoint, comm: Distributed | None, fingerprint: dict, next_step: int,
-                    canvas: torch.Tensor, states: dict[int, dict[str, Any]]) -> None:
-    """Gather every rank's batch states on rank 0, which writes the file atomically."""
+                    canvas: torch.Tensor, states: dict[str, dict[str, Any]], plugins: dict[str, Any] | None = None) -> None:
+    """Gather every rank's window states on rank 0, which writes the file atomically with
+    the canvas and ``plugins`` (rank 0's plugin states)."""
     parts = comm.gather_objects(states) if comm is not None else [states]
     failure = None
     if comm is None or comm.rank == 0:
-        merged: dict[int, dict[str, Any]] = {}
+        merged: dict[str, dict[str, Any]] = {}
         for part in parts:
             merged.update(part)
-        payload = {"fingerprint": fingerprint, "next_step": next_step, "canvas": canvas.cpu(), "batches": merged}
+        payload = {"format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "next_step": next_step,
+                   "canvas": _cpu(canvas), "windows": merged, "plugins": plugins or {}}
         try:
             _atomic_save(payload, checkpoint.path)
         except Exception as error:
@@ -323,32 +431,82 @@ def _atomic_save(payload: dict, path: Path) -> None:
 
 
 def load_checkpoint(checkpoint: Checkpoint, comm: Distributed | None, fingerprint: dict) -> dict | None:
-    """Rank 0 reads the checkpoint (if any) and broadcasts it; refuses one from another job."""
-    payload, failure = None, None
-    if (comm is None or comm.rank == 0) and checkpoint.path.is_file():
+    """The checkpoint to resume (rank 0 reads it and broadcasts it), or None to start over.
+    A file that cannot be resumed (see :class:`Checkpoint`) is a ConfigError, or with
+    ``overwrite`` a warning and a fresh start."""
+    payload, problem, failure = None, None, None
+    if comm is None or comm.rank == 0:
         try:
-            payload = torch.load(checkpoint.path, map_location="cpu", weights_only=False)
+            payload, problem = _read_checkpoint(checkpoint, fingerprint)
         except Exception as error:
             if comm is None:
                 raise
             failure = error
     if comm is not None:
         comm.check(failure, f"reading checkpoint {str(checkpoint.path)!r}")
-        payload = comm.broadcast_object(payload)
-    if payload is not None and payload["fingerprint"] != fingerprint:
-        raise ConfigError(
-            f"checkpoint {str(checkpoint.path)!r} belongs to another job: {payload['fingerprint']} "
-            f"!= {fingerprint}"
-        )
-    return payload
+        payload, problem = comm.broadcast_object((payload, problem))
+    if problem is None:
+        return payload
+    if not checkpoint.overwrite:
+        raise ConfigError(f"{problem}; delete it, or set overwrite=True to start over")
+    if comm is None or comm.rank == 0:
+        warnings.warn(f"{problem}: starting over and replacing it (overwrite=True)", stacklevel=3)
+    return None
 
 
-def restore_batches(batches: Sequence[WindowBatch], fusion: Any, states: dict[int, dict[str, Any]]) -> None:
-    """Put saved scheduler, generator and view states back into this rank's batches."""
-    for batch in batches:
-        state = states[batch.index]
-        batch.scheduler = state["scheduler"]
-        if batch.generator is not None and state["generator"] is not None:
-            batch.generator.set_state(state["generator"])
-        if "view" in state and hasattr(fusion, "views"):
-            fusion.views[batch.index] = state["view"].to(fusion.canvas.device)
+def _read_checkpoint(checkpoint: Checkpoint, fingerprint: dict) -> tuple[dict | None, str | None]:
+    """``(payload, None)`` to resume, ``(None, None)`` without a file, ``(None, problem)``."""
+    path = checkpoint.path
+    if not path.is_file():
+        return None, None
+    where = f"checkpoint {str(path)!r}"
+    if not checkpoint.resume:
+        return None, f"{where} exists (left by an interrupted job) and resume is off: set resume=True to continue it"
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return None, f"{where} cannot be read as a checkpoint ({type(error).__name__}: {reason[:200]})"
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        return None, f"{where} is not a checkpoint of this jointdiff version (format {CHECKPOINT_FORMAT})"
+    mismatch = fingerprint_mismatch(payload.get("fingerprint"), fingerprint)
+    if mismatch is not None:
+        return None, f"{where} belongs to another job: {mismatch}"
+    return payload, None
+
+
+def remove_checkpoint(checkpoint: Checkpoint, comm: Distributed | None) -> None:
+    """Remove a finished job's checkpoint (rank 0; a missing file is fine)."""
+    if comm is None or comm.rank == 0:
+        checkpoint.path.unlink(missing_ok=True)
+
+
+def fingerprint_mismatch(saved: Any, current: dict[str, Any]) -> str | None:
+    """What differs between a saved and the current job fingerprint (None: nothing), in
+    one line naming the fields, with both values around their first difference."""
+    if not isinstance(saved, dict):
+        return "it has no job fingerprint"
+    keys = [k for k in current if saved.get(k) != current[k]] + [k for k in saved if k not in current]
+    if not keys:
+        return None
+    parts = []
+    for key in keys[:3]:
+        old, new = _around_difference(saved.get(key), current.get(key))
+        parts.append(f"{key} changed (saved {old}, now {new})")
+    more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+    return "; ".join(parts) + more
+
+
+def _around_difference(old: Any, new: Any, width: int = 64) -> tuple[str, str]:
+    """Short reprs of two values, cut around where they first differ."""
+    a, b = repr(old), repr(new)
+    if len(a) <= width and len(b) <= width:
+        return a, b
+    start = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    start = max(0, start - width // 2)
+
+    def cut(text: str) -> str:
+        piece = text[start : start + width]
+        return ("…" if start else "") + piece + ("…" if start + width < len(text) else "")
+
+    return cut(a), cut(b)

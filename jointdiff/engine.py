@@ -7,38 +7,69 @@ Each step (MultiDiffusion, Bar-Tal et al. 2023, Eq. 5; SyncDiffusion, Lee et al.
    synchronizer move them, run the UNet once for all windows and guidance branches,
    step the batch's own scheduler copy;
 3. add the weighted results back onto the canvas and divide by the summed weights.
+
+Invariance: a job's result does not depend on ``view_batch_size``, on the order in which
+batches run, on the number of ranks, or on an interruption and resume (to float rounding).
+All noise is keyed by what it belongs to (the job's seed, a purpose, a step, a window, a
+region branch; :meth:`~jointdiff.context.JobContext.generator_for`), never drawn from a
+stream shared by batches; scheduler state is per batch copy and per-row math; checkpoints
+hold every window's state and every plugin's ``state_dict()``.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import inspect
+import json
+import numbers
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
-from .conditioner import Conditioner
+from .conditioner import Conditioner, Prompt
 from .context import JobContext, StepState, WindowBatch
 from .denoiser import Denoiser
 from .distributed import (
     Checkpoint,
     Distributed,
-    batch_states,
+    is_plain,
     load_checkpoint,
-    restore_batches,
+    remove_checkpoint,
+    restore_windows,
     save_checkpoint,
     window_costs,
+    window_states,
 )
 from .distributed import resolve as resolve_distributed
 from .errors import ConfigError, NonFiniteLatentsError
-from .fusion import FusionMode, make_fusion
+from .fusion import FusionMode, LatentFusion, make_fusion
 from .geometry import Geometry
 from .synchronizer import Synchronizer
+from . import budget, tiled_decode
 
 StepCallback = Callable[[int, int, torch.Tensor], None]
+"""``callback(step_index, timestep, canvas)``: observes the canvas after a step (and after
+that step's checkpoint is written)."""
+StepEndCallback = Callable[[int, torch.Tensor, torch.Tensor], "torch.Tensor | None"]
+"""``callback_on_step_end(step_index, timestep, latents) -> latents | None`` (diffusers'
+style): may return new canvas latents ``(S, C, H, W)`` for the next step, or raise
+:class:`StopJob` to end the job after this step."""
+
+
+class StopJob(Exception):
+    """Raised by a step callback to end the job after the current step: the result holds
+    the canvas so far (``metadata["stopped_at_step"]``) and a checkpoint, if any, is kept
+    (written at this step) so the job can be resumed. ``latents`` (optional) replace the
+    canvas first, as a returned value would. With window parallelism one rank raising it
+    stops every rank."""
+
+    def __init__(self, latents: torch.Tensor | None = None, message: str = "stopped by a step callback") -> None:
+        super().__init__(message)
+        self.latents = latents
 
 
 @dataclass
@@ -51,6 +82,34 @@ class JointResult:
     latents: torch.Tensor
     pixels: torch.Tensor | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, path: Any, *, overwrite: bool = True) -> list[Any]:
+        """Save the images (several: ``out_0.png``, ...) with the job and seed in every PNG,
+        as the CLI does; ``overwrite=False`` keeps existing files (next free name). See
+        :func:`jointdiff.output.save_result`."""
+        from .output import save_result
+
+        return save_result(self, path, overwrite=overwrite)
+
+
+@dataclass
+class _Run:
+    """One job's working state inside :meth:`JointDiffusion.__call__` (engine internals):
+    ``scheduler`` is the configured template every batch copies; ``batches`` are this rank's."""
+
+    seed: int
+    context: JobContext
+    comm: Distributed | None
+    prompt: Prompt
+    denoiser: Denoiser
+    scheduler: Any
+    timesteps: torch.Tensor
+    canvas: torch.Tensor
+    batches: list[WindowBatch] = field(default_factory=list)
+    fusion: LatentFusion | None = None
+    fusion_mode: str = "latent"
+    fingerprint: dict[str, Any] | None = None
+    progress: Any = None
 
 
 class JointDiffusion:
@@ -65,6 +124,12 @@ class JointDiffusion:
     ``preferred_fusion``. ``distributed`` spreads the window batches over the ranks of a
     torch.distributed process group (see :mod:`jointdiff.distributed`): ``None`` does so
     when a group of several ranks is initialized, ``False`` never.
+
+    Large canvases: a job above ``max_megapixels`` (default 64; None: no limit) or whose
+    estimated working memory exceeds ``memory_limit_gb`` (None: no limit) is refused before
+    anything is allocated (:meth:`estimate`, :mod:`jointdiff.budget`). The final decode is
+    tiled (:mod:`jointdiff.tiled_decode`): ``decode_tile_latent`` None tiles with the model's
+    native window above 4 megapixels, 0 never tiles, a number is the tile side in latent cells.
     """
 
     def __init__(
@@ -79,7 +144,12 @@ class JointDiffusion:
         fusion: FusionMode | None = None,
         check_finite: bool = True,
         distributed: Distributed | bool | None = None,
+        max_megapixels: float | None = budget.DEFAULT_MAX_MEGAPIXELS,
+        memory_limit_gb: float | None = None,
+        decode_tile_latent: int | None = None,
     ) -> None:
+        budget.check_limit_options(max_megapixels, memory_limit_gb)
+        tiled_decode.check_tile_option(decode_tile_latent)
         if not isinstance(view_batch_size, int) or view_batch_size < 1:
             raise ConfigError(f"view_batch_size must be a positive integer, got {view_batch_size!r}")
         if fusion not in (None, "latent", "x0"):
@@ -97,6 +167,9 @@ class JointDiffusion:
         self.fusion = fusion
         self.check_finite = check_finite
         self.distributed = distributed
+        self.max_megapixels = max_megapixels
+        self.memory_limit_gb = memory_limit_gb
+        self.decode_tile_latent = decode_tile_latent
 
     @property
     def pipeline(self) -> Any:
@@ -119,14 +192,18 @@ class JointDiffusion:
             raise ConfigError(f"a job needs exactly one prompt conditioner (e.g. 'text'); got {names}")
         return prompts[0]
 
-    def _initial_latents(self, latents: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
+    def _initial_latents(self, latents: torch.Tensor | None, context: JobContext) -> torch.Tensor:
+        """The first canvas ``(S, C, H, W)``: unit noise (``latents``, or drawn from the job's
+        seed on the CPU) times the scheduler's ``init_noise_sigma``; the unit noise is kept
+        as ``context.initial_noise``."""
         sheets, height, width = self.geometry.canvas_shape_latent
         shape = (sheets, self.model.latent_format.channels, height, width)
         if latents is None:
-            latents = torch.randn(shape, generator=generator, dtype=torch.float32)
+            latents = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(context.seed), dtype=torch.float32)
         elif tuple(latents.shape) != shape:
             raise ConfigError(f"latents must have shape {shape} for this geometry, got {tuple(latents.shape)}")
-        return latents.to(self.device, torch.float32) * self.model.initial_noise_sigma(self.model.scheduler)
+        context.initial_noise = latents.to(self.device, torch.float32)
+        return context.initial_noise * self.model.initial_noise_sigma(self.model.scheduler)
 
     def _window_offsets(self) -> torch.Tensor | None:
         """Window origins for positional ids offset to the canvas (``positions = "canvas"``)."""
@@ -140,17 +217,14 @@ class JointDiffusion:
         return origins
 
     def _window_batches(self, scheduler: Any, prompt, seed: int) -> list[WindowBatch]:
-        """Fixed groups of ``view_batch_size`` windows, once per prompt branch. Each batch has
-        its own scheduler copy and its own noise generator (stochastic schedulers), so a
-        result does not depend on the order or the process in which batches run."""
+        """Fixed groups of ``view_batch_size`` windows, once per prompt branch, each with its
+        own scheduler copy. Noise is keyed per window (see :mod:`jointdiff.fusion`), so a
+        result depends neither on the grouping nor on the order or process batches run in."""
         ids = list(range(self.geometry.num_windows))
         size = self.view_batch_size
         groups = [tuple(ids[i : i + size]) for i in range(0, len(ids), size)]
         pairs = [(branch, group) for branch in prompt.branches for group in groups]
-        return [
-            WindowBatch(j, group, copy.deepcopy(scheduler), branch, torch.Generator().manual_seed(batch_seed(seed, j)))
-            for j, (branch, group) in enumerate(pairs)
-        ]
+        return [WindowBatch(j, group, copy.deepcopy(scheduler), branch) for j, (branch, group) in enumerate(pairs)]
 
     def _weights_fn(self, prompt, device: torch.device):
         """Fusion weights of a batch ``(B, 1, h, w)``: the geometry's, times the branch's
@@ -181,136 +255,370 @@ class JointDiffusion:
         progress: bool = True,
         output_type: str = "pil",
         checkpoint: Checkpoint | None = None,
+        callback_on_step_end: StepEndCallback | None = None,
     ) -> JointResult:
         """Run the job. ``latents`` (optional) is the initial canvas noise ``(S, C, H, W)``,
         scaled by the scheduler's ``init_noise_sigma`` as in diffusers. ``output_type`` is
         ``"pil"`` (decode and make images) or ``"latent"`` (skip decoding). ``checkpoint``
-        saves the state every few steps and, with ``resume``, continues from a saved one.
+        saves the state every few steps and, with ``resume``, continues from a saved one
+        (see :class:`~jointdiff.distributed.Checkpoint`). ``callback_on_step_end`` may
+        replace the canvas latents or stop the job (:data:`StepEndCallback`, :class:`StopJob`);
+        ``callback`` observes every step.
 
         On several ranks every rank returns the same ``latents``; only rank 0 decodes
-        (other ranks get no images or pixels)."""
+        (other ranks get no images or pixels). Callbacks run on every rank, and latents they
+        return must be the same on every rank."""
+        self._check_call(num_inference_steps, seed, output_type, callback_on_step_end)
+        # 1. Set up the plugins with the job's context; timesteps (on the CPU: indexing them
+        #    never waits for the GPU).
+        run = self._setup(num_inference_steps, int(seed))
+        # 2. The initial canvas (its unit noise is kept for plugins: context.initial_noise).
+        run.canvas = self._initial_latents(latents, run.context)
+        # 3. Window batches (this rank's share with window parallelism) and the fusion.
+        self._prepare_windows(run)
+        # 4. Resume from a checkpoint of this very job, if there is one.
+        run.fingerprint = self._fingerprint(run, latents) if checkpoint is not None else None
+        start = self._resume(run, checkpoint)
+        # 5. Denoising loop.
+        stopped = None
+        for i in self._progress(run, start, progress):
+            run.canvas = self._denoise_step(run, i)
+            if self._end_step(run, i, checkpoint, callback_on_step_end, callback):
+                stopped = i
+                break
+        # 6. Decode; a finished job removes its checkpoint.
+        return self._finish(run, output_type, checkpoint, stopped)
+
+    @staticmethod
+    def _check_call(num_inference_steps: Any, seed: Any, output_type: Any, callback_on_step_end: Any) -> None:
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ConfigError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
+        if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
+            raise ConfigError(f"seed must be an integer, got {seed!r}")
         if output_type not in ("pil", "latent"):
             raise ConfigError(f"output_type must be 'pil' or 'latent', got {output_type!r}")
+        if callback_on_step_end is not None and not callable(callback_on_step_end):
+            raise ConfigError(f"callback_on_step_end must be callable, got {callback_on_step_end!r}")
 
-        # 1. Geometry, conditioners and synchronizer see the model.
+    def _setup(self, num_inference_steps: int, seed: int) -> _Run:
+        """Geometry, conditioners and synchronizer see the model; the denoiser and the
+        scheduler's timesteps are set."""
         self.geometry.setup(self.model.latent_format)
-        generator = torch.Generator("cpu").manual_seed(seed)
-        context = JobContext(self.model, self.geometry, self.device, self.dtype, num_inference_steps, generator)
+        budget.check(self.estimate(num_inference_steps), self.max_megapixels, self.memory_limit_gb, self.geometry.name)
+        self._check_one_per_job()
         comm = resolve_distributed(self.distributed)
+        generator = torch.Generator("cpu").manual_seed(seed)
+        context = JobContext(self.model, self.geometry, self.device, self.dtype, num_inference_steps, generator,
+                             seed=seed, distributed=comm)
         if comm is not None:
-            context.extras["distributed"] = comm
+            context.extras["distributed"] = comm  # for plugins of older versions
         for conditioner in self.conditioners:
             conditioner.setup(context)
         prompt = self._prompt()
         denoiser = Denoiser(context, prompt, self.conditioners, self._window_offsets())
         if self.synchronizer is not None:
             self.synchronizer.setup(context)
-
-        # 2. Timesteps (kept on the CPU: indexing them never waits for the GPU) and latents.
         scheduler = self.model.scheduler
         self.model.set_timesteps(scheduler, num_inference_steps, self.geometry.window_size_latent)
-        timesteps = scheduler.timesteps
-        canvas = self._initial_latents(latents, generator)
+        return _Run(seed, context, comm, prompt, denoiser, scheduler, scheduler.timesteps, torch.empty(0))
 
-        # 3. Window batches, each with its own scheduler state (this rank's share of them
-        #    with window parallelism), and the fusion.
-        batches = self._window_batches(scheduler, prompt, seed)
-        fusion_mode = self.fusion or getattr(self.geometry, "preferred_fusion", "latent")
-        if comm is not None:
-            batches = comm.assign(batches, self._batch_costs(batches, num_inference_steps, comm))
-        fusion = make_fusion(
-            fusion_mode, self.geometry, canvas, batches, self._weights_fn(prompt, canvas.device),
-            self._step_kwargs(scheduler), reduce=comm.all_reduce_ if comm is not None else None,
-            noise_sigma=self.model.initial_noise_sigma(scheduler),
+    def _check_one_per_job(self) -> None:
+        """ConfigError for a second conditioner of a class that allows one per job."""
+        seen: set[type] = set()
+        for conditioner in self.conditioners:
+            cls = type(conditioner)
+            if getattr(cls, "one_per_job", False) and cls in seen:
+                name = getattr(cls, "name", cls.__name__)
+                raise ConfigError(f"a job takes one {name!r} conditioner, got several in conditioners")
+            seen.add(cls)
+
+    def _prepare_windows(self, run: _Run) -> None:
+        """This rank's window batches, each with its own scheduler state, and the fusion."""
+        batches = self._window_batches(run.scheduler, run.prompt, run.seed)
+        run.fusion_mode = self.fusion or getattr(self.geometry, "preferred_fusion", "latent")
+        if run.comm is not None:
+            batches = run.comm.assign(batches, self._batch_costs(batches, len(run.timesteps), run.comm))
+        run.batches = batches
+        run.fusion = make_fusion(
+            run.fusion_mode, self.geometry, run.canvas, batches, self._weights_fn(run.prompt, run.canvas.device),
+            self._step_kwargs(run.scheduler), reduce=run.comm.all_reduce_ if run.comm is not None else None,
+            noise_sigma=self.model.initial_noise_sigma(run.scheduler), generator_for=run.context.generator_for,
         )
-        if not bool((fusion.weight_sum > 0).all()):
+        if not bool((run.fusion.weight_sum > 0).all()):
             raise ConfigError(f"geometry {self.geometry.name!r} (with its region masks) leaves canvas cells without weight")
-        fingerprint = {"seed": seed, "steps": num_inference_steps, "fusion": fusion_mode, "canvas": tuple(canvas.shape),
-                       "windows": self.geometry.num_windows, "batches": self.view_batch_size}
-        start = 0
-        if checkpoint is not None and checkpoint.resume:
-            canvas, start = self._resume(checkpoint, comm, fingerprint, batches, fusion, canvas)
 
-        # 4. Denoising loop.
-        show = progress and (comm is None or comm.rank == 0)
-        for i in tqdm(range(start, len(timesteps)), disable=not show, desc="jointdiff", initial=start, total=len(timesteps)):
-            t = timesteps[i]
-            state = StepState(i, t, len(timesteps), canvas, denoiser, context, fusion)
-            failure = self._local_step(state, batches, fusion, denoiser, comm)
-            if comm is not None:
-                comm.check(failure, f"step {i}")
-            canvas = fusion.end_step(t, denoiser)
-            if self.check_finite and not bool(torch.isfinite(canvas).all()):
-                raise NonFiniteLatentsError(f"NaN or inf in the canvas latents at step {i} (timestep {int(t)})")
-            if checkpoint is not None and checkpoint.due(i, len(timesteps)):
-                save_checkpoint(checkpoint, comm, fingerprint, i + 1, canvas, batch_states(batches, fusion))
-            if callback is not None:
-                self._guarded(comm, f"the step callback of step {i}", lambda: callback(i, int(t), canvas))
+    @staticmethod
+    def _progress(run: _Run, start: int, progress: bool):
+        """Step indices under a progress bar that ticks per step, or per window batch when a
+        step has many (:class:`~jointdiff.budget.LoopProgress`)."""
+        show = progress and (run.comm is None or run.comm.rank == 0)
+        run.progress = budget.LoopProgress(len(run.timesteps), len(run.batches), start, disable=not show)
+        return run.progress.steps(start)
 
-        # 5. Decode (on rank 0 only with window parallelism: every rank holds the same canvas).
-        metadata = {"seed": seed, "num_inference_steps": num_inference_steps, "windows": self.geometry.num_windows}
-        if comm is not None:
-            metadata.update(rank=comm.rank, world_size=comm.world_size)
-        if output_type == "latent" or (comm is not None and comm.rank != 0):
-            return JointResult([], canvas, None, metadata)
-        pixels = self.geometry.decode(canvas, self._vae_decode)
-        return JointResult(self.geometry.to_images(pixels), canvas, pixels, metadata)
+    def _denoise_step(self, run: _Run, i: int) -> torch.Tensor:
+        """One step over this rank's batches; returns the new canvas (after the all-reduce)."""
+        t = run.timesteps[i]
+        # A shallow copy of a batch's scheduler, positioned at this step, for plugins.
+        clock = copy.copy(run.batches[0].scheduler if run.batches else run.scheduler)
+        state = StepState(i, t, len(run.timesteps), run.canvas, run.denoiser, run.context, run.fusion, clock)
+        failure = self._local_step(state, run)
+        if run.comm is not None:
+            run.comm.check(failure, f"step {i}")
+        canvas = run.fusion.end_step(t, run.denoiser)
+        if self.check_finite and not bool(torch.isfinite(canvas).all()):
+            raise NonFiniteLatentsError(f"NaN or inf in the canvas latents at step {i} (timestep {int(t)})")
+        return canvas
 
-    def _local_step(self, state: StepState, batches, fusion, denoiser: Denoiser, comm) -> BaseException | None:
-        """Steps 1–2 for this rank's batches; the numerator is left in the fusion. With window
-        parallelism an exception is returned (for the error check every rank joins), not raised."""
+    def _local_step(self, state: StepState, run: _Run) -> BaseException | None:
+        """Synchronizer, conditioners and the model for this rank's batches; the numerator
+        is left in the fusion. With window parallelism an exception is returned (for the
+        error check every rank joins), not raised."""
+        fusion, t = run.fusion, state.timestep
         try:
             if self.synchronizer is not None:
                 self.synchronizer.begin_step(state)
-            fusion.begin_step()
-            t = state.timestep
-            for batch in batches:
+            fusion.begin_step(state.step_index)
+            for batch in run.progress.batches(run.batches) if run.progress is not None else run.batches:
                 window_latents = fusion.window_latents(batch)
                 if self.synchronizer is not None:
                     window_latents = self.synchronizer.update(window_latents, batch, state)
                 for conditioner in self.conditioners:
                     window_latents = conditioner.modify_latents(window_latents, batch, state)
-                output = denoiser.model_output(window_latents, t, batch.window_ids, batch.scheduler, batch.prompt_index)
-                fusion.add(batch, window_latents, output, t, denoiser)
+                output = run.denoiser.model_output(window_latents, t, batch.window_ids, batch.scheduler, batch.prompt_index)
+                fusion.add(batch, window_latents, output, t, run.denoiser)
         except Exception as error:
-            if comm is None:
+            if run.comm is None:
                 raise
             return error
         return None
 
-    @staticmethod
-    def _guarded(comm, where: str, action: Callable[[], Any]) -> None:
-        """Run ``action``; with window parallelism a failure on any rank stops every rank."""
-        if comm is None:
-            action()
-            return
-        failure = None
+    def _end_step(self, run: _Run, i: int, checkpoint: Checkpoint | None, on_step_end: StepEndCallback | None,
+                  callback: StepCallback | None) -> bool:
+        """After step ``i``: the step-end callback (may replace the canvas or stop), the
+        checkpoint when due, then the observing callback. Returns whether to stop; a stopped
+        job writes its checkpoint at this step so it can be resumed."""
+        t, last = run.timesteps[i], i + 1 == len(run.timesteps)
+        stop = late_stop = saved = False
+        if on_step_end is not None:
+            stop = self._run_callback(run, f"callback_on_step_end of step {i}", lambda: on_step_end(i, t, run.canvas), True)
+        if checkpoint is not None and checkpoint.due(i, len(run.timesteps)):
+            self._save(run, checkpoint, i + 1)
+            saved = True
+        if callback is not None:
+            late_stop = self._run_callback(run, f"the step callback of step {i}", lambda: callback(i, int(t), run.canvas), False)
+        stop = stop or late_stop
+        if stop and checkpoint is not None and not last and (late_stop or not saved):  # may have new latents
+            self._save(run, checkpoint, i + 1)
+        return stop
+
+    def _run_callback(self, run: _Run, where: str, action: Callable[[], Any], replaces: bool) -> bool:
+        """Run a callback; returned latents (``replaces``) or a :class:`StopJob`'s replace
+        the canvas. With window parallelism a failure on any rank stops every rank with an
+        error, a :class:`StopJob` on any rank stops every rank. Returns whether to stop."""
+        failure, stop = None, False
         try:
-            action()
+            try:
+                latents = action()
+            except StopJob as request:
+                stop, latents = True, request.latents
+            if latents is not None and (replaces or stop):
+                self._replace_canvas(run, latents, where)
         except Exception as error:
+            if run.comm is None:
+                raise
             failure = error
-        comm.check(failure, where)
+        if run.comm is not None:
+            stop = run.comm.check(failure, where, stop)
+        return stop
+
+    @staticmethod
+    def _replace_canvas(run: _Run, latents: Any, where: str) -> None:
+        shape = tuple(run.canvas.shape)
+        if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != shape:
+            got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+            raise ConfigError(f"{where} must return None or canvas latents of shape {shape}, got {got}")
+        try:
+            run.fusion.set_canvas(latents.to(run.canvas.device, torch.float32))
+        except ValueError as error:
+            raise ConfigError(f"{where}: {error}") from None
+        run.canvas = run.fusion.canvas
 
     def _batch_costs(self, batches: Sequence[WindowBatch], num_steps: int, comm: Distributed) -> list[float]:
         """Relative cost of each batch over the job, for balancing the ranks."""
         costs = window_costs(self.geometry.num_windows, num_steps, self.synchronizer, comm.sync_cost, comm.anchor_cost)
         return [sum(costs[w] for w in batch.window_ids) for batch in batches]
 
-    def _resume(self, checkpoint: Checkpoint, comm, fingerprint: dict, batches, fusion, canvas: torch.Tensor):
-        """Canvas and first step from a saved checkpoint (or as they are, without one)."""
-        payload = load_checkpoint(checkpoint, comm, fingerprint)
+    # -- checkpoints ---------------------------------------------------------------------
+
+    def _fingerprint(self, run: _Run, latents: torch.Tensor | None) -> dict[str, Any]:
+        """What makes a checkpoint this job's: model identity, scheduler, every plugin's
+        options (prompts included), steps, seed, fusion, eta, canvas, windows, initial noise."""
+        return {
+            "model": model_identity(self.model),
+            "scheduler": f"{type(run.scheduler).__name__}{config_text(run.scheduler.config)}",
+            "geometry": describe_plugin(self.geometry),
+            "conditioners": [describe_plugin(c) for c in self.conditioners],
+            "synchronizer": describe_plugin(self.synchronizer) if self.synchronizer is not None else "none()",
+            "steps": len(run.timesteps),
+            "seed": run.seed,
+            "fusion": run.fusion_mode,
+            "eta": float(self.eta),
+            "canvas": list(run.canvas.shape),
+            "windows": self.geometry.num_windows,
+            "latents": tensor_digest(latents) if latents is not None else "from seed",
+        }
+
+    def _save(self, run: _Run, checkpoint: Checkpoint, next_step: int) -> None:
+        plugins = {
+            "conditioners": [_plugin_state(c, f"conditioner {getattr(c, 'name', type(c).__name__)!r}") for c in self.conditioners],
+            "synchronizer": _plugin_state(self.synchronizer, "the synchronizer") if self.synchronizer is not None else {},
+        }
+        states = window_states(run.batches, run.fusion)
+        save_checkpoint(checkpoint, run.comm, run.fingerprint, next_step, run.canvas, states, plugins)
+
+    def _resume(self, run: _Run, checkpoint: Checkpoint | None) -> int:
+        """The first step to run: 0, or the saved one after restoring the canvas, every
+        window's state and every plugin's state from a checkpoint of this job."""
+        if checkpoint is None:
+            return 0
+        payload = load_checkpoint(checkpoint, run.comm, run.fingerprint)
         if payload is None:
-            return canvas, 0
-        restore_batches(batches, fusion, payload["batches"])
-        fusion.canvas = payload["canvas"].to(canvas.device)
-        return fusion.canvas, int(payload["next_step"])
+            return 0
+        restore_windows(run.batches, run.fusion, payload["windows"], run.canvas.device)
+        plugins = payload.get("plugins") or {}
+        for conditioner, state in zip(self.conditioners, plugins.get("conditioners", [])):
+            if state and hasattr(conditioner, "load_state_dict"):
+                conditioner.load_state_dict(state)
+        if self.synchronizer is not None and plugins.get("synchronizer"):
+            self.synchronizer.load_state_dict(plugins["synchronizer"])
+        run.fusion.canvas = payload["canvas"].to(run.canvas.device)
+        run.canvas = run.fusion.canvas
+        return int(payload["next_step"])
+
+    def _finish(self, run: _Run, output_type: str, checkpoint: Checkpoint | None, stopped: int | None) -> JointResult:
+        """The result (decoded on rank 0 only with window parallelism: every rank holds the
+        same canvas); the checkpoint of a job that ran all its steps is removed."""
+        finished = stopped is None or stopped + 1 == len(run.timesteps)
+        metadata: dict[str, Any] = {"seed": run.seed, "num_inference_steps": len(run.timesteps),
+                                    "windows": self.geometry.num_windows}
+        metadata["job"] = _job_of(self, len(run.timesteps), run.seed)  # saved PNGs carry it (JointResult.save)
+        if not finished:
+            metadata["stopped_at_step"] = stopped
+        if run.comm is not None:
+            metadata.update(rank=run.comm.rank, world_size=run.comm.world_size)
+        if output_type == "latent" or (run.comm is not None and run.comm.rank != 0):
+            result = JointResult([], run.canvas, None, metadata)
+        else:
+            pixels = self.geometry.decode(run.canvas, self._final_decode())
+            result = JointResult(self.geometry.to_images(pixels), run.canvas, pixels, metadata)
+        if checkpoint is not None and finished:
+            remove_checkpoint(checkpoint, run.comm)
+        return result
 
     def _vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.model.decode(latents)
 
+    def _final_decode(self):
+        """The decode function of the final decode: in tiles of the model's native window
+        when large (``decode_tile_latent``, :func:`jointdiff.tiled_decode.final_decode`)."""
+        latent = self.model.latent_format
+        return tiled_decode.final_decode(self._vae_decode, latent.scale_factor, latent.native_window,
+                                         self.decode_tile_latent, tiled_decode.decoder_norms(self.model))
 
-def batch_seed(seed: int, batch_index: int) -> int:
-    """Seed of a window batch's noise generator, derived from the job's seed."""
-    return (seed * 1_000_003 + batch_index + 1) % (2**63)
+    def estimate(self, num_inference_steps: int = 50) -> budget.Estimate:
+        """What this job will cost (windows, model calls, memory), before it runs: see
+        :func:`jointdiff.budget.estimate`. Sets the geometry up for the model."""
+        return budget.estimate(
+            self.geometry, self.model, self.view_batch_size, num_inference_steps, self.synchronizer,
+            conditioners=self.conditioners, fusion=self.fusion, decode_tile_latent=self.decode_tile_latent,
+        )
+
+
+def _job_of(engine: JointDiffusion, steps: int, seed: int) -> dict[str, Any]:
+    """The job a run amounts to, for the PNGs it is saved to (:func:`jointdiff.job.job_of_engine`)."""
+    from .job import job_of_engine
+
+    return job_of_engine(engine, steps, seed)
+
+
+# -- fingerprints -------------------------------------------------------------------------
+
+
+def _json(value: Any) -> str:
+    """Stable JSON (sorted keys; sets sorted; other objects as text)."""
+    return json.dumps(value, sort_keys=True, default=lambda v: sorted(map(str, v)) if isinstance(v, (set, frozenset)) else str(v))
+
+
+def config_text(config: Any) -> str:
+    """A diffusers config as stable JSON, without its private keys (``_use_default_values``
+    is a list in set order, ``_name_or_path`` a local path, ``_diffusers_version``)."""
+    return _json({k: v for k, v in dict(config or {}).items() if not str(k).startswith("_")})
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=8).hexdigest()
+
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """``dtype(shape)#hash`` of a tensor's values (one device-to-host copy)."""
+    data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    return f"{str(tensor.dtype).removeprefix('torch.')}{tuple(tensor.shape)}#{_digest(data)}"
+
+
+def describe_value(value: Any) -> str:
+    """A stable text of an option value: containers element by element, tensors, arrays and
+    images by a hash of their values, modules by their class and config, other objects by
+    their class (never a memory address)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return repr(value)
+    if isinstance(value, Path):
+        return repr(str(value))
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k!r}: {describe_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(describe_value(v) for v in value) + "]"
+    if isinstance(value, torch.Tensor):
+        return tensor_digest(value)
+    if type(value).__module__ == "numpy" or hasattr(value, "__array_interface__"):
+        return "array" + tensor_digest(torch.as_tensor(__import__("numpy").asarray(value)))
+    config = getattr(value, "config", None)
+    if isinstance(config, dict):
+        return f"<{type(value).__name__} {_digest(config_text(config).encode())}>"
+    return f"<{type(value).__name__}>"
+
+
+def describe_plugin(plugin: Any) -> str:
+    """``name(options)`` of a plugin, from :func:`describe_value` of its options (prompts
+    included), or its repr for objects without pydantic options."""
+    options = getattr(plugin, "options", None)
+    if hasattr(options, "model_dump"):
+        return f"{getattr(plugin, 'name', type(plugin).__name__)}({describe_value(options.model_dump())})"
+    return repr(plugin)
+
+
+def model_identity(model: Any) -> str:
+    """``family:source:options:config-hash``: the family's name, the pipeline's
+    ``name_or_path`` (model id or folder), the family's options, a hash of the denoiser's
+    config and the active LoRA adapters."""
+    pipeline = model.pipeline
+    source = getattr(pipeline, "name_or_path", None) or getattr(getattr(pipeline, "config", None), "_name_or_path", None)
+    module = model.denoiser_module
+    config = f"{type(module).__name__}{config_text(getattr(module, 'config', None))}"
+    try:
+        adapters = ",".join(pipeline.get_active_adapters()) if hasattr(pipeline, "get_active_adapters") else ""
+    except Exception:  # no PEFT backend: no adapters
+        adapters = ""
+    options = describe_value(model.options.model_dump()) if hasattr(model.options, "model_dump") else ""
+    return f"{model.name}:{source or ''}:{options}:{_digest(config.encode())}:{adapters}"
+
+
+def _plugin_state(plugin: Any, where: str) -> dict[str, Any]:
+    """A plugin's ``state_dict()`` (``{}`` without one), checked to load with ``weights_only``."""
+    getter = getattr(plugin, "state_dict", None)
+    state = getter() if callable(getter) else {}
+    if not isinstance(state, dict) or not is_plain(state):
+        raise ConfigError(
+            f"{where}: state_dict() must return a dict of tensors and plain containers "
+            f"(dict, list, tuple, numbers, strings, None), got {describe_value(state)[:120]}"
+        )
+    return state

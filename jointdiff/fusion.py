@@ -9,6 +9,13 @@ window space; only the predicted clean latents x̂0 (Tweedie's formula) are aver
 canvas, and each window then steps with the fused x̂0 cut back out of it. Resampled windows
 (perspective views of a sphere) keep the statistics of their noise this way, where
 interpolating noisy latents would blur them. The canvas returned each step is the fused x̂0.
+
+Noise is keyed per window, never per batch, so no result depends on how windows are batched,
+on the order batches run, or on the rank that runs them: a stochastic scheduler's step noise
+for window ``w`` at step ``i`` comes from the generator keyed ``("scheduler_step", i, w)``
+(diffusers' ``step`` takes one generator per batch row; every region branch of a window gets
+the same noise, so fusing branches by their masks keeps its variance), the fresh noise of a
+resampled view from ``("initial_view", w)``.
 """
 
 from __future__ import annotations
@@ -16,6 +23,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Callable, Literal, Sequence
 
 import torch
+
+from .context import keyed_generator
 
 if TYPE_CHECKING:
     from .context import WindowBatch
@@ -25,6 +34,9 @@ if TYPE_CHECKING:
 FusionMode = Literal["latent", "x0"]
 WeightsFn = Callable[["WindowBatch"], torch.Tensor]
 Reduce = Callable[[torch.Tensor], torch.Tensor]
+GeneratorFor = Callable[..., torch.Generator]
+"""``generator_for(purpose, *keys)``: a fresh generator keyed by the job's seed (see
+:meth:`jointdiff.context.JobContext.generator_for`)."""
 
 
 def weight_sum(geometry: Geometry, batches: Sequence[WindowBatch], weights_of: WeightsFn, like: torch.Tensor) -> torch.Tensor:
@@ -39,9 +51,12 @@ class LatentFusion:
     """MultiDiffusion: average the stepped noisy windows on the canvas."""
 
     def __init__(self, geometry: Geometry, canvas: torch.Tensor, batches: Sequence[WindowBatch],
-                 weights_of: WeightsFn, step_kwargs: dict, reduce: Reduce | None = None, noise_sigma: float = 1.0) -> None:
+                 weights_of: WeightsFn, step_kwargs: dict, reduce: Reduce | None = None, noise_sigma: float = 1.0,
+                 generator_for: GeneratorFor | None = None) -> None:
         self.geometry = geometry
         self.noise_sigma = noise_sigma
+        self.generator_for = generator_for or (lambda purpose, *keys: keyed_generator(0, purpose, *keys))
+        self.step_index = 0
         self.canvas = canvas
         self.weights_of = weights_of
         self.step_kwargs = step_kwargs
@@ -57,13 +72,17 @@ class LatentFusion:
             self.reduce(self._fused)
         return self._fused
 
-    def begin_step(self) -> None:
+    def begin_step(self, step_index: int = 0) -> None:
+        """Start step ``step_index`` (0-based; keys the scheduler noise): clear the numerator."""
+        self.step_index = step_index
         self._fused.zero_()
 
     def _step(self, batch: WindowBatch, output: torch.Tensor, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """The batch's scheduler step ``(B, C, h, w)`` → ``(B, C, h, w)`` float32, with one
+        noise generator per window (stochastic schedulers: DDPM, Euler ancestral, DDIM η > 0)."""
         kwargs = dict(self.step_kwargs)
         if "generator" in kwargs:
-            kwargs["generator"] = batch.generator
+            kwargs["generator"] = [self.generator_for("scheduler_step", self.step_index, w) for w in batch.window_ids]
         return batch.scheduler.step(output, t, latents, **kwargs, return_dict=False)[0].float()
 
     def window_latents(self, batch: WindowBatch) -> torch.Tensor:
@@ -72,6 +91,19 @@ class LatentFusion:
     def latents_of(self, window_ids: Sequence[int]) -> torch.Tensor:
         """Current noisy latents ``(B, C, h, w)`` of any windows (e.g. a synchronizer's anchor)."""
         return self.geometry.extract(self.canvas, window_ids)
+
+    def view_of(self, batch: WindowBatch) -> torch.Tensor | None:
+        """The batch's own noisy latents ``(B, C, h, w)`` kept between steps (``x0`` fusion),
+        or None (``latent`` fusion: windows are cut from the canvas)."""
+        return None
+
+    def set_view(self, batch: WindowBatch, latents: torch.Tensor) -> None:
+        """Replace what :meth:`view_of` gives (on resume)."""
+        raise ValueError("latent fusion keeps no window views")
+
+    def set_canvas(self, canvas: torch.Tensor) -> None:
+        """Replace the canvas the next step starts from (a step-end callback's latents)."""
+        self.canvas = canvas
 
     def add(self, batch: WindowBatch, latents: torch.Tensor, output: torch.Tensor, t: torch.Tensor, denoiser: Denoiser) -> None:
         stepped = self._step(batch, output, t, latents)
@@ -85,8 +117,9 @@ class LatentFusion:
 class TweedieFusion(LatentFusion):
     """SyncTweedies: windows keep their noisy latents; x̂0 is fused on the canvas."""
 
-    def __init__(self, geometry, canvas, batches, weights_of, step_kwargs, reduce=None, noise_sigma=1.0) -> None:
-        super().__init__(geometry, canvas, batches, weights_of, step_kwargs, reduce, noise_sigma)
+    def __init__(self, geometry, canvas, batches, weights_of, step_kwargs, reduce=None, noise_sigma=1.0,
+                 generator_for=None) -> None:
+        super().__init__(geometry, canvas, batches, weights_of, step_kwargs, reduce, noise_sigma, generator_for)
         self.views = {batch.index: self._initial_view(batch, canvas) for batch in batches}
         self._where = {}
         for batch in batches:
@@ -96,16 +129,29 @@ class TweedieFusion(LatentFusion):
 
     def _initial_view(self, batch: WindowBatch, canvas: torch.Tensor) -> torch.Tensor:
         """Crops start from the canvas noise; resampled views start from fresh noise of
-        their own (from the batch's seeded generator): interpolated noise has lost part of
-        its variance, and the views are synchronized through x̂0 anyway."""
+        their own (each window's, keyed by its id): interpolated noise has lost part of its
+        variance, and the views are synchronized through x̂0 anyway."""
         crop = self.geometry.extract(canvas, batch.window_ids)
         if not getattr(self.geometry, "resamples", False):
             return crop
-        noise = torch.randn(crop.shape, generator=batch.generator, dtype=torch.float32)
-        return noise.to(crop.device) * self.noise_sigma
+        shape = (1, *crop.shape[1:])
+        noise = [torch.randn(shape, generator=self.generator_for("initial_view", w)) for w in batch.window_ids]
+        return torch.cat(noise).to(crop.device) * self.noise_sigma
 
     def window_latents(self, batch: WindowBatch) -> torch.Tensor:
         return self.views[batch.index]
+
+    def view_of(self, batch: WindowBatch) -> torch.Tensor:
+        return self.views[batch.index]
+
+    def set_view(self, batch: WindowBatch, latents: torch.Tensor) -> None:
+        self.views[batch.index] = latents
+
+    def set_canvas(self, canvas: torch.Tensor) -> None:
+        raise ValueError(
+            "fusion = 'x0' keeps every window's own noisy latents; the canvas is their fused x̂0 "
+            "and cannot be replaced by a step-end callback (use fusion = 'latent')"
+        )
 
     def latents_of(self, window_ids: Sequence[int]) -> torch.Tensor:
         missing = [i for i in window_ids if i not in self._where]
@@ -129,13 +175,14 @@ class TweedieFusion(LatentFusion):
         return fused_x0
 
 
-def make_fusion(mode: FusionMode, geometry, canvas, batches, weights_of, step_kwargs, reduce=None, noise_sigma=1.0) -> LatentFusion:
+def make_fusion(mode: FusionMode, geometry, canvas, batches, weights_of, step_kwargs, reduce=None, noise_sigma=1.0,
+                generator_for: GeneratorFor | None = None) -> LatentFusion:
     """The fusion of ``batches``. ``reduce`` (window parallelism) sums a canvas-sized buffer
     over ranks in place: the weights once, the numerator every step; ``batches`` are then
     this rank's share. ``noise_sigma`` scales the fresh noise of resampled views (the
-    model's initial noise level)."""
+    model's initial noise level). ``generator_for`` keys the noise (default: seed 0)."""
     if mode == "latent":
-        return LatentFusion(geometry, canvas, batches, weights_of, step_kwargs, reduce, noise_sigma)
+        return LatentFusion(geometry, canvas, batches, weights_of, step_kwargs, reduce, noise_sigma, generator_for)
     if mode == "x0":
-        return TweedieFusion(geometry, canvas, batches, weights_of, step_kwargs, reduce, noise_sigma)
+        return TweedieFusion(geometry, canvas, batches, weights_of, step_kwargs, reduce, noise_sigma, generator_for)
     raise ValueError(f"fusion must be 'latent' or 'x0', got {mode!r}")

@@ -26,7 +26,9 @@ Plugin tables hold ``name`` plus that plugin's options.
 
 from __future__ import annotations
 
+import copy
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Literal, Mapping
@@ -40,6 +42,10 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
+
+MAX_SEED = 2**63 - 1
+"""Largest seed: torch generators take 64-bit seeds; jointdiff keeps them non-negative."""
+
 
 class _Strict(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid")
@@ -74,16 +80,39 @@ class LoraSpec(_Strict):
 class ModelSpec(_Strict):
     id: str = pydantic.Field("tiny", description="hub id, local diffusers folder, single-file checkpoint or a tiny model name")
     family: str | None = pydantic.Field(None, description="model family (sd, sdxl, sd3, flux, flux2, qwenimage); None: detected")
-    scheduler: str | None = None
+    scheduler: str | None = pydantic.Field(None, description="scheduler short name (ddim, euler, dpm++, flow_euler, ...); None: the model's")
     prediction_type: Literal["epsilon", "v_prediction", "sample"] | None = None
-    dtype: str = "auto"
-    device: str = "auto"
+    dtype: str = pydantic.Field("auto", description="auto, float32, float16 or bfloat16")
+    device: str = pydantic.Field("auto", description="auto, cpu, cuda, cuda:N or mps")
     config: str | None = pydantic.Field(None, description="diffusers config folder for a single-file checkpoint")
     loras: list[LoraSpec] = pydantic.Field(default_factory=list, description="LoRAs applied to the model, several at once")
     offload: Literal["none", "model", "sequential"] = pydantic.Field("none", description="accelerate CPU offloading")
     positions: Literal["window", "canvas"] = pydantic.Field(
         "window", description="transformer positional ids: an ordinary image per window, or offset to the canvas"
     )
+
+    @pydantic.field_validator("device")
+    @classmethod
+    def _device_name(cls, device: str) -> str:
+        if device != "auto":
+            from .models import parse_device
+
+            parse_device(device)  # the name only: whether this machine has it is checked before loading
+        return device
+
+    @pydantic.field_validator("dtype")
+    @classmethod
+    def _dtype_name(cls, dtype: str) -> str:
+        from .models import check_dtype_name
+
+        return check_dtype_name(dtype)
+
+    @pydantic.field_validator("scheduler")
+    @classmethod
+    def _scheduler_name(cls, scheduler: str | None) -> str | None:
+        from .models import check_scheduler_name
+
+        return scheduler if scheduler is None else check_scheduler_name(scheduler)
 
 
 class PluginSpec(pydantic.BaseModel):
@@ -103,6 +132,7 @@ class CheckpointSpec(_Strict):
     path: str
     every: int = pydantic.Field(1, ge=1)
     resume: bool = True
+    overwrite: bool = pydantic.Field(False, description="start over when the file belongs to another job (else refuse)")
 
 
 class Job(_Strict):
@@ -111,15 +141,22 @@ class Job(_Strict):
     conditioners: list[PluginSpec]
     synchronizer: PluginSpec = PluginSpec(name="none")
     steps: int = pydantic.Field(50, ge=1)
-    seed: int = 0
+    seed: int = pydantic.Field(0, ge=0, le=MAX_SEED, description=f"random seed, 0..{MAX_SEED}")
     view_batch_size: int = pydantic.Field(4, ge=1)
     eta: float = 0.0
     fusion: Literal["latent", "x0"] | None = None
+    max_megapixels: float | None = pydantic.Field(
+        None, gt=0, description="refuse canvases above this many megapixels; None: the engine's default (64), inf: no limit"
+    )
     checkpoint: CheckpointSpec | None = None
     output: str = "jointdiff.png"
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Job:
+    def from_dict(cls, data: Mapping[str, Any], base: str | Path | None = None) -> Job:
+        """A validated job. With ``base``, relative paths in ``data`` (output, checkpoint,
+        model, LoRAs, condition and mask images, ...) are taken relative to that folder."""
+        if base is not None:
+            data = resolve_paths(data, base)
         try:
             job = cls.model_validate(dict(data))
         except pydantic.ValidationError as error:
@@ -129,26 +166,15 @@ class Job(_Strict):
 
     @classmethod
     def from_toml(cls, path: str | Path) -> Job:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"job file {str(path)!r} does not exist")
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as error:
-            raise ConfigError(f"{path}: invalid TOML: {error}") from None
-        return cls.from_dict(data)
+        """A job from a TOML file; its relative paths are relative to the file's folder."""
+        return cls.from_dict(_read_toml(path), base=Path(path).parent)
 
     @classmethod
     def from_file(cls, path: str | Path) -> Job:
-        """A job from ``.toml``, ``.json`` or a PNG written by jointdiff (its embedded job)."""
-        suffix = Path(path).suffix.lower()
-        if suffix == ".json":
-            return cls.from_dict(_read_json(path))
-        if suffix == ".png":
-            from .output import read_job_metadata
-
-            return cls.from_dict(read_job_metadata(path))
-        return cls.from_toml(path)
+        """A job from ``.toml``, ``.json`` or a PNG written by jointdiff (its embedded job);
+        relative paths in a TOML or JSON file are relative to the file's folder."""
+        data, base = read_job_file(path)
+        return cls.from_dict(data, base=base)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_none=True)
@@ -158,7 +184,7 @@ class Job(_Strict):
         the canvas and windows against the model family's latent format when the family is
         known before loading (a tiny model, ``family``, a local folder), else SD's."""
         from .families.base import SD_LATENT
-        from .models import known_family
+        from .models import check_scheduler_name, known_family
         from .plugins import create
 
         geometry = create("geometry", self.geometry.name, self.geometry.options)
@@ -167,6 +193,12 @@ class Job(_Strict):
         if not conditioners:
             raise ConfigError("job: conditioners is empty; add at least [[conditioners]] name = \"text\"")
         family = known_family(self.model.id, self.model.family)
+        if self.model.scheduler is not None and family is not None:
+            try:
+                check_scheduler_name(self.model.scheduler, family)
+            except ConfigError as error:
+                raise ConfigError(f"job: model.{error}") from None
+        _check_one_prompt(self.conditioners, conditioners)
         geometry.setup(family.latent if family is not None else SD_LATENT)
         if family is not None and family.guidance_modes is not None and "cfg" not in family.guidance_modes:
             for spec, conditioner in zip(self.conditioners, conditioners):
@@ -178,13 +210,246 @@ class Job(_Strict):
         return geometry, conditioners, synchronizer
 
 
-def _read_json(path: str | Path) -> dict[str, Any]:
+def _check_one_prompt(specs: list[PluginSpec], conditioners: list[Any]) -> None:
+    """A job takes exactly one conditioner that provides the prompt (``text``, ``tile_text``,
+    ``regions``, ...): known from the classes, before any model loads."""
+    from .conditioner import Conditioner
+
+    providers = [spec.name for spec, c in zip(specs, conditioners) if type(c).prompt is not Conditioner.prompt]
+    if len(providers) > 1:
+        raise ConfigError(
+            f"conditioners: {' and '.join(repr(n) for n in providers)} both provide the prompt; a job takes "
+            "exactly one prompt conditioner (combine them into one, e.g. one 'regions' or one 'tile_text')"
+        )
+    if not providers:
+        names = [spec.name for spec in specs]
+        raise ConfigError(f"conditioners: {names} provide no prompt; add one prompt conditioner, e.g. [[conditioners]] name = \"text\"")
+
+
+# -- reading job files -------------------------------------------------------------------
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+IMAGE_SIGNATURES = {
+    b"\xff\xd8\xff": "JPEG", b"GIF8": "GIF", b"BM": "BMP", b"II*\x00": "TIFF", b"MM\x00*": "TIFF",
+}
+
+
+def read_job_file(path: str | Path) -> tuple[dict[str, Any], Path | None]:
+    """The raw job of a TOML or JSON file or a jointdiff PNG, and the folder its relative
+    paths are relative to (the file's; None for a PNG, whose job was written with them
+    resolved). The kind is told by the content, not the suffix."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"job {str(path)!r} is a folder; give a .toml or .json job file, or a PNG made by jointdiff")
+    if not path.is_file():
+        raise ConfigError(f"job file {str(path)!r} does not exist")
+    with path.open("rb") as handle:
+        head = handle.read(12)
+    if head.startswith(PNG_SIGNATURE):
+        from .output import read_job_metadata
+
+        return read_job_metadata(path), None
+    kind = _image_kind(head)
+    if kind is not None:
+        raise ConfigError(
+            f"job {str(path)!r} is a {kind} image, which carries no jointdiff job: only PNGs made by jointdiff "
+            "carry one (give a .toml or .json job file, or such a PNG)"
+        )
+    if path.suffix.lower() == ".json":
+        return _read_json(path), path.parent
+    return _read_toml(path), path.parent
+
+
+def _image_kind(head: bytes) -> str | None:
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WebP"
+    return next((kind for magic, kind in IMAGE_SIGNATURES.items() if head.startswith(magic)), None)
+
+
+def _read_text(path: Path, what: str) -> str:
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"job file {str(path)!r} does not exist") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"job file {str(path)!r} is not a {what} file (not UTF-8 text)") from None
+
+
+def _read_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"job file {str(path)!r} does not exist")
+    try:
+        return tomllib.loads(_read_text(path, "TOML"))
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: invalid TOML: {error}") from None
+
+
+def _read_json(path: str | Path) -> dict[str, Any]:
+    try:
+        data = json.loads(_read_text(Path(path), "JSON"))
     except json.JSONDecodeError as error:
         raise ConfigError(f"{path}: invalid JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a job must be a JSON object, got {type(data).__name__}")
+    return data
+
+
+# -- relative paths ----------------------------------------------------------------------
+
+PATH_KEYS = frozenset({"image", "mask", "masks"})
+"""Plugin option names whose strings are always file paths."""
+MAYBE_PATH_KEYS = frozenset({"model", "path", "taesd_path"})
+"""Plugin option names whose strings may be paths or hub ids (see :func:`resolve_paths`)."""
+
+
+def resolve_paths(data: Mapping[str, Any], base: str | Path) -> dict[str, Any]:
+    """A copy of the raw job ``data`` with its relative paths made relative to ``base``:
+    ``output``, ``checkpoint.path``, LoRA files, plugin options named ``image``/``mask``
+    (always paths) and, where they may also be hub ids or names (``model.id``,
+    ``model.config``, plugin options ``model``/``path``/``taesd_path``), those that exist
+    relative to ``base`` or start with ``./`` or ``../``."""
+    base = Path(base).absolute()
+    data = copy.deepcopy(dict(data))
+    if "output" in data:
+        data["output"] = _path(data["output"], base)
+    if isinstance(data.get("checkpoint"), dict) and "path" in data["checkpoint"]:
+        data["checkpoint"]["path"] = _path(data["checkpoint"]["path"], base)
+    if isinstance(data.get("model"), dict):
+        _resolve_model(data["model"], base)
+    plugin_tables = [data.get("geometry"), data.get("synchronizer"), *(data.get("conditioners") or [])]
+    for table in plugin_tables:
+        _resolve_options(table, base)
+    return data
+
+
+def _resolve_model(model: dict[str, Any], base: Path) -> None:
+    from .models import tiny_model_family
+
+    if isinstance(model.get("id"), str) and tiny_model_family(model["id"]) is None:
+        model["id"] = _maybe_path(model["id"], base)
+    if "config" in model:
+        model["config"] = _maybe_path(model["config"], base)
+    for lora in model.get("loras") or []:
+        if isinstance(lora, dict) and "path" in lora:
+            lora["path"] = _lora_path(lora["path"], base)
+
+
+def _resolve_options(table: Any, base: Path) -> None:
+    """Resolve path-like option values in a plugin table, nested tables and lists included."""
+    if isinstance(table, list):
+        for item in table:
+            _resolve_options(item, base)
+        return
+    if not isinstance(table, dict):
+        return
+    for key, value in table.items():
+        if key in PATH_KEYS:
+            table[key] = [_path(v, base) for v in value] if isinstance(value, list) else _path(value, base)
+        elif key in MAYBE_PATH_KEYS and isinstance(value, str):
+            table[key] = _maybe_path(value, base)
+        elif key != "name":
+            _resolve_options(value, base)
+
+
+def _relative(value: Any) -> bool:
+    return isinstance(value, str) and bool(value) and not value.startswith("~") and not Path(value).is_absolute()
+
+
+def _join(base: Path, value: str) -> str:
+    """``base/value`` with ``..`` folded (``examples/../out/x.png`` → ``out/x.png``)."""
+    return os.path.normpath(base / value)
+
+
+def _path(value: Any, base: Path) -> Any:
+    return _join(base, value) if _relative(value) else value
+
+
+def _maybe_path(value: Any, base: Path) -> Any:
+    explicit = isinstance(value, str) and value.startswith(("./", "../", ".\\", "..\\"))
+    if _relative(value) and (explicit or (base / value).exists()):
+        return _join(base, value)
+    return value
+
+
+def _lora_path(value: Any, base: Path) -> Any:
+    from .lora import looks_local
+
+    if _relative(value) and (looks_local(value) or (base / value).exists()):
+        return _join(base, value)
+    return value
+
+
+# -- before loading ----------------------------------------------------------------------
+
+
+def check_before_loading(job: Job) -> None:
+    """What can be known before diffusers or the model loads: the device exists on this
+    machine, a local model is a model. (Plugins and options are checked by
+    :meth:`Job.from_dict`; the output by :func:`jointdiff.output.check_writable`.)"""
+    from .models import check_model_source, resolve_device
+
+    resolve_device(job.model.device)
+    check_model_source(job.model.id)
+
+
+# -- the job of a composed engine --------------------------------------------------------
+
+
+def job_of_engine(engine: Any, steps: int, seed: int) -> dict[str, Any]:
+    """The job a :class:`~jointdiff.engine.JointDiffusion` run amounts to (what ``run_job``
+    records for a job), so PNGs saved from the Python API carry it too. The model's ``id``
+    is the pipeline's ``name_or_path`` (absent for an unnamed pipeline object); option
+    values that are no JSON (tensors, images, modules) are recorded as ``"<Type>"``."""
+    model: dict[str, Any] = {"family": engine.model.name}
+    name = getattr(engine.model.pipeline, "name_or_path", None)
+    if name:
+        model["id"] = str(name)
+    scheduler = _scheduler_short_name(engine.model.scheduler)
+    if scheduler is not None:
+        model["scheduler"] = scheduler
+    job = {
+        "model": model,
+        "geometry": _plugin_record(engine.geometry),
+        "conditioners": [_plugin_record(c) for c in engine.conditioners],
+        "synchronizer": _plugin_record(engine.synchronizer) if engine.synchronizer is not None else {"name": "none"},
+        "steps": steps,
+        "seed": seed,
+        "view_batch_size": engine.view_batch_size,
+        "eta": engine.eta,
+    }
+    if engine.fusion is not None:
+        job["fusion"] = engine.fusion
+    return job
+
+
+def _scheduler_short_name(scheduler: Any) -> str | None:
+    from .models import FLOW_SCHEDULERS, SCHEDULERS
+
+    names = {cls: short for short, cls in {**SCHEDULERS, **FLOW_SCHEDULERS}.items()}
+    return names.get(type(scheduler).__name__)
+
+
+def _plugin_record(plugin: Any) -> dict[str, Any]:
+    options = getattr(plugin, "options", None)
+    if not isinstance(options, pydantic.BaseModel):  # an in-process object without validated options
+        return {"name": getattr(plugin, "name", type(plugin).__name__)}
+    values = {key: _json_value(getattr(options, key)) for key in options.model_fields_set}
+    return {"name": plugin.name, **{k: v for k, v in values.items() if v is not None}}
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, pydantic.BaseModel):
+        return {k: _json_value(getattr(value, k)) for k in value.model_fields_set}
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _json_value(v) for k, v in value.items()}
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, Path):
+        return str(value)
+    return f"<{type(value).__name__}>"
 
 
 def run_job(job: Job, pipeline: Any = None, *, progress: bool = True, callback=None):
@@ -194,6 +459,8 @@ def run_job(job: Job, pipeline: Any = None, *, progress: bool = True, callback=N
     from .models import load_model
 
     geometry, conditioners, synchronizer = job.build_plugins()
+    if pipeline is None:
+        check_before_loading(job)
     spec = job.model
     model = load_model(
         pipeline if pipeline is not None else spec.id,
@@ -210,12 +477,14 @@ def run_job(job: Job, pipeline: Any = None, *, progress: bool = True, callback=N
     engine = JointDiffusion(
         model, geometry, conditioners, synchronizer,
         view_batch_size=job.view_batch_size, eta=job.eta, fusion=job.fusion,
+        **({} if job.max_megapixels is None else {"max_megapixels": job.max_megapixels}),
     )
     checkpoint = None
     if job.checkpoint is not None:
         from .distributed import Checkpoint
 
-        checkpoint = Checkpoint(job.checkpoint.path, job.checkpoint.every, job.checkpoint.resume)
+        spec = job.checkpoint
+        checkpoint = Checkpoint(spec.path, spec.every, spec.resume, overwrite=spec.overwrite)
     result = engine(
         num_inference_steps=job.steps, seed=job.seed, progress=progress, callback=callback, checkpoint=checkpoint
     )

@@ -22,19 +22,80 @@ SCHEDULERS = {
     "dpm++": "DPMSolverMultistepScheduler",
     "unipc": "UniPCMultistepScheduler",
 }
-FLOW_SCHEDULERS = {"flow_euler": "FlowMatchEulerDiscreteScheduler", "flow_heun": "FlowMatchHeunDiscreteScheduler"}
+FLOW_SCHEDULERS = {"flow_euler": "FlowMatchEulerDiscreteScheduler"}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 OFFLOAD_MODES = ("none", "model", "sequential")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``"auto"``: CUDA when available, else the CPU. A device this machine lacks (``cuda``
+    without CUDA, ``mps`` off Apple silicon, ``cuda:3`` with two GPUs) is a ConfigError."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    parsed = parse_device(device)
+    check_device_available(parsed)
+    return parsed
+
+
+def parse_device(device: str | torch.device) -> torch.device:
+    """``device`` as a :class:`torch.device`; ConfigError naming the value when it is none."""
     try:
         return torch.device(device)
-    except RuntimeError:
-        raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {device!r}") from None
+
+
+def check_device_available(device: torch.device) -> None:
+    """ConfigError naming ``device`` when this machine cannot run it (checked before loading)."""
+    problem = _device_problem(device)
+    if problem is not None:
+        raise ConfigError(f"device = {str(device)!r}: {problem}; use device = 'cpu' or 'auto'")
+
+
+def _device_problem(device: torch.device) -> str | None:
+    if device.type == "cpu" or device.type == "meta":
+        return None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch was built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            return f"CUDA is not available on this machine ({why})"
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            return f"this machine has {count} CUDA device(s), numbered 0..{count - 1}"
+        return None
+    if device.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        return None if mps is not None and mps.is_available() else "MPS (Apple silicon) is not available on this machine"
+    backend = getattr(torch, device.type, None)
+    available = getattr(backend, "is_available", None)
+    if callable(available) and not available():
+        return f"{device.type.upper()} is not available on this machine"
+    return None
+
+
+def check_dtype_name(dtype: str) -> str:
+    """``dtype`` when it is ``"auto"`` or a name in :data:`DTYPES`; ConfigError otherwise."""
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ConfigError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {dtype!r}")
+    return dtype
+
+
+def schedulers_for(family: type | None) -> dict[str, str]:
+    """Short scheduler names a model family takes: flow-matching families
+    :data:`FLOW_SCHEDULERS`, the others :data:`SCHEDULERS`; both when the family is unknown."""
+    if family is None:
+        return {**SCHEDULERS, **FLOW_SCHEDULERS}
+    return FLOW_SCHEDULERS if family.flow_matching else SCHEDULERS
+
+
+def check_scheduler_name(name: str, family: type | None = None) -> str:
+    """``name`` when ``family`` (None: not known yet) takes it; ConfigError listing the names."""
+    allowed = schedulers_for(family)
+    if name not in allowed:
+        which = f" for model family {family.name!r}" if family is not None else ""
+        raise ConfigError(f"scheduler must be one of {sorted(allowed)}{which}, got {name!r}")
+    return name
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, family: type | None = None) -> torch.dtype:
@@ -137,33 +198,93 @@ def _import(target: str):
     return getattr(importlib.import_module(module), attribute)
 
 
-def _load_from_string(model: str, dtype: torch.dtype, config: str | None, family: type | None):
-    import diffusers
+def _looks_like_path(model: str) -> bool:
+    return Path(model).suffix in SINGLE_FILE_SUFFIXES or model.startswith((".", "/", "~")) or os.sep * 2 in model
 
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".msgpack")
+
+
+def model_source_problem(model: str) -> str | None:
+    """What is wrong with ``model`` as a local model, known without loading anything (a
+    missing path, a folder that is no diffusers pipeline, a file that is no checkpoint), or
+    None for a tiny model name, a usable-looking local model or a hub id."""
+    if tiny_model_family(model) is not None:
+        return None
+    path = Path(model).expanduser()
+    if path.is_dir():
+        problem = _folder_problem(path)
+        return f"model folder {model!r} {problem}" if problem else None
+    if path.is_file():
+        if path.suffix not in SINGLE_FILE_SUFFIXES:
+            return f"model file {model!r} is not a checkpoint ({', '.join(SINGLE_FILE_SUFFIXES)})"
+        return None
+    if _looks_like_path(model):
+        return f"model path {model!r} does not exist"
+    return None
+
+
+def _folder_problem(path: Path) -> str | None:
+    """Why the folder ``path`` is no loadable diffusers pipeline folder, or None."""
+    index = path / "model_index.json"
+    if not index.is_file():
+        return "has no model_index.json: it is not a diffusers pipeline folder"
+    try:
+        entries = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        return f"has an unreadable model_index.json ({type(error).__name__}: {error})"
+    if not isinstance(entries, dict):
+        return "has a model_index.json that is not a JSON object"
+    for name, value in entries.items():
+        if name.startswith("_") or not (isinstance(value, list) and len(value) == 2 and value[0]):
+            continue
+        problem = _component_problem(path / name)
+        if problem:
+            return f"lists component {name!r} in model_index.json, but {problem}"
+    return None
+
+
+def _component_problem(folder: Path) -> str | None:
+    if not folder.is_dir():
+        return f"the folder {folder.name + '/'!r} is missing"
+    files = [p.name for p in folder.iterdir()]
+    if not files:
+        return f"the folder {folder.name + '/'!r} is empty"
+    if "config.json" in files and not any(name.endswith(WEIGHT_SUFFIXES) for name in files):
+        return f"{folder.name + '/'!r} has config.json but no weights ({', '.join(WEIGHT_SUFFIXES[:2])})"
+    return None
+
+
+def check_model_source(model: Any) -> None:
+    """ModelLoadError when ``model`` names a local model that cannot load (see
+    :func:`model_source_problem`); checked before diffusers is imported."""
+    if isinstance(model, str):
+        problem = model_source_problem(model)
+        if problem:
+            raise ModelLoadError(problem)
+
+
+def _load_from_string(model: str, dtype: torch.dtype, config: str | None, family: type | None):
     tiny = tiny_model_family(model)
     if tiny is not None:
         return _import(tiny.tiny_models[model])()
+    check_model_source(model)
+    import diffusers
+
     path = Path(model).expanduser()
-    looks_like_path = path.suffix in SINGLE_FILE_SUFFIXES or model.startswith((".", "/", "~")) or os.sep * 2 in model
-    if family is None and not path.exists() and not looks_like_path:
+    if family is None and not path.exists():
         family = _hub_family(model)
     loader = getattr(diffusers, family.pipeline_classes[0]) if family is not None else diffusers.DiffusionPipeline
     kwargs = {"torch_dtype": dtype, **(family.load_kwargs if family is not None else {})}
     if path.is_dir():
-        if not (path / "model_index.json").is_file():
-            raise ModelLoadError(f"model folder {model!r} has no model_index.json: it is not a diffusers pipeline folder")
         return loader.from_pretrained(str(path), **kwargs)
     if path.is_file():
-        if path.suffix not in SINGLE_FILE_SUFFIXES:
-            raise ModelLoadError(f"model file {model!r} is not a checkpoint ({', '.join(SINGLE_FILE_SUFFIXES)})")
         single = {"torch_dtype": dtype}
         if config:
             single["config"] = config
         if family is None:
             loader = diffusers.StableDiffusionPipeline
         return loader.from_single_file(str(path), **single)
-    if looks_like_path:
-        raise ModelLoadError(f"model path {model!r} does not exist")
     return loader.from_pretrained(model, **kwargs)
 
 
@@ -216,6 +337,7 @@ def load_model(
                 raise
             except Exception as error:
                 raise ModelLoadError(_explain_load_failure(model, error)) from error
+            _name(pipeline, model)
         bound = as_model(pipeline, family, options)
     pipeline = bound.pipeline
     if scheduler or prediction_type:
@@ -227,6 +349,14 @@ def load_model(
         load_loras(bound, loras)
     _place(bound, device, dtype, offload)
     return bound
+
+
+def _name(pipeline: Any, model: str) -> None:
+    """Record what the pipeline was loaded from where diffusers does (``name_or_path``),
+    for tiny models too: the job saved with an image names its model."""
+    config = getattr(pipeline, "config", None)
+    if config is not None and not config.get("_name_or_path") and hasattr(pipeline, "register_to_config"):
+        pipeline.register_to_config(_name_or_path=model)
 
 
 def _place(model: ModelFamily, device: torch.device, dtype: torch.dtype, offload: str) -> None:
@@ -264,6 +394,9 @@ def _scheduler_name(scheduler: Any) -> str:
 
 def _explain_load_failure(model: str, error: Exception) -> str:
     text = f"{type(error).__name__}: {error}".splitlines()[0]
+    if Path(model).expanduser().exists():  # a local model: the hub has nothing to do with it
+        kind = "folder" if Path(model).expanduser().is_dir() else "file"
+        return f"could not load the local model {kind} {model!r}: {text}"
     offline = os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0")
     network_words = (
         "connect", "offline", "resolve", "network", "not fully cached", "outgoing traffic",

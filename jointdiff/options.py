@@ -7,6 +7,8 @@ value.
 
 from __future__ import annotations
 
+import types
+import typing
 from typing import Any, ClassVar, Mapping
 
 import pydantic
@@ -30,19 +32,67 @@ def format_validation_error(owner: str, error: pydantic.ValidationError) -> str:
         elif not where:  # a check across options: the message names them itself
             lines.append(f"{owner}: {item['msg'].removeprefix('Value error, ')}")
         else:
-            lines.append(f"{owner}: option {where!r} = {item.get('input')!r}: {item['msg']}")
+            message = item["msg"].removeprefix("Value error, ")
+            lines.append(f"{owner}: option {where!r} = {item.get('input')!r}: {message}")
     return "; ".join(lines)
 
 
-def describe_options(options_cls: type[PluginOptions]) -> list[str]:
-    """Human-readable ``name: type = default`` lines, for ``jointdiff plugins`` and errors."""
+def describe_options(options_cls: type[pydantic.BaseModel], indent: str = "") -> list[str]:
+    """Human-readable lines, for ``jointdiff plugins`` and errors: ``name: type = default``,
+    then the allowed values (bounds, choices) and the field's description; the fields of
+    nested option tables (e.g. ``regions``, ``controls``) follow, indented."""
     out = []
     for name, field in options_cls.model_fields.items():
-        annotation = getattr(field.annotation, "__name__", None) or str(field.annotation)
-        annotation = annotation.replace("typing.", "")
         default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
-        out.append(f"{name}: {annotation} = {default}")
+        line = f"{indent}{name}: {type_name(field.annotation)} = {default}"
+        bounds = _bounds(field)
+        if bounds:
+            line += f"  [{bounds}]"
+        if field.description:
+            line += f"  -- {field.description}"
+        out.append(line)
+        for nested in _nested_models(field.annotation):
+            out += describe_options(nested, indent + "    ")
     return out
+
+
+def type_name(annotation: Any) -> str:
+    """``int``, ``str | None``, ``list[Region]``, ``'horizontal' | 'vertical'`` (a Literal's
+    choices), ..."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join("None" if a is type(None) else type_name(a) for a in args)
+    if origin is not None:
+        base = getattr(origin, "__name__", str(origin))
+        return f"{base}[{', '.join(type_name(a) for a in args)}]" if args else base
+    if annotation is Any:
+        return "any"
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+def _bounds(field: Any) -> str:
+    names = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<", "min_length": "length >=", "max_length": "length <="}
+    parts = []
+    for item in field.metadata:
+        for attr, symbol in names.items():
+            value = getattr(item, attr, None)
+            if value is not None:
+                parts.append(f"{symbol} {value}")
+        if getattr(item, "allow_inf_nan", None) is False:
+            parts.append("finite")
+    return ", ".join(parts)
+
+
+def _nested_models(annotation: Any) -> list[type[pydantic.BaseModel]]:
+    """Option tables inside ``annotation`` (``list[Region]``, ``ControlSpec | None``)."""
+    if isinstance(annotation, type) and issubclass(annotation, pydantic.BaseModel):
+        return [annotation]
+    found: list[type[pydantic.BaseModel]] = []
+    for arg in typing.get_args(annotation):
+        found += [m for m in _nested_models(arg) if m not in found]
+    return found
 
 
 class Configurable:

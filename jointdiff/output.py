@@ -17,19 +17,34 @@ SEED_KEY = "jointdiff:seed"
 VERSION_KEY = "jointdiff:version"
 
 
+OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
 def check_writable(path: str | Path) -> Path:
-    """Fail early (before any model loads) when ``path`` cannot be written."""
+    """Fail early (before any model loads) when ``path`` cannot be written: its folder is
+    missing or read-only (tried by writing a probe file there), it is a folder, or its suffix
+    is no image format."""
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
         raise ConfigError(f"output {str(path)!r} is a directory; give a file name such as {str(path / 'out.png')!r}")
-    if not folder.is_dir():
-        raise ConfigError(f"output folder {str(folder)!r} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise ConfigError(f"output folder {str(folder)!r} is not writable")
-    if path.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
+    if path.suffix.lower() not in OUTPUT_SUFFIXES:
         raise ConfigError(f"output {str(path)!r} must end in .png, .jpg, .jpeg or .webp")
+    if not folder.is_dir():
+        raise ConfigError(f"output folder {str(folder)!r} (of output {str(path)!r}) does not exist")
+    _probe(folder, path)
     return path
+
+
+def _probe(folder: Path, path: Path) -> None:
+    """Write and remove a file in ``folder``: the only sure test of writability (permission
+    bits, ACLs, read-only mounts, root squash)."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".probe", dir=folder)
+    except OSError as error:
+        raise ConfigError(f"output folder {str(folder)!r} is not writable ({error.strerror or error})") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def output_paths(path: str | Path, count: int) -> list[Path]:
@@ -40,11 +55,35 @@ def output_paths(path: str | Path, count: int) -> list[Path]:
     return [path.with_name(f"{path.stem}_{i}{path.suffix}") for i in range(count)]
 
 
-def save_image_atomic(image: Image.Image, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
-    """Save via a temporary file in the same folder and an atomic rename: a crash never
-    leaves a half-written file at ``path``. PNGs get ``metadata`` as text chunks."""
+def _taken(path: Path, count: int | None) -> bool:
+    """Whether writing ``count`` images (None: not known yet, one or several) to ``path``
+    would replace a file."""
+    counts = (1, 2) if count is None else (count,)
+    return any(p.exists() for n in counts for p in output_paths(path, n))
+
+
+def free_output(path: str | Path, count: int | None = None) -> Path:
+    """``path`` when nothing is there, else the first free ``stem-1.png``, ``stem-2.png``, …
+    (free for all ``count`` images; None: for one image or several)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent or ".")
+    candidate, number = path, 0
+    while _taken(candidate, count):
+        number += 1
+        candidate = path.with_name(f"{path.stem}-{number}{path.suffix}")
+    return candidate
+
+
+def save_image_atomic(
+    image: Image.Image, path: str | Path, metadata: dict[str, Any] | None = None, *, overwrite: bool = True
+) -> Path:
+    """Save via a temporary file in the same folder and an atomic rename: a crash never
+    leaves a half-written file at ``path``. PNGs get ``metadata`` as text chunks. With
+    ``overwrite=False`` an existing ``path`` is never replaced (FileExistsError)."""
+    path = Path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent or ".")
+    except OSError as error:
+        raise ConfigError(f"cannot write output {str(path)!r}: {error.strerror or error}") from None
     os.close(fd)
     try:
         kwargs: dict[str, Any] = {}
@@ -55,11 +94,31 @@ def save_image_atomic(image: Image.Image, path: str | Path, metadata: dict[str, 
             kwargs["pnginfo"] = info
         image.save(tmp, **kwargs)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs are ordinary files
-        os.replace(tmp, path)
+        _place(tmp, path, overwrite)
+    except FileExistsError:
+        raise
+    except OSError as error:
+        raise ConfigError(f"cannot write output {str(path)!r}: {error.strerror or error}") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _place(tmp: str, path: Path, overwrite: bool) -> None:
+    """Move the finished ``tmp`` to ``path``; without ``overwrite`` a hard link, which fails
+    when ``path`` exists (no window in which another writer's file is replaced)."""
+    if overwrite:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:  # a filesystem without hard links
+        if path.exists():
+            raise FileExistsError(str(path)) from None
+        os.replace(tmp, path)
 
 
 def _umask() -> int:
@@ -68,15 +127,34 @@ def _umask() -> int:
     return mask
 
 
-def save_result(result: Any, path: str | Path) -> list[Path]:
-    """Save every image of a :class:`~jointdiff.engine.JointResult` with its job and seed."""
+def result_metadata(result: Any) -> dict[str, str]:
+    """The PNG text chunks of a result: jointdiff's version, the seed and the job."""
     from . import __version__
 
     metadata = {VERSION_KEY: __version__, SEED_KEY: str(result.metadata.get("seed"))}
-    if "job" in result.metadata:
+    if result.metadata.get("job") is not None:
         metadata[JOB_KEY] = json.dumps(result.metadata["job"], sort_keys=True)
-    paths = output_paths(path, len(result.images))
-    return [save_image_atomic(image, p, metadata) for image, p in zip(result.images, paths)]
+    return metadata
+
+
+def save_result(result: Any, path: str | Path, *, overwrite: bool = True) -> list[Path]:
+    """Save every image of a :class:`~jointdiff.engine.JointResult` with its job and seed
+    (PNG text chunks, read back by ``jointdiff run IMAGE.png``). With ``overwrite=False``
+    existing files are kept and the images go to the first free ``stem-N`` name (the paths
+    returned say where)."""
+    metadata = result_metadata(result)
+    count = len(result.images)
+    for _ in range(100):
+        target = Path(path) if overwrite else free_output(path, count)
+        written: list[Path] = []
+        try:
+            for image, p in zip(result.images, output_paths(target, count)):
+                written.append(save_image_atomic(image, p, metadata, overwrite=overwrite))
+            return written
+        except FileExistsError:  # another writer took the name meanwhile: ours go elsewhere
+            for p in written:
+                p.unlink()
+    raise ConfigError(f"output {str(path)!r}: no free file name found")
 
 
 def read_job_metadata(path: str | Path) -> dict[str, Any]:
@@ -87,6 +165,15 @@ def read_job_metadata(path: str | Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise ConfigError(f"image {str(path)!r} does not exist") from None
     if text is None:
-        raise ConfigError(f"image {str(path)!r} carries no jointdiff job metadata")
-    return json.loads(text)
+        raise ConfigError(
+            f"image {str(path)!r} carries no jointdiff job: only PNGs made by jointdiff carry one "
+            "(give a .toml or .json job file, or such a PNG)"
+        )
+    try:
+        job = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"image {str(path)!r}: its jointdiff job is not valid JSON ({error})") from None
+    if not isinstance(job, dict):
+        raise ConfigError(f"image {str(path)!r}: its jointdiff job is not a JSON object")
+    return job
 

@@ -1,7 +1,8 @@
-"""A reusable base for geometries whose windows are axis-aligned crops of one canvas sheet.
+"""A reusable base for geometries whose windows are axis-aligned crops of canvas sheets.
 
-Windows are ``(top, left)`` origins in latent cells on a canvas of shape ``(1, C, H, W)``;
-an axis may *wrap* (the canvas closes into a loop along it), in which case a window may run
+Windows are ``(top, left)`` origins in latent cells on a canvas of shape ``(S, C, H, W)``
+(one sheet, unless a subclass puts windows on several: :meth:`TiledGeometry.sheet_of`); an
+axis may *wrap* (the canvas closes into a loop along it), in which case a window may run
 past the edge and continue from the other side. Extraction and insertion use plain slices
 (at most two pieces per wrapped axis), which keeps fusion deterministic on every device.
 
@@ -13,18 +14,41 @@ factor times the patch; a window left unset is the model's native window.
 from __future__ import annotations
 
 from abc import abstractmethod
+import math
 import warnings
 from typing import Sequence
 
+import pydantic
 import torch
 
 from .errors import ConfigError
 from .families.base import LatentFormat
-from .geometry import DecodeFn, Geometry
+from .geometry import DecodeFn, Geometry, decode_wrapped
+from .options import PluginOptions
 
 DEFAULT_STRIDE_FRACTION = 8
 """A stride left unset is ``window // 8`` latent cells: 8 for SD's native 64-cell window
 (MultiDiffusion's and SyncDiffusion's stride), 16 for the 128-cell window of SDXL or FLUX."""
+
+
+class WindowOptions(PluginOptions):
+    """Square windows (latent cells): the options :meth:`TiledGeometry.window_stride_latent`
+    reads. Both are checked against the model when the geometry is set up (whole patches,
+    within the model's window sizes, stride at most the window): the model's native window
+    is only known then."""
+
+    window_latent: int | None = pydantic.Field(
+        None,
+        gt=0,
+        description="window side in latent cells; None: the model's native window "
+        "(64 for SD 1.x/2.x, 128 for SDXL and FLUX)",
+    )
+    stride_latent: int | None = pydantic.Field(
+        None,
+        gt=0,
+        description="distance between windows in latent cells, at most the window; "
+        "None: window // 8 (8 for SD's 64)",
+    )
 
 
 def default_stride_latent(window: int, patch: int = 1, fraction: int = DEFAULT_STRIDE_FRACTION) -> int:
@@ -62,19 +86,15 @@ def axis_starts(
     ``stride`` (and a multiple of ``step``, the model's patch, which must divide ``extent``,
     ``window`` and ``stride``): then the layout is invariant under a shift by the stride and
     every cell is covered by exactly ``window / stride`` windows, so the seam is like any
-    other column. A smaller stride than asked is announced with a warning (it costs more
-    windows).
+    other column. A smaller stride than asked is announced with one warning per process and
+    layout that states the extra windows (:func:`_announce_wrap_stride`).
     """
     if extent < window:
         raise ConfigError(f"canvas {axis} is {extent} latent cells, smaller than one window ({window})")
     if wrap:  # also when extent == window: windows straddling the edge join its two sides
         used = max(d for d in range(step, stride + 1, step) if extent % d == 0 and window % d == 0)
         if used != stride:
-            warnings.warn(
-                f"wrapped {axis} of {extent} latent cells with window {window}: using stride {used} "
-                f"instead of {stride} so that every cell is covered equally",
-                stacklevel=3,
-            )
+            _announce_wrap_stride(extent, window, stride, used, axis)
         return list(range(0, extent, used)), used
     if extent == window:
         return [0], stride
@@ -82,6 +102,31 @@ def axis_starts(
     if starts[-1] + window < extent:
         starts.append(extent - window)
     return starts, stride
+
+
+_ANNOUNCED_STRIDES: set[str] = set()
+"""Wrap stride warnings already given in this process (a geometry is set up several times
+per job: when the job is read, when it runs, by the engine)."""
+
+
+def _announce_wrap_stride(extent: int, window: int, stride: int, used: int, axis: str) -> None:
+    """Warn, once per process and layout, that a wrapped axis uses a smaller stride than
+    asked, and what it costs: windows along the axis (the whole job's windows and model
+    calls grow by the same factor)."""
+    runs, asked = extent // used, math.ceil(extent / stride)
+    message = (
+        f"wrapped {axis} of {extent} latent cells with window {window}: using stride {used} instead of "
+        f"{stride} so that every cell is covered equally; this runs {runs} windows along the {axis} "
+        f"instead of {asked} (+{100 * (runs - asked) / asked:.0f}% windows and time)"
+    )
+    if window % stride == 0:
+        lower, upper = extent // stride * stride, -(-extent // stride) * stride
+        sizes = " or ".join(str(v) for v in dict.fromkeys(v for v in (lower, upper) if v >= window))
+        message += f"; a {axis} of {sizes} latent cells keeps stride {stride}"
+    if message in _ANNOUNCED_STRIDES:
+        return
+    _ANNOUNCED_STRIDES.add(message)
+    warnings.warn(message, stacklevel=4)
 
 
 def wrapped_segments(start: int, size: int, extent: int) -> list[tuple[int, int, int]]:
@@ -97,12 +142,15 @@ def wrapped_segments(start: int, size: int, extent: int) -> list[tuple[int, int,
 
 
 class TiledGeometry(Geometry):
-    """Base of crop geometries (strip, grid, torus, atlas tiles).
+    """Base of crop geometries (strip, grid, torus, atlas tiles, the ``ring`` template).
 
-    Subclasses give the canvas size in pixels, the window and stride in latent cells and
-    which axes wrap; this class computes windows, extracts, inserts and decodes. By default
-    windows are square, from the options ``window_latent`` (None: the model's native window)
-    and ``stride_latent`` (None: ``window // 8``), see :func:`resolve_window_stride`.
+    Subclasses give the canvas size in pixels (:meth:`canvas_size_px`, abstract), the window
+    and stride in latent cells and which axes wrap; this class computes the windows
+    (:func:`axis_starts`), extracts, inserts and decodes (with circular context along
+    wrapped axes: :func:`jointdiff.geometry.decode_wrapped`). By default windows are square,
+    from the options ``window_latent`` (None: the model's native window) and
+    ``stride_latent`` (None: ``window // 8``) of :class:`WindowOptions`, see
+    :func:`resolve_window_stride`.
     """
 
     decode_padding_latent: int = 8
@@ -166,6 +214,10 @@ class TiledGeometry(Geometry):
     def canvas_shape_latent(self) -> tuple[int, int, int]:
         return (1, *self._size)
 
+    def sheet_of(self, window_id: int) -> int:
+        """The canvas sheet window ``window_id`` lies on (0: one sheet)."""
+        return 0
+
     @property
     def window_size_latent(self) -> tuple[int, int]:
         return self._window
@@ -201,32 +253,25 @@ class TiledGeometry(Geometry):
         return scale
 
     def extract(self, canvas: torch.Tensor, window_ids: Sequence[int]) -> torch.Tensor:
-        """Windows ``(B, C, k*h, k*w)`` of ``canvas`` ``(1, C, k*H, k*W)``: latents (k = 1) or a
+        """Windows ``(B, C, k*h, k*w)`` of ``canvas`` ``(S, C, k*H, k*W)``: latents (k = 1) or a
         pixel-space input such as a condition image or a mask (k = VAE factor)."""
         scale = self._scale_of(canvas)
         h, w = self._window
         out = canvas.new_empty(len(window_ids), canvas.shape[1], scale * h, scale * w)
         for b, window_id in enumerate(window_ids):
+            sheet = self.sheet_of(window_id)
             for cy, cx, wy, wx in self._pieces(window_id, scale):
-                out[b, :, wy, wx] = canvas[0, :, cy, cx]
+                out[b, :, wy, wx] = canvas[sheet, :, cy, cx]
         return out
 
     def insert(self, target: torch.Tensor, values: torch.Tensor, window_ids: Sequence[int]) -> None:
         scale = self._scale_of(target)
         for b, window_id in enumerate(window_ids):
+            sheet = self.sheet_of(window_id)
             for cy, cx, wy, wx in self._pieces(window_id, scale):
-                target[0, :, cy, cx] += values[b, :, wy, wx]
+                target[sheet, :, cy, cx] += values[b, :, wy, wx]
 
     def decode(self, canvas: torch.Tensor, decode: DecodeFn) -> torch.Tensor:
         """Decode with circular context along wrapped axes, so the VAE's zero padding leaves
-        no seam where the canvas closes (the padding is cropped off afterwards)."""
-        wrap_y, wrap_x = self.wraps()
-        pads = []
-        for dim, wraps in ((-2, wrap_y), (-1, wrap_x)):
-            pad = min(self.decode_padding_latent, canvas.shape[dim]) if wraps else 0
-            if pad:
-                canvas = torch.cat([canvas.narrow(dim, canvas.shape[dim] - pad, pad), canvas, canvas.narrow(dim, 0, pad)], dim)
-            pads.append(pad * self.latent_scale)
-        pixels = super().decode(canvas, decode)
-        pad_y, pad_x = pads
-        return pixels[..., pad_y : pixels.shape[-2] - pad_y, pad_x : pixels.shape[-1] - pad_x]
+        no seam where the canvas closes (:func:`jointdiff.geometry.decode_wrapped`)."""
+        return decode_wrapped(canvas, decode, self.wraps(), self.decode_padding_latent, self.latent_scale)

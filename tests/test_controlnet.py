@@ -14,11 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from jointdiff.families.base import Embeddings
 from PIL import Image
 
 from jointdiff import JointDiffusion
+from jointdiff.families.base import Embeddings
 from jointdiff.errors import ConfigError
 from jointdiff.plugins import create
 from jointdiff.testing import check_conditioner, make_context
@@ -240,10 +239,11 @@ def test_controlnet_must_fit_the_unet_and_be_alone(tiny_pipeline):
     other = UNet2DConditionModel(**{**tiny_pipeline.unet.config, "cross_attention_dim": 64})
     message = setup_error(tiny_pipeline, model=tiny_controlnet(other), image=torch.rand(3, 256, 512))
     assert "cross_attention_dim" in message
-    context = make_context(tiny_pipeline)
-    ControlNetConditioner(model="tiny", image=torch.rand(3, 256, 512)).setup(context)
+    text = create("conditioner", "text", prompt="a city")
+    twice = [text] + [ControlNetConditioner(model="tiny", image=torch.rand(3, 256, 512)) for _ in range(2)]
+    job = JointDiffusion(tiny_pipeline, create("geometry", "strip", length_px=512, window_latent=32), twice)
     with pytest.raises(ConfigError, match="one 'controlnet' conditioner"):
-        ControlNetConditioner(model="tiny", image=torch.rand(3, 256, 512)).setup(context)
+        job(1, progress=False, output_type="latent")
 
 
 def test_condition_follows_a_resampling_geometry(tiny_pipeline):

@@ -2,9 +2,11 @@
 
 Every job here runs once in this process (the reference, no process group) and once on 2 and
 on 3 ranks; the ranks' canvases must equal the reference to float tolerance (partial sums are
-added in another order), on every rank. The same processes then check the fault path (one
-rank raises: every rank stops naming it) and checkpoint/resume (2 ranks checkpoint and are
-killed, 3 ranks resume, the result equals the uninterrupted job).
+added in another order), on every rank, also with stochastic schedulers (noise keyed per
+window and step) and region bootstrapping (keyed per window, step and branch). The same
+processes then check the fault path (one rank raises: every rank stops naming it) and
+checkpoint/resume (2 ranks checkpoint and are killed, 3 ranks resume with another
+``view_batch_size``, the result equals the uninterrupted job).
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,7 +24,9 @@ import torch.multiprocessing as mp
 
 from jointdiff import JointDiffusion
 from jointdiff.distributed import Checkpoint, DistributedJobError, assign_owners, init_from_env, resolve, window_costs
+from jointdiff.models import make_scheduler
 from jointdiff.plugins import create
+from jointdiff.synchronizer import Synchronizer
 
 # Windows of 32 latent cells (256 px): the machinery is the same, the decoder passes of the
 # synchronizer four times cheaper than at the model's native 64.
@@ -39,6 +42,9 @@ CASES = {
                                                        rings=[(0.0, 4), (60.0, 2), (-60.0, 2)]), view_batch_size=2),
     "strip_sync": dict(geometry="strip", options=STRIP, view_batch_size=1, sync=SYNC),
     "grid_x0_sync": dict(geometry="grid", options=GRID, view_batch_size=1, fusion="x0", sync=SYNC),
+    "strip_euler_a": dict(geometry="strip", options=STRIP, view_batch_size=2, scheduler="euler_a"),
+    "regions_ddpm": dict(geometry="strip", options=STRIP, view_batch_size=1, scheduler="ddpm", regions=dict(
+        prompt="a lake", regions=[{"prompt": "a red boat", "rect": [64, 0, 320, 160]}], bootstrap_steps=2)),
 }
 RESUME = dict(geometry="strip", options=STRIP, view_batch_size=1, fusion="x0", eta=1.0, sync=SYNC)
 STEPS, RESUME_STEPS, SEED = 2, 3, 5
@@ -48,14 +54,24 @@ KILLED = 17
 
 def build(pipeline, case: dict, **engine_kwargs) -> JointDiffusion:
     geometry = create("geometry", case["geometry"], **case["options"])
-    text = create("conditioner", "text", prompt="a photo of a city", guidance_scale=7.5)
+    if "regions" in case:
+        prompt = create("conditioner", "regions", **case["regions"])
+    else:
+        prompt = create("conditioner", "text", prompt="a photo of a city", guidance_scale=7.5)
     sync = create("synchronizer", "syncdiffusion", **case["sync"]) if "sync" in case else None
     kwargs = {k: case[k] for k in ("view_batch_size", "eta", "fusion") if k in case}
-    return JointDiffusion(pipeline, geometry, [text], sync, **kwargs, **engine_kwargs)
+    return JointDiffusion(pipeline, geometry, [prompt], sync, **kwargs, **engine_kwargs)
 
 
 def run(pipeline, case: dict, steps: int = STEPS, **call_kwargs) -> torch.Tensor:
-    return build(pipeline, case)(steps, seed=SEED, progress=False, output_type="latent", **call_kwargs).latents
+    """The case's canvas latents (its scheduler swapped in for the job, then put back)."""
+    original = pipeline.scheduler
+    if "scheduler" in case:
+        pipeline.scheduler = make_scheduler(case["scheduler"], original.config)
+    try:
+        return build(pipeline, case)(steps, seed=SEED, progress=False, output_type="latent", **call_kwargs).latents
+    finally:
+        pipeline.scheduler = original
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
@@ -69,12 +85,13 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     for name, case in CASES.items():
         torch.save(run(pipeline, case), f"{out}/{name}_{world}_{rank}.pt")
     _fault(pipeline, rank, world, out)
+    _stop(pipeline, rank, world, out)
     checkpoint = f"{out}/../resume.ckpt"
     if world == 2:  # checkpoint every step, then every rank dies after step 0
         run(pipeline, RESUME, RESUME_STEPS, checkpoint=Checkpoint(checkpoint, every=1),
             callback=lambda i, t, canvas: os._exit(KILLED))
-    seen = []
-    latents = run(pipeline, RESUME, RESUME_STEPS, checkpoint=Checkpoint(checkpoint, resume=True),
+    seen = []  # world 3 resumes world 2's checkpoint with other batches: the state is per window
+    latents = run(pipeline, {**RESUME, "view_batch_size": 2}, RESUME_STEPS, checkpoint=Checkpoint(checkpoint, resume=True),
                   callback=lambda i, t, canvas: seen.append(i))
     torch.save({"latents": latents, "steps": seen}, f"{out}/resume_{world}_{rank}.pt")
     dist.destroy_process_group()
@@ -96,6 +113,18 @@ def _fault(pipeline, rank: int, world: int, out: str) -> None:
         if hook is not None:
             hook.remove()
     torch.save({"message": message, "seconds": time.monotonic() - start}, f"{out}/fault_{world}_{rank}.pt")
+
+
+def _stop(pipeline, rank: int, world: int, out: str) -> None:
+    """The last rank's step-end callback raises StopJob after step 0: every rank stops there."""
+    from jointdiff.engine import StopJob
+
+    def halt(i, t, latents):
+        if rank == world - 1:
+            raise StopJob()
+
+    result = build(pipeline, CASES["strip"])(STEPS, seed=SEED, progress=False, output_type="latent", callback_on_step_end=halt)
+    torch.save({"stopped": result.metadata.get("stopped_at_step"), "latents": result.latents}, f"{out}/stop_{world}_{rank}.pt")
 
 
 def _free_port() -> int:
@@ -146,18 +175,37 @@ def test_a_rank_that_raises_stops_every_rank_naming_it(ranks, world):
         assert fault["seconds"] < TIMEOUT_S / 2  # the error flag, not the collective timeout
 
 
-def test_resume_on_other_ranks_gives_the_uninterrupted_result(ranks, references):
+@pytest.mark.parametrize("world", [2, 3])
+def test_a_stop_on_one_rank_stops_every_rank(ranks, world):
+    first = ranks["stop", world, 0]
+    for rank in range(world):
+        assert ranks["stop", world, rank]["stopped"] == 0
+        assert torch.equal(ranks["stop", world, rank]["latents"], first["latents"])
+
+
+def test_resume_on_other_ranks_gives_the_uninterrupted_result(ranks, references, tmp_path_factory):
     for rank in range(3):
         resumed = ranks["resume", 3, rank]
         assert resumed["steps"] == [1, 2]  # killed after step 0: resumed from its checkpoint
         torch.testing.assert_close(resumed["latents"], references["resume"], rtol=1e-4, atol=1e-5)
+    root = tmp_path_factory.getbasetemp()
+    assert not list(root.glob("distributed*/resume.ckpt"))  # the finished job removed it
 
 
 def test_assignment_balances_windows_and_synchronized_work():
     assert sorted(assign_owners([1.0] * 6, 3)) == [0, 0, 1, 1, 2, 2]
     assert assign_owners([4.0, 1.0, 1.0, 1.0, 1.0], 2) == [0, 1, 1, 1, 1]
 
-    class Sync:
+    class Sync(Synchronizer):
+        name = "test-sync"
+
+        def synchronizes(self, i):
+            return i < 2
+
+        def anchor_windows(self):
+            return (1,)
+
+    class OldStyle:  # duck-typed, as before anchor_windows()
         anchor_id = 1
 
         def synchronizes(self, i):
@@ -165,6 +213,8 @@ def test_assignment_balances_windows_and_synchronized_work():
 
     costs = window_costs(3, 4, Sync(), sync_cost=4.0, anchor_cost=1.5)
     assert costs == [4 + 2 * 4.0, 4 + 2 * 1.5, 4 + 2 * 4.0]
+    assert window_costs(3, 4, OldStyle(), sync_cost=4.0, anchor_cost=1.5) == costs
+    assert window_costs(2, 4, Synchronizer(), 4.0, 1.5) == [4, 4]  # the base class adds nothing
     assert window_costs(2, 4, None, 4.0, 1.5) == [4, 4]
 
 

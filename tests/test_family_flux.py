@@ -90,10 +90,7 @@ def test_one_window_equals_stock_pipeline(variant, request):
     "guidance",
     [
         3.5,
-        pytest.param(5.0, marks=pytest.mark.xfail(strict=True, reason=(
-            "the controlnet conditioner calls Flux.controlnet_kwargs without the job's embedded guidance, "
-            "so the ControlNet always gets the default 3.5 (FluxControlNetPipeline gives it guidance_scale)"
-        ))),
+        5.0,
     ],
 )
 def test_controlnet_window_equals_stock_pipeline(dev, monkeypatch, guidance):

@@ -87,8 +87,20 @@ def test_run_writes_png_with_job_and_seed_and_reproduces_from_it(tmp_path, capsy
         ({"steps = 2": "steps = 0"}, "option 'steps' = 0"),
         ({"steps = 2": "steps = 2\ncolour = 1"}, "unknown option 'colour'"),
         ({"[model]": "[model"}, r"invalid TOML: .*\(at line 7"),
-        ({'id = "tiny"': 'id = "./no/such/model"'}, "model path './no/such/model' does not exist"),
+        ({'id = "tiny"': 'id = "./no/such/model"'}, "model path '/.*/no/such/model' does not exist"),
         ({'id = "tiny"': 'id = "nobody/no-such-model"'}, "Hugging Face hub \\(offline or unreachable"),
+        # errors known from the job, reported before diffusers or the model loads
+        ({"seed = 5": f"seed = {2**63}"}, f"option 'seed' = {2**63}: .*less than or equal to {2**63 - 1}"),
+        ({"seed = 5": "seed = -1"}, "option 'seed' = -1"),
+        ({'device = "cpu"': 'device = "mps"'}, "device = 'mps': MPS .* not available on this machine"),
+        ({'device = "cpu"': 'device = "gpu0"'}, "option 'model.device' = 'gpu0': device must be"),
+        ({'device = "cpu"': 'dtype = "float8"'}, "option 'model.dtype' = 'float8': dtype must be"),
+        ({'device = "cpu"': 'scheduler = "heun2"'}, "option 'model.scheduler' = 'heun2': scheduler must be one of"),
+        ({'device = "cpu"': 'scheduler = "flow_euler"'}, r"job: model.scheduler must be one of \['ddim', .*\] for model family 'sd', got 'flow_euler'"),
+        ({"guidance_scale = 5.0": "guidance_scale = inf"}, "option 'guidance_scale' = inf: Input should be a finite number"),
+        ({"guidance_scale = 5.0": "guidance_scale = nan"}, "option 'guidance_scale' = nan"),
+        ({"[synchronizer]": '[[conditioners]]\nname = "tile_text"\nprompts = ["a wall"]\n\n[synchronizer]'},
+         "conditioners: 'text' and 'tile_text' both provide the prompt"),
     ],
 )
 def test_bad_input_is_one_line_and_leaves_no_file(tmp_path, capsys, replace, message):
@@ -154,19 +166,167 @@ def test_outputs_get_ordinary_permissions(tmp_path):
 
 
 def test_checkpoint_table_resumes_to_the_same_image(tmp_path):
-    """A job with [checkpoint] saves its state; a run that resumes from it finishes equal."""
-    job_path = write_job(tmp_path, **{"steps = 2": "steps = 3", "[model]": f'[checkpoint]\npath = "{tmp_path / "c.ckpt"}"\nevery = 1\n\n[model]'})
-    job = Job.from_toml(job_path)
+    """A job with [checkpoint] saves its state; a run stopped after step 1 keeps it, the run
+    that resumes from it finishes equal to an uninterrupted one and removes it."""
+    import torch
+
+    from jointdiff.engine import StopJob
     from jointdiff.job import run_job
 
+    job_path = write_job(tmp_path, **{"steps = 2": "steps = 3", "[model]": '[checkpoint]\npath = "c.ckpt"\nevery = 1\n\n[model]'})
+    job = Job.from_toml(job_path)
+    assert job.checkpoint.path == str(tmp_path / "c.ckpt")  # relative to the job file's folder
     uninterrupted = Job.from_dict({**job.to_dict(), "checkpoint": None})
     expected = run_job(uninterrupted, progress=False).latents
     first_steps, resumed_steps = [], []
-    first = run_job(job, progress=False, callback=lambda i, t, c: first_steps.append(i)).latents
-    assert (tmp_path / "c.ckpt").exists()  # written after steps 0 and 1
+
+    def stop_after_step_1(i, t, canvas):
+        first_steps.append(i)
+        if i == 1:
+            raise StopJob()
+
+    run_job(job, progress=False, callback=stop_after_step_1)
+    assert (tmp_path / "c.ckpt").exists()  # kept: the job did not finish
     resumed = run_job(job, progress=False, callback=lambda i, t, c: resumed_steps.append(i)).latents
-    assert first_steps == [0, 1, 2] and resumed_steps == [2]
+    assert first_steps == [0, 1] and resumed_steps == [2]
+    torch.testing.assert_close(resumed, expected)
+    assert not (tmp_path / "c.ckpt").exists()  # removed once the job finished
+
+
+# -- errors early and exact ----------------------------------------------------------------
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("jointdiff: error: "), err
+    assert "Traceback" not in err[0]
+    return err[0]
+
+
+def test_cuda_on_a_machine_without_it_fails_before_loading(tmp_path, capsys, monkeypatch):
     import torch
 
-    torch.testing.assert_close(first, expected)
-    torch.testing.assert_close(resumed, expected)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["run", str(write_job(tmp_path)), "--device", "cuda", "-q"]) == 2
+    assert "device = 'cuda': CUDA is not available on this machine" in one_error_line(capsys)
+    assert main(["generate", "x", "--device", "cuda:1", "-o", str(tmp_path / "g.png"), "-q"]) == 2
+    assert "device = 'cuda:1'" in one_error_line(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job.toml"]
+
+
+def test_huge_seed_on_the_command_line(tmp_path, capsys):
+    assert main(["run", str(write_job(tmp_path)), "--seed", str(2**64), "-q"]) == 2
+    assert f"option 'seed' = {2**64}" in one_error_line(capsys)
+    assert main(["generate", "x", "--seed", "-3", "-o", str(tmp_path / "g.png"), "-q"]) == 2
+    assert "option 'seed' = -3" in one_error_line(capsys)
+
+
+def test_local_folder_that_is_not_a_model_is_not_blamed_on_the_hub(tmp_path, capsys):
+    folder = tmp_path / "my-model"
+    folder.mkdir()
+    (folder / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}')
+    job = write_job(tmp_path, **{'id = "tiny"': 'id = "my-model"'})  # relative to the job file's folder
+    assert main(["run", str(job), "-q"]) == 2
+    line = one_error_line(capsys)
+    assert f"model folder '{folder}' lists component 'unet' in model_index.json, but the folder 'unet/' is missing" in line
+    assert "hub" not in line
+    (folder / "model_index.json").unlink()
+    assert main(["run", str(job), "-q"]) == 2
+    assert "has no model_index.json: it is not a diffusers pipeline folder" in one_error_line(capsys)
+
+
+def test_run_on_an_image_without_a_job_says_so(tmp_path, capsys):
+    Image.new("RGB", (8, 8)).save(tmp_path / "photo.jpg")
+    assert main(["run", str(tmp_path / "photo.jpg")]) == 2
+    assert "is a JPEG image, which carries no jointdiff job: only PNGs made by jointdiff carry one" in one_error_line(capsys)
+    (tmp_path / "photo.jpg").rename(tmp_path / "photo.toml")  # the content decides, not the suffix
+    assert main(["run", str(tmp_path / "photo.toml")]) == 2
+    assert "JPEG image" in one_error_line(capsys)
+    Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
+    assert main(["run", str(tmp_path / "plain.png")]) == 2
+    assert "carries no jointdiff job: only PNGs made by jointdiff carry one" in one_error_line(capsys)
+
+
+def test_a_job_without_a_prompt_conditioner(tmp_path, capsys):
+    job = write_job(tmp_path, **{'name = "text"': 'name = "controlnet"\nmodel = "tiny"\nimage = "edges.png"', 'prompt = "a \\"quoted\\" city"\nguidance_scale = 5.0': ""})
+    Image.new("RGB", (640, 512)).save(tmp_path / "edges.png")
+    assert main(["run", str(job), "-q"]) == 2
+    assert "conditioners: ['controlnet'] provide no prompt" in one_error_line(capsys)
+
+
+def test_usage_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["run", "job.toml", "--seed", "x"])
+    assert info.value.code == 2
+    assert "argument --seed: invalid int value: 'x'" in one_error_line(capsys)
+
+
+BAD_JOBS_SCRIPT = """
+import sys
+from jointdiff.cli import main
+statuses = [main(["run", path, "-q"]) for path in sys.argv[1:]]
+heavy = sorted(m for m in ("diffusers", "transformers") if m in sys.modules)
+print(statuses, heavy)
+"""
+
+
+def test_errors_known_from_the_job_come_before_diffusers_is_imported(tmp_path):
+    """Typos, bad values, devices, seeds, schedulers, guidance scales, a second prompt
+    conditioner, a folder that is no model: none of them imports diffusers or transformers."""
+    cases = [
+        {"length_px = 640": "lenght_px = 640"},
+        {"seed = 5": f"seed = {2**63}"},
+        {'device = "cpu"': 'device = "mps"'},
+        {'device = "cpu"': 'scheduler = "flow_euler"'},
+        {"guidance_scale = 5.0": "guidance_scale = inf"},
+        {'id = "tiny"': 'id = "./nothing-here"'},
+    ]
+    paths = []
+    for index, replace in enumerate(cases):
+        folder = tmp_path / str(index)
+        folder.mkdir()
+        paths.append(str(write_job(folder, **replace)))
+    completed = subprocess.run([sys.executable, "-c", BAD_JOBS_SCRIPT, *paths], capture_output=True, text=True, timeout=120)
+    assert completed.stdout.strip() == f"{[2] * len(cases)} []", completed.stderr
+    assert len(completed.stderr.strip().splitlines()) == len(cases)
+
+
+# -- help ------------------------------------------------------------------------------------
+
+
+def test_every_option_of_every_command_has_help_and_shows_its_default(capsys):
+    from jointdiff.cli import build_parser
+
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    for name, command in {"": parser, **commands}.items():
+        for action in command._actions:
+            assert action.help, f"{name} {action.option_strings or action.dest} has no help"
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "denoising steps (default: 50)" in text and "(default: strip)" in text and "(default: jointdiff.png)" in text
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.startswith("jointdiff 0.")
+
+
+def test_plugins_command_shows_descriptions_and_allowed_values(capsys):
+    assert main(["plugins"]) == 0
+    out = capsys.readouterr().out
+    assert "direction: 'horizontal' | 'vertical' = 'horizontal'" in out
+    assert "length_px: int = 2048  [> 0]  -- strip length in pixels" in out
+    assert "guidance_scale: float | None = None  [>= 0.0, finite]" in out
+    assert "        rect: list[float] | None = None" in out  # the fields of each region table
+
+
+def test_taesd_folder_without_config_json_is_named(tmp_path, capsys):
+    folder = tmp_path / "taesd"
+    folder.mkdir()
+    (folder / "diffusion_pytorch_model.safetensors").touch()
+    sync = '[synchronizer]\nname = "syncdiffusion"\ndecoder = "taesd"\ntaesd_path = "taesd"\nnet = "alex"\nlpips_random_backbone = true'
+    job = write_job(tmp_path, **{'[synchronizer]\nname = "none"': sync})
+    assert main(["run", str(job), "-q"]) == 2
+    line = one_error_line(capsys)
+    assert f"taesd_path = '{folder}': the folder has no config.json" in line
+    assert "hub" not in line

@@ -47,6 +47,8 @@ def test_scheduler_and_prediction_type_override(fresh_tiny_pipeline):
         (dict(model="tiny", device="gpu0"), ConfigError, "device must be"),
         (dict(model="tiny", dtype="float8"), ConfigError, "dtype must be"),
         (dict(model="tiny", scheduler="heun2"), ConfigError, "scheduler must be one of"),
+        (dict(model="tiny", device="mps"), ConfigError, "device = 'mps': MPS .*not available"),
+        (dict(model="tiny", device="cpu:x"), ConfigError, "device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got 'cpu:x'"),
     ],
 )
 def test_bad_models_get_clear_errors(kwargs, error, message):
@@ -58,3 +60,45 @@ def test_make_scheduler_keeps_the_noise_schedule(tiny_pipeline):
     scheduler = make_scheduler("dpm++", tiny_pipeline.scheduler.config)
     assert scheduler.config.algorithm_type == "dpmsolver++"
     assert scheduler.config.beta_schedule == tiny_pipeline.scheduler.config.beta_schedule
+
+
+def test_cuda_is_refused_before_loading_where_there_is_none(monkeypatch):
+    from jointdiff.models import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="device = 'cuda:0': CUDA is not available on this machine"):
+        load_pipeline("nobody/never-loaded", device="cuda:0")
+    assert resolve_device("auto") == torch.device("cpu")
+
+
+def test_schedulers_are_checked_against_the_family():
+    from jointdiff.models import check_scheduler_name, family_class
+
+    assert check_scheduler_name("flow_euler") == "flow_euler"  # family not known yet: either set
+    assert check_scheduler_name("flow_euler", family_class("flux")) == "flow_euler"
+    with pytest.raises(ConfigError, match=r"one of \['flow_euler'.*\] for model family 'flux', got 'ddim'"):
+        check_scheduler_name("ddim", family_class("flux"))
+
+
+def test_a_local_folder_that_fails_to_load_is_not_blamed_on_the_hub(tiny_pipeline, tmp_path):
+    tiny_pipeline.save_pretrained(tmp_path / "model")
+    weights = next((tmp_path / "model" / "unet").glob("*.safetensors"))
+    weights.write_bytes(b"not safetensors")
+    with pytest.raises(ModelLoadError) as info:
+        load_pipeline(str(tmp_path / "model"), device="cpu")
+    message = str(info.value)
+    assert message.startswith(f"could not load the local model folder '{tmp_path / 'model'}': ")
+    assert "hub" not in message
+    weights.unlink()
+    with pytest.raises(ModelLoadError, match="lists component 'unet' in model_index.json, but 'unet/' has config.json but no weights"):
+        load_pipeline(str(tmp_path / "model"), device="cpu")
+
+
+def test_sd_prompt_past_clip_window_warns_naming_the_cut_words(fresh_tiny_pipeline, capfd):
+    from jointdiff.models import as_model
+
+    model = as_model(fresh_tiny_pipeline)
+    prompt = "a photo of a city " * 20 + "with a purple zeppelin"
+    with pytest.warns(UserWarning, match=r"prompt .* is longer than CLIP's 77 tokens; cut off: '.*purple zeppelin'"):
+        model.encode_prompts([prompt], [""])
+    assert "Token indices sequence length" not in capfd.readouterr().err

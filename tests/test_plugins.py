@@ -8,7 +8,6 @@ Fake distributions are written as ``*.dist-info`` folders on a temporary ``sys.p
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess

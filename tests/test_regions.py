@@ -121,6 +121,7 @@ def test_bootstrapping_replaces_the_outside_by_a_noised_constant_colour(tiny_pip
     scheduler = copy.deepcopy(tiny_pipeline.scheduler)
     scheduler.set_timesteps(4)
     canvas = latents()
+    context.initial_noise = canvas  # the engine sets the job's initial (unit) noise
     x = context.geometry.extract(latents(seed=1), [0, 1])
     state = lambda i: StepState(i, scheduler.timesteps[i], 4, canvas, None, context)  # noqa: E731
     assert torch.equal(conditioner.modify_latents(x, WindowBatch(0, (0, 1), scheduler, 0), state(0)), x)

@@ -332,11 +332,13 @@ class ModelFamily(Configurable, ABC):
         condition: torch.Tensor,
         conditioning_scale: float,
         guidance_scale: torch.Tensor | None = None,
+        offsets: torch.Tensor | None = None,
     ) -> dict[str, Any]:
         """Run ``controlnet`` on ``N`` window latents (model input rows, as in
-        :meth:`forward`) with their ``condition`` windows ``(N, ...)``; returns the keyword
-        arguments for :meth:`forward`'s ``extra`` (residuals). Several ControlNets are summed
-        by the caller with :meth:`sum_control`."""
+        :meth:`forward`) with their ``condition`` windows ``(N, ...)``, the same embedded
+        ``guidance_scale`` ``(N,)`` and window ``offsets`` ``(N, 2)`` as the model call; returns
+        the keyword arguments for :meth:`forward`'s ``extra`` (residuals). Several ControlNets
+        are summed by the caller with :meth:`sum_control`."""
         raise ConfigError(f"model family {self.name!r} has no ControlNet support")
 
     def tiny_controlnet(self, seed: int = 0) -> Any:

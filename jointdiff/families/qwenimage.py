@@ -272,7 +272,7 @@ class QwenImage(FlowMatchFamily):
         ``(1, 16, H/8, W/8)`` (a posterior sample, as the stock ControlNet pipeline draws it)."""
         return self.encode(pixels * 2 - 1)
 
-    def controlnet_kwargs(self, controlnet, latents, timestep, embeds, condition, conditioning_scale, guidance_scale=None):
+    def controlnet_kwargs(self, controlnet, latents, timestep, embeds, condition, conditioning_scale, guidance_scale=None, offsets=None):
         """Run a ``QwenImageControlNetModel`` on ``N`` windows with their condition latents
         ``(N, 16, h, w)``; returns ``{"controlnet_block_samples": [N × tokens × dim per block]}``."""
         inputs = self._inputs(controlnet, latents, timestep, embeds)

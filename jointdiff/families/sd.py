@@ -74,7 +74,7 @@ class StableDiffusion(VPFamily):
 
         return tiny_controlnet(self.pipeline.unet, seed)
 
-    def controlnet_kwargs(self, controlnet, latents, timestep, embeds, condition, conditioning_scale, guidance_scale=None):
+    def controlnet_kwargs(self, controlnet, latents, timestep, embeds, condition, conditioning_scale, guidance_scale=None, offsets=None):
         dtype = first_parameter(controlnet).dtype
         down, mid = controlnet(
             latents.to(dtype), timestep, encoder_hidden_states=embeds["prompt_embeds"],

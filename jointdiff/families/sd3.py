@@ -208,7 +208,7 @@ class SD3Family(FlowMatchFamily):
         """A random-weight ``SD3ControlNetModel`` fitting this transformer (:func:`build_tiny_controlnet`)."""
         return build_tiny_controlnet(self.pipeline, seed)
 
-    def controlnet_kwargs(self, controlnet, latents, timestep, embeds, condition, conditioning_scale, guidance_scale=None):
+    def controlnet_kwargs(self, controlnet, latents, timestep, embeds, condition, conditioning_scale, guidance_scale=None, offsets=None):
         """Run an ``SD3ControlNetModel`` on ``N`` windows; returns
         ``{"block_controlnet_hidden_states": [N × tokens × dim per block]}``. Pooled inputs are
         zeros for InstantX ControlNets; SD3.5's (no context embedder) get no text tokens and

@@ -33,7 +33,7 @@ import pydantic
 import torch
 
 from ..errors import ConfigError
-from .base import Embeddings, GuidanceMode, LatentFormat
+from .base import Embeddings, GuidanceMode, LatentFormat, first_parameter
 from .vp import VPFamily
 
 __all__ = ["StableDiffusionXL", "build_tiny_pipeline", "build_tiny_lcm_pipeline", "build_tiny_refiner_pipeline"]
@@ -266,10 +266,10 @@ class StableDiffusionXL(VPFamily):
 
         return tiny_controlnet(self.pipeline.unet, seed)
 
-    def controlnet_kwargs(self, controlnet, latents, timestep, embeds, condition, conditioning_scale, guidance_scale=None):
+    def controlnet_kwargs(self, controlnet, latents, timestep, embeds, condition, conditioning_scale, guidance_scale=None, offsets=None):
         """The ControlNet with the same text and micro-conditioning as the UNet
         (``StableDiffusionXLControlNetPipeline``, no guess mode) → its residuals."""
-        dtype = controlnet.dtype
+        dtype = first_parameter(controlnet).dtype
         down, mid = controlnet(
             latents.to(dtype),
             timestep,

@@ -58,6 +58,12 @@ from .geometry import (  # noqa: F401  (re-exported: jointdiff.testing is the pu
     check_options_round_trip,
     check_geometry,
 )
+from .invariance import (  # noqa: F401  (re-exported)
+    check_batch_order_invariance,
+    check_batch_size_invariance,
+    check_invariance,
+    check_resume_invariance,
+)
 from .family import (  # noqa: F401  (re-exported)
     FAMILY_CHECKS,
     check_family,

@@ -40,7 +40,6 @@ from jointdiff.options import PluginOptions
 TINY = "tiny"
 """``model = "tiny"``: a random-weight ControlNet built from the job's own UNet
 (:func:`jointdiff.tiny.tiny_controlnet`), for tests, smoke runs and benchmarks."""
-EXTRAS_KEY = "controlnet"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 SPEC_FIELDS = ("model", "image", "conditioning_scale", "guidance_start", "guidance_end",
                "preprocess", "canny_low", "canny_high")
@@ -135,6 +134,7 @@ class ControlNetConditioner(Conditioner):
     """
 
     name = "controlnet"
+    one_per_job = True  # the model has one residual input: several ControlNets go in controls = [...]
 
     class Options(PluginOptions):
         controls: list[ControlSpec] = pydantic.Field(min_length=1, description="the ControlNets and their conditions")
@@ -165,11 +165,6 @@ class ControlNetConditioner(Conditioner):
     def setup(self, context) -> None:
         """Load every ControlNet, check it against the model, put its condition (in the form
         the family's ControlNet takes: pixels or latents) on the device."""
-        owner = context.extras.setdefault(EXTRAS_KEY, self)
-        if owner is not self:
-            raise ConfigError(
-                "a job takes one 'controlnet' conditioner; list several ControlNets in its controls = [...]"
-            )
         self._controls = []
         for index, spec in enumerate(self.options.controls):
             where = f"controlnet: controls[{index}]" if len(self.options.controls) > 1 else "controlnet"
@@ -182,10 +177,14 @@ class ControlNetConditioner(Conditioner):
 
     # -- the loop ------------------------------------------------------------------------
 
-    def model_kwargs(self, model_input: torch.Tensor, timestep: torch.Tensor, embeds, window_ids: Sequence[int], context) -> dict[str, Any]:
+    def model_kwargs(
+        self, model_input: torch.Tensor, timestep: torch.Tensor, embeds, window_ids: Sequence[int], context,
+        guidance_scale: torch.Tensor | None = None, offsets: torch.Tensor | None = None,
+    ) -> dict[str, Any]:
         """The ControlNet residuals (the family's keyword arguments of the model call, e.g.
         ``down_block_additional_residuals`` / ``mid_block_additional_residual`` for a UNet)
-        for the rows ``[branch 0: windows..., branch 1: windows...]`` of the model input.
+        for the rows ``[branch 0: windows..., branch 1: windows...]`` of the model input,
+        with the model call's embedded guidance and window offsets.
 
         Gradients flow through the ControlNet (a synchronizer's x̂0 depends on it)."""
         step, count = step_index(timestep, context)
@@ -200,14 +199,22 @@ class ControlNetConditioner(Conditioner):
             if model.controlnet_positive_only and branches == 2:
                 rows = list(range(len(window_ids), 2 * len(window_ids)))
                 residuals = model.controlnet_kwargs(
-                    control.model, model_input[rows], timestep, embeds.select(rows), condition, scale
+                    control.model, model_input[rows], timestep, embeds.select(rows), condition, scale,
+                    guidance_scale=_rows_of(guidance_scale, rows), offsets=_rows_of(offsets, rows),
                 )
                 residuals = _repeat_rows(residuals, 2)
             else:
                 condition = condition.repeat(branches, 1, 1, 1)
-                residuals = model.controlnet_kwargs(control.model, model_input, timestep, embeds, condition, scale)
+                residuals = model.controlnet_kwargs(
+                    control.model, model_input, timestep, embeds, condition, scale,
+                    guidance_scale=guidance_scale, offsets=offsets,
+                )
             total = residuals if total is None else model.sum_control(total, residuals)
         return total or {}
+
+
+def _rows_of(tensor: torch.Tensor | None, rows: list[int]) -> torch.Tensor | None:
+    return None if tensor is None else tensor[rows]
 
 
 def _repeat_rows(value: Any, times: int) -> Any:

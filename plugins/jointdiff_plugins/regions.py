@@ -20,6 +20,12 @@ uniformly random RGB colour, drawn per window and step from a bank of ``bootstra
 colours; ``ε`` is the canvas's *initial* noise cut out for the window; the background prompt
 is never bootstrapped. Its reference default is 20 of 50 steps.
 
+Randomness is keyed (:meth:`~jointdiff.context.JobContext.generator_for`): the bank from
+``("regions/colours",)`` and ``("regions/colour_latent", k)``, the pick of window ``w`` of
+branch ``r`` at step ``i`` from ``("regions/bootstrap", i, w, r)``. Results therefore do not
+depend on batching, batch order, ranks or resume, and the conditioner keeps no state
+between steps.
+
 Masks are defined on the canvas in pixel coordinates (origin top-left, ``x`` right, ``y``
 down): rectangles ``[left, top, right, bottom]`` (right/bottom exclusive), polygons of
 ``[x, y]`` points, or grayscale mask images of the canvas's size. They are drawn at pixel
@@ -52,7 +58,7 @@ class Region(PluginOptions):
     mask: Any = pydantic.Field(None, description="grayscale mask image of the canvas's size (path, PIL, array, tensor)")
     sheet: int = pydantic.Field(0, ge=0, description="canvas sheet the shape is drawn on")
     negative_prompt: str | None = pydantic.Field(None, description="default: the conditioner's negative_prompt")
-    guidance_scale: float | None = pydantic.Field(None, ge=0.0, description="default: the conditioner's")
+    guidance_scale: float | None = pydantic.Field(None, ge=0.0, allow_inf_nan=False, description="default: the conditioner's")
     feather_px: float | None = pydantic.Field(None, ge=0.0, description="default: the conditioner's feather_px")
 
     @pydantic.model_validator(mode="after")
@@ -78,8 +84,10 @@ class RegionsConditioner(Conditioner):
 
     class Options(PluginOptions):
         prompt: str = pydantic.Field(description="background prompt")
-        negative_prompt: str | None = None
-        guidance_scale: float | None = pydantic.Field(None, ge=0.0, description="None: the model family's default")
+        negative_prompt: str | None = pydantic.Field(None, description="default of every region (classifier-free guidance families only)")
+        guidance_scale: float | None = pydantic.Field(
+            None, ge=0.0, allow_inf_nan=False, description="None: the model family's default"
+        )
         regions: list[Region] = pydantic.Field(min_length=1)
         feather_px: float = pydantic.Field(0.0, ge=0.0, description="Gaussian blur of every mask, in pixels")
         bootstrap_steps: int = pydantic.Field(0, ge=0, description="MultiDiffusion's bootstrapping steps (reference: 20 of 50)")
@@ -113,8 +121,6 @@ class RegionsConditioner(Conditioner):
         masks = self.canvas_masks(context.geometry)
         self._prompt = self._encode(context, masks)
         self._masks = masks.to(context.device)
-        self._noise: torch.Tensor | None = None
-        self._generator = torch.Generator("cpu").manual_seed(context.generator.initial_seed() + 1)
         self._backgrounds = self._bootstrap_backgrounds(context) if self.options.bootstrap_steps else None
 
     def canvas_masks(self, geometry) -> torch.Tensor:
@@ -169,30 +175,31 @@ class RegionsConditioner(Conditioner):
         uniformly random colour each (VAE posterior samples in the model's latent space), float32."""
         h, w = context.geometry.window_size_latent
         scale = context.geometry.latent_scale
-        colours = torch.rand(self.options.bootstrap_steps, 3, 1, 1, generator=self._generator)
+        colours = torch.rand(self.options.bootstrap_steps, 3, 1, 1, generator=context.generator_for("regions/colours"))
         latents = []
         with torch.no_grad():
-            for colour in colours:
+            for k, colour in enumerate(colours):
                 image = (colour * 2.0 - 1.0).expand(1, 3, scale * h, scale * w).to(context.device)
-                latents.append(context.model.encode(image, generator=self._generator).float())
+                posterior = context.generator_for("regions/colour_latent", k)
+                latents.append(context.model.encode(image, generator=posterior).float())
         return torch.cat(latents)
 
     def modify_latents(self, latents: torch.Tensor, batch, state) -> torch.Tensor:
         """Bootstrapping of region branches during the first ``bootstrap_steps`` steps
         (module docstring); other branches and steps are returned unchanged."""
-        if self._backgrounds is not None and self._noise is None and state.step_index == 0:
-            model = state.context.model
-            sigma = model.initial_noise_sigma(model.scheduler)
-            self._noise = state.canvas.float() / sigma
         region = batch.prompt_index
-        if not region or state.step_index >= self.options.bootstrap_steps or self._noise is None:
+        if not region or self._backgrounds is None or state.step_index >= self.options.bootstrap_steps:
             return latents
+        if state.initial_noise is None:
+            raise ConfigError("regions: bootstrapping needs the job's initial noise (JobContext.initial_noise, set by the engine)")
         geometry = state.context.geometry
         ids = batch.window_ids
         mask = geometry.extract(self._masks[region], ids)
-        noise = geometry.extract(self._noise, ids)
-        picks = torch.randint(len(self._backgrounds), (len(ids),), generator=self._generator)
-        background = self._backgrounds[picks.to(self._backgrounds.device)]
+        noise = geometry.extract(state.initial_noise.to(latents.device, torch.float32), ids)
+        count = len(self._backgrounds)
+        picks = [int(torch.randint(count, (1,), generator=state.generator_for("regions/bootstrap", state.step_index, w, region)))
+                 for w in ids]
+        background = self._backgrounds[picks]
         noisy = state.context.model.add_noise(background, noise, torch.as_tensor(state.timestep), batch.scheduler)
         return latents * mask + noisy.to(latents.dtype) * (1.0 - mask)
 

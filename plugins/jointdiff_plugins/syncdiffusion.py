@@ -147,7 +147,7 @@ class SyncDiffusion(Synchronizer):
         self._check_checkpointing(context)
         self._auto_micro: int | None = None
         self._anchor_step: int | None = None
-        self._comm = context.extras.get("distributed")
+        self._comm = context.distributed if context.distributed is not None else context.extras.get("distributed")
 
     def _lpips(self, context) -> Any:
         o = self.options
@@ -193,11 +193,15 @@ class SyncDiffusion(Synchronizer):
         o = self.options
         return (step_index + 1) % o.every == 0 and (o.until_step is None or step_index < o.until_step)
 
+    def anchor_windows(self) -> tuple[int, ...]:
+        """The anchor (after :meth:`setup`): it gets no gradient pass."""
+        return (self.anchor_id,)
+
     def begin_step(self, state) -> None:
-        # The anchor is prepared by the first batch of the step, with that batch's scheduler
-        # copy: schedulers such as Euler keep a step index that scale_model_input reads.
-        # With window parallelism the rank that owns the anchor prepares it now, with the
-        # scheduler of the anchor's batch (not yet stepped), and broadcasts the image.
+        # The anchor is prepared by the first batch of the step, with the step's scheduler
+        # (``state.scheduler``, positioned at this step: schedulers such as Euler keep a step
+        # index that scale_model_input reads). With window parallelism the rank that owns
+        # the anchor prepares it now and broadcasts the image.
         self._anchor_step = None
         if self._comm is not None and self.synchronizes(state.step_index):
             self._share_anchor(state)
@@ -209,7 +213,8 @@ class SyncDiffusion(Synchronizer):
         image, failure = None, None
         if comm.rank == owner:
             try:
-                image = self._anchor_image(comm.batch_of(self.anchor_id).scheduler, state)
+                scheduler = state.scheduler if state.scheduler is not None else comm.batch_of(self.anchor_id).scheduler
+                image = self._anchor_image(scheduler, state)
             except Exception as error:
                 failure = error
         comm.check(failure, f"the syncdiffusion anchor of step {state.step_index}")
@@ -243,7 +248,7 @@ class SyncDiffusion(Synchronizer):
         """Decode the anchor's foreseen image once per step and fix it in the loss."""
         if self._anchor_step == state.step_index:
             return
-        image = self._anchor_image(batch.scheduler, state)
+        image = self._anchor_image(state.scheduler if state.scheduler is not None else batch.scheduler, state)
         with torch.no_grad(), self._autocast():
             self._distance.set_anchor(image)
         self._anchor_step = state.step_index
@@ -251,12 +256,9 @@ class SyncDiffusion(Synchronizer):
     def _anchor_image(self, scheduler: Any, state) -> torch.Tensor:
         """``sg[D(x̂0(x_t^a))]`` ``(1, 3, f·h, f·w)`` from the anchor's current noisy latents
         (cut from the canvas, or its own view with ``x0`` fusion)."""
-        if state.fusion is None:  # a bare StepState: the canvas holds the noisy latents
-            latents = state.context.geometry.extract(state.canvas, [self.anchor_id])
-        else:
-            latents = state.window_latents([self.anchor_id])
+        latents = state.window_latents([self.anchor_id])
         with torch.no_grad(), self._autocast():
-            output = state.denoiser.model_output(latents, state.timestep, [self.anchor_id], scheduler)
+            output = state.model_output(latents, [self.anchor_id], scheduler)
             return self.decode(self.predicted_x0(latents, output, scheduler, state))
 
     def gradient(self, latents: torch.Tensor, window_ids: Sequence[int], scheduler: Any, state) -> torch.Tensor:
@@ -266,7 +268,7 @@ class SyncDiffusion(Synchronizer):
         scale = self._loss_scale()
         with torch.enable_grad(), self._autocast(), self._checkpointing():
             x = latents.detach().requires_grad_(True)
-            output = state.denoiser.model_output(x, state.timestep, window_ids, scheduler)
+            output = state.model_output(x, window_ids, scheduler)
             loss = self._distance(self.decode(self.predicted_x0(x, output, scheduler, state))).sum()
             (grad,) = torch.autograd.grad(loss * scale if scale != 1.0 else loss, x)
         grad = grad.float() / scale if scale != 1.0 else grad.float()
@@ -279,7 +281,7 @@ class SyncDiffusion(Synchronizer):
 
     def predicted_x0(self, latents: torch.Tensor, output: torch.Tensor, scheduler: Any, state) -> torch.Tensor:
         """DDIM's x̂0 (Song et al. 2021, Eq. 12), clipped as DDIM does when ``clip_sample``."""
-        x0 = state.denoiser.predicted_x0(latents, output, state.timestep, scheduler)
+        x0 = state.predicted_x0(latents, output, scheduler)
         if scheduler.config.get("clip_sample", False):
             limit = float(scheduler.config.get("clip_sample_range", 1.0))
             x0 = x0.clamp(-limit, limit)
@@ -377,16 +379,40 @@ def _checkpoint(block: torch.nn.Module, *args: Any) -> Any:
 
 
 def _load_taesd(path: str, dtype: torch.dtype) -> torch.nn.Module:
-    """diffusers ``AutoencoderTiny`` from a local folder or hub id (frozen, eval)."""
+    """diffusers ``AutoencoderTiny`` from a local folder or hub id (frozen, eval). A local
+    folder without ``config.json`` or weights, a missing local path and a hub id that is not
+    cached while the hub is offline are each named as such, before diffusers is asked."""
+    import os
+    from pathlib import Path
+
+    where = Path(path).expanduser()
+    expected = "a local diffusers AutoencoderTiny folder (config.json + diffusion_pytorch_model.safetensors)"
+    problem = None
+    if where.is_dir():
+        files = {p.name for p in where.iterdir()}
+        missing = [name for name in ("config.json",) if name not in files]
+        if not any(name.endswith((".safetensors", ".bin")) for name in files):
+            missing.append("diffusion_pytorch_model.safetensors")
+        if missing:
+            problem = f"the folder has no {' and no '.join(missing)}"
+    elif where.exists() or path.startswith((".", "/", "~")):
+        problem = "no such folder" if not where.exists() else "it is a file, not a folder"
+    if problem is not None:
+        raise ModelLoadError(f"syncdiffusion: taesd_path = {path!r}: {problem}; pass {expected}")
     from diffusers import AutoencoderTiny
 
     try:
         module = AutoencoderTiny.from_pretrained(path, torch_dtype=dtype)
     except Exception as error:
         reason = f"{type(error).__name__}: {error}".splitlines()[0]
+        offline = os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0")
+        if offline and not where.exists():
+            raise ModelLoadError(
+                f"syncdiffusion: taesd_path = {path!r} is a hub id, and it is not in the local Hugging Face cache "
+                f"while the hub is offline (HF_HUB_OFFLINE=1); download it on a connected machine or pass {expected}"
+            ) from error
         raise ModelLoadError(
-            f"syncdiffusion: could not load TAESD from taesd_path = {path!r} ({reason}); pass a local "
-            "diffusers AutoencoderTiny folder (config.json + diffusion_pytorch_model.safetensors) "
+            f"syncdiffusion: could not load TAESD from taesd_path = {path!r} ({reason}); pass {expected} "
             f"or, online, the hub id {DEFAULT_TAESD!r}"
         ) from error
     return module.eval().requires_grad_(False)

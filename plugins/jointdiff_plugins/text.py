@@ -20,12 +20,12 @@ class TextConditioner(Conditioner):
     name = "text"
 
     class Options(PluginOptions):
-        prompt: str
+        prompt: str = pydantic.Field(description="what every window shows")
         negative_prompt: str | None = pydantic.Field(
             None, description="what to steer away from (classifier-free guidance families only)"
         )
         guidance_scale: float | None = pydantic.Field(
-            None, ge=0.0, description="None: the model family's default (7.5 for SD, 3.5 for FLUX.1-dev)"
+            None, ge=0.0, allow_inf_nan=False, description="None: the model family's default (7.5 for SD, 3.5 for FLUX.1-dev)"
         )
 
     @classmethod

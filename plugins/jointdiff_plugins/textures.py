@@ -35,25 +35,7 @@ from jointdiff.families.base import LatentFormat
 from jointdiff.geometry import DecodeFn, Geometry
 from jointdiff.options import PluginOptions
 from jointdiff.textures import AtlasLayout, TileSource
-from jointdiff.tiling import TiledGeometry, axis_starts, resolve_window_stride
-from jointdiff_plugins.tiles import WindowOptions
-
-
-def torus_starts(
-    extent_latent: int, window_latent: int, stride_latent: int, axis: str, patch: int = 1
-) -> tuple[list[int], int]:
-    """Window origins on a looping axis and the stride used (latent cells), as
-    :func:`jointdiff.tiling.axis_starts` with wrap (strides whole ``patch`` cells), but the
-    windows must overlap: windows that only touch would leave their borders (the wrap edge
-    among them) as seams."""
-    starts, used = axis_starts(extent_latent, window_latent, stride_latent, True, axis, patch)
-    if used >= window_latent:
-        raise ConfigError(
-            f"stride_latent = {stride_latent} leaves no overlap between windows across the tile {axis} "
-            f"({extent_latent} latent cells, window {window_latent}): the wrap edge would be a seam; "
-            f"use a stride below {window_latent}"
-        )
-    return starts, used
+from jointdiff.tiling import TiledGeometry, WindowOptions, axis_starts, resolve_window_stride
 
 
 class TorusGeometry(TiledGeometry):
@@ -86,14 +68,20 @@ class TorusGeometry(TiledGeometry):
         return (True, True)
 
     def setup(self, latent: LatentFormat | int) -> None:
-        """Windows of one tile (every tile has the same), repeated for each sheet."""
+        """Windows of one tile (every tile has the same, :func:`jointdiff.tiling.axis_starts`
+        with both axes wrapped), repeated for each sheet. The windows must overlap: windows
+        that only touch would leave their borders (the wrap edge among them) as seams."""
         super().setup(latent)  # checks the sizes against the latent format and the window
-        (win_h, win_w), (stride_y, stride_x) = self._window, self._stride
-        patch = self.latent_format.patch
-        tops, used_y = torus_starts(self._size[0], win_h, stride_y, "height", patch)
-        lefts, used_x = torus_starts(self._size[1], win_w, stride_x, "width", patch)
-        self.stride_used_latent = (used_y, used_x)
-        self.tile_origins = [(top, left) for top in tops for left in lefts]
+        for axis, extent, window, asked, used in zip(
+            ("height", "width"), self._size, self._window, self._stride, self.stride_used_latent
+        ):
+            if used >= window:
+                raise ConfigError(
+                    f"stride_latent = {asked} leaves no overlap between windows across the tile {axis} "
+                    f"({extent} latent cells, window {window}): the wrap edge would be a seam; "
+                    f"use a stride below {window}"
+                )
+        self.tile_origins = self.origins
         self.origins = self.tile_origins * self.num_tiles
 
     @property
@@ -106,24 +94,9 @@ class TorusGeometry(TiledGeometry):
             raise ConfigError(f"window_id must be in [0, {self.num_windows}), got {window_id!r}")
         return window_id // len(self.tile_origins)
 
-    def extract(self, canvas: torch.Tensor, window_ids: Sequence[int]) -> torch.Tensor:
-        """Windows ``(B, C, k*h, k*w)`` of ``canvas`` ``(S, C, k*H, k*W)``: latents (k = 1) or
-        a pixel-space input such as a condition image or mask (k = VAE factor)."""
-        scale = self._scale_of(canvas)
-        h, w = self._window
-        out = canvas.new_empty(len(window_ids), canvas.shape[1], scale * h, scale * w)
-        for b, window_id in enumerate(window_ids):
-            sheet = self.tile_of(window_id)
-            for cy, cx, wy, wx in self._pieces(window_id, scale):
-                out[b, :, wy, wx] = canvas[sheet, :, cy, cx]
-        return out
-
-    def insert(self, target: torch.Tensor, values: torch.Tensor, window_ids: Sequence[int]) -> None:
-        scale = self._scale_of(target)
-        for b, window_id in enumerate(window_ids):
-            sheet = self.tile_of(window_id)
-            for cy, cx, wy, wx in self._pieces(window_id, scale):
-                target[sheet, :, cy, cx] += values[b, :, wy, wx]
+    def sheet_of(self, window_id: int) -> int:
+        """The canvas sheet of a window (:meth:`tile_of`), where the base class cuts it."""
+        return self.tile_of(window_id)
 
 
 class AtlasGeometry(TorusGeometry):
@@ -284,16 +257,9 @@ class CubeTextureGeometry(Geometry):
 
     def decode(self, canvas: torch.Tensor, decode: DecodeFn) -> torch.Tensor:
         """Decode the faces, each with a border of its neighbours' latents, stacked into one
-        tall image (so the decoder's normalisation statistics are shared, as for one image);
-        then fuse the overlapping borders (:func:`jointdiff.cube.blend_padded_faces`) so no
-        seam remains along the cube's edges. Returns ``(6, 3, f*N, f*N)``."""
-        pad = min(self.decode_padding_latent, self._n)
-        padded = []
-        for face in range(6):
-            faces, rows, cols = (i.to(canvas.device) for i in cube.padded_face_index(face, self._n, pad))
-            padded.append(canvas[faces, :, rows, cols].permute(2, 0, 1))
-        tall = decode(torch.cat(padded, dim=1)[None])[0]  # (3, 6 * f * (N + 2p), f * (N + 2p))
-        return cube.blend_padded_faces(torch.stack(tall.chunk(6, dim=1)), pad * self.latent_scale)
+        tall image, and fuse the overlapping borders so no seam remains along the cube's
+        edges (:func:`jointdiff.cube.decode_padded_faces`). Returns ``(6, 3, f*N, f*N)``."""
+        return cube.decode_padded_faces(canvas, decode, self.decode_padding_latent, self.latent_scale)
 
 
 class TileTextConditioner(Conditioner):
@@ -310,8 +276,10 @@ class TileTextConditioner(Conditioner):
     class Options(PluginOptions):
         prompts: list[str] = pydantic.Field(min_length=1, description="one prompt per tile, in tile order")
         style_prompt: str = pydantic.Field("", description="appended to every tile's prompt")
-        negative_prompt: str | None = None
-        guidance_scale: float | None = pydantic.Field(None, ge=0.0, description="None: the model family's default")
+        negative_prompt: str | None = pydantic.Field(None, description="what to steer away from (classifier-free guidance families only)")
+        guidance_scale: float | None = pydantic.Field(
+            None, ge=0.0, allow_inf_nan=False, description="None: the model family's default"
+        )
 
     @classmethod
     def example_options(cls) -> dict:
