@@ -42,7 +42,7 @@ from jointdiff.testing import (
     tiny_model,
     zero_strength_options,
 )
-from jointdiff.testing.geometry import check_geometry_origins
+from jointdiff.testing.geometry import check_geometry_origins, check_geometry_pixel_scale
 from jointdiff_plugins.none import NoSynchronizer
 from jointdiff_plugins.text import TextConditioner
 from jointdiff_plugins.tiles import GridGeometry, StripGeometry
@@ -248,9 +248,26 @@ class ShiftedOrigins(Broken):
         return super().window_origins_latent() + torch.tensor([0, 1])
 
 
+class LatentOnlyCrops(Broken):
+    """Takes every window at latent resolution, whatever the canvas's resolution (a geometry
+    that ignores the k× contract ControlNet conditions and region masks rely on)."""
+
+    def extract(self, canvas, window_ids):
+        if canvas.shape[-1] == self._size[1]:
+            return super().extract(canvas, window_ids)
+        k = canvas.shape[-1] // self._size[1]
+        (h, w), out = self._window, []
+        for window_id in window_ids:
+            top, left = self.origins[window_id]
+            crop = canvas[0, :, top : top + k * h, left : left + k * w]  # origins not scaled by k
+            out.append(crop)
+        return torch.stack(out)
+
+
 @pytest.mark.parametrize(
     ("geometry", "check", "message"),
     [
+        (LatentOnlyCrops, check_geometry_pixel_scale, "windows extracted at 8x, average-pooled"),
         (Gap, check_geometry_coverage, "2048 canvas cells get no window weight, e.g. sheet 0, row 0, column 96"),
         (Overwrites, check_geometry_insert_is_linear, "it must add, not overwrite"),
         (SortsBatch, check_geometry_batching, "extract of a batch vs. one window at a time"),

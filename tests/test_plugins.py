@@ -95,7 +95,7 @@ def test_template_own_tests_pass(ring_site, pytester, monkeypatch):
     finally:
         sys.modules.pop("jointdiff_ring", None)
         sys.modules.pop("test_ring", None)
-    result.assert_outcomes(passed=22)
+    result.assert_outcomes(passed=26)
 
 
 # ----------------------------------------------------------------------------- fake distributions

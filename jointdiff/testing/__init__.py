@@ -53,6 +53,8 @@ from .geometry import (  # noqa: F401  (re-exported: jointdiff.testing is the pu
     check_geometry_insert_is_linear,
     check_geometry_coverage,
     check_geometry_round_trip,
+    check_geometry_origins,
+    check_geometry_pixel_scale,
     local_decoder,
     check_geometry_decode,
     check_options_round_trip,
@@ -454,6 +456,12 @@ class GeometryConformance:
 
     def test_geometry_round_trip(self) -> None:
         check_geometry_round_trip(self._geometry(), self.atol)
+
+    def test_geometry_origins(self) -> None:
+        check_geometry_origins(self._geometry())
+
+    def test_geometry_pixel_scale(self) -> None:
+        check_geometry_pixel_scale(self._geometry())
 
     def test_geometry_decode(self) -> None:
         check_geometry_decode(self._geometry(), self.latent_scale)

@@ -77,6 +77,52 @@ def check_geometry_shapes(geometry: Geometry) -> None:
         fail("extract modified the canvas")
 
 
+def _smooth_canvas(geometry: Geometry, scale: int) -> torch.Tensor:
+    """A low-frequency canvas ``(S, 2, k·H, k·W)`` (float64): one slow wave per axis, periodic
+    over the canvas so that wrapped and resampled views see a continuous function."""
+    sheets, height, width = geometry.canvas_shape_latent
+    y = (torch.arange(scale * height, dtype=torch.float64) + 0.5) / (scale * height)
+    x = (torch.arange(scale * width, dtype=torch.float64) + 0.5) / (scale * width)
+    wave = torch.cos(2 * torch.pi * y)[:, None] + torch.sin(2 * torch.pi * x)[None, :]
+    ramp = torch.arange(sheets, dtype=torch.float64).view(sheets, 1, 1, 1)
+    return torch.stack([wave, 0.5 * wave.flip(0)])[None] + ramp
+
+
+def check_geometry_pixel_scale(geometry: Geometry, scale: int | None = None, rtol: float = 0.05) -> None:
+    """The contract ControlNet conditions and region masks rely on: ``extract`` and ``insert``
+    take canvases at ``k``× the latent resolution (``k`` = the VAE factor by default) and give
+    ``(B, C, k·h, k·w)`` windows taken as the latents are: a constant canvas gives constant
+    windows, and average-pooling the ``k``× windows of a smooth canvas gives the windows of the
+    pooled canvas (exactly for crops; within ``rtol`` of the value range for geometries that
+    resample, on average, whose interpolation differs between resolutions). ``insert`` at ``k``× covers
+    exactly what it covers at 1×, up-sampled."""
+    k = int(scale if scale is not None else geometry.latent_scale)
+    (h, w), count = geometry.window_size_latent, geometry.num_windows
+    ids = sorted({0, count // 2, count - 1})
+    fine = _smooth_canvas(geometry, k)
+    windows = geometry.extract(fine, ids)
+    if tuple(windows.shape) != (len(ids), 2, k * h, k * w):
+        fail(f"extract at {k}x the latent resolution gave {tuple(windows.shape)}, expected {(len(ids), 2, k * h, k * w)}")
+    constant = geometry.extract(torch.full_like(fine, 0.75), ids)
+    _close(constant, torch.full_like(constant, 0.75), 1e-6, f"extract of a constant canvas at {k}x")
+    coarse = torch.nn.functional.avg_pool2d(fine.flatten(0, 0), k)
+    expected = geometry.extract(coarse, ids)
+    pooled = torch.nn.functional.avg_pool2d(windows, k)
+    spread = float(fine.max() - fine.min())
+    what = f"windows extracted at {k}x, average-pooled, vs windows of the pooled canvas"
+    if not geometry.resamples:
+        _close(pooled, expected, 1e-6 * spread, what)
+    elif float((pooled - expected).abs().mean()) > rtol * spread:  # the mean: sheet edges of the test canvas are steps
+        fail(f"{what}: differ by {float((pooled - expected).abs().mean()):.3g} on average (tolerance {rtol * spread:.3g})")
+    covered_fine = torch.zeros(fine.shape[0], 1, *fine.shape[2:], dtype=torch.float64)
+    geometry.insert(covered_fine, torch.ones(len(ids), 1, k * h, k * w, dtype=torch.float64), ids)
+    covered = torch.zeros(fine.shape[0], 1, *coarse.shape[2:], dtype=torch.float64)
+    geometry.insert(covered, torch.ones(len(ids), 1, h, w, dtype=torch.float64), ids)
+    if not geometry.resamples:
+        up = covered.repeat_interleave(k, -2).repeat_interleave(k, -1)
+        _close(covered_fine, up, 1e-9, f"insert of ones at {k}x vs the 1x insert up-sampled")
+
+
 def check_geometry_batching(geometry: Geometry, atol: float = 1e-6) -> None:
     """Results do not depend on how the engine groups windows into batches: a batch's
     extract, weights and insert equal those of its windows one at a time."""
@@ -207,5 +253,6 @@ def check_geometry(geometry: Geometry, latent: LatentFormat | int = 8, atol: flo
     check_geometry_coverage(geometry)
     check_geometry_round_trip(geometry, atol)
     check_geometry_origins(geometry)
+    check_geometry_pixel_scale(geometry)
     check_geometry_decode(geometry, latent_scale)
     check_options_round_trip(geometry)
