@@ -364,6 +364,11 @@ def _place(model: ModelFamily, device: torch.device, dtype: torch.dtype, offload
     float16, which the CPU cannot run), or hand them to accelerate's offloading."""
     if offload not in OFFLOAD_MODES:
         raise ConfigError(f"offload must be one of {list(OFFLOAD_MODES)}, got {offload!r}")
+    if offload != "none" and device.type == "cpu":
+        raise ConfigError(
+            f"offload = {offload!r} keeps weights on the CPU and runs them on an accelerator; this job runs on the CPU "
+            "(device = 'cpu'): use offload = 'none'"
+        )
     pipeline = model.pipeline
     vae_dtype = torch.float32 if dtype == torch.float16 and device.type == "cpu" else dtype
     for name, module in pipeline.components.items():
@@ -378,6 +383,8 @@ def _place(model: ModelFamily, device: torch.device, dtype: torch.dtype, offload
         pipeline.enable_model_cpu_offload(device=device)
     elif offload == "sequential":
         pipeline.enable_sequential_cpu_offload(device=device)
+    if offload != "none":
+        model.execution_device = device  # the weights' own device is the CPU between calls
 
 
 def load_pipeline(model: Any = "tiny", **kwargs: Any):

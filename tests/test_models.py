@@ -102,3 +102,11 @@ def test_sd_prompt_past_clip_window_warns_naming_the_cut_words(fresh_tiny_pipeli
     with pytest.warns(UserWarning, match=r"prompt .* is longer than CLIP's 77 tokens; cut off: '.*purple zeppelin'"):
         model.encode_prompts([prompt], [""])
     assert "Token indices sequence length" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("offload", ["model", "sequential"])
+def test_offload_on_the_cpu_is_refused_with_one_line(offload):
+    from jointdiff.models import load_model
+
+    with pytest.raises(ConfigError, match=f"offload = '{offload}' keeps weights on the CPU"):
+        load_model("tiny", device="cpu", offload=offload)
