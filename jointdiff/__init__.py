@@ -17,6 +17,7 @@ __all__ = [
     "JointDiffusion",
     "JointResult",
     "StopJob",
+    "InitImage",
     "Job",
     "run_job",
     "load_pipeline",
@@ -32,6 +33,10 @@ def __getattr__(name: str):
         from . import engine
 
         return getattr(engine, name)
+    if name == "InitImage":
+        from .init_image import InitImage
+
+        return InitImage
     if name in ("Job", "run_job"):
         from . import job
 

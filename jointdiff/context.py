@@ -57,6 +57,9 @@ class JobContext:
     the job's :class:`~jointdiff.distributed.Distributed` with window parallelism, else None.
     ``initial_noise`` is the job's initial canvas noise ``(S, C, H, W)``, float32, unit
     variance (before ``initial_noise_sigma``), set by the engine before the first step.
+    ``init_image``: the job's init image (a :class:`~jointdiff.init_image.PreparedInit`:
+    clean latents, keep mask on the latent grid, first step), set before plugins' ``setup``;
+    None for text-to-image.
     ``extras``: free for plugins' own use (deprecated as a channel to the engine).
     """
 
@@ -70,6 +73,7 @@ class JobContext:
     seed: int | None = None
     distributed: Distributed | None = None
     initial_noise: torch.Tensor | None = None
+    init_image: Any = None
 
     def __post_init__(self) -> None:
         from .families.base import ModelFamily
@@ -154,6 +158,15 @@ class StepState:
         """The clean latents x̂0 ``(B, C, h, w)`` predicted from ``latents`` and a model
         ``output`` at this step (the family's Tweedie estimate)."""
         return self.context.model.predicted_x0(latents, output, self.timestep, self._scheduler(scheduler))
+
+    def remember_output(self, window_ids: Sequence[int], latents: torch.Tensor, output: torch.Tensor,
+                        prompt_index: int | None = None) -> None:
+        """Offer the engine a :meth:`model_output` ``(B, C, h, w)`` computed at this step,
+        without autocast, for ``latents`` ``(B, C, h, w)`` of ``window_ids``: a window whose
+        denoising step this step sees exactly these latents (same prompt) reuses it instead
+        of a second forward (e.g. SyncDiffusion's anchor). Kept for this step only."""
+        if self.denoiser is not None and hasattr(self.denoiser, "remember"):
+            self.denoiser.remember(self.step_index, list(window_ids), latents, output, prompt_index)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Canvas latents ``(B, C, h, w)`` → pixels ``(B, 3, f·h, f·w)`` in [-1, 1]

@@ -32,7 +32,7 @@ from PIL import Image
 
 from .conditioner import Conditioner, Prompt
 from .context import JobContext, StepState, WindowBatch
-from .denoiser import Denoiser
+from .denoiser import Denoiser, accelerated, auto_view_batch_size
 from .distributed import (
     Checkpoint,
     Distributed,
@@ -46,10 +46,13 @@ from .distributed import (
 )
 from .distributed import resolve as resolve_distributed
 from .errors import ConfigError, NonFiniteLatentsError
+from .fewstep import check_fewstep
 from .fusion import FusionMode, LatentFusion, make_fusion
 from .geometry import Geometry
+from .shifted import WindowsMode, check_windows_option
+from .init_image import InitImage
 from .synchronizer import Synchronizer
-from . import budget, tiled_decode
+from . import budget, init_image, profiling, tiled_decode
 
 StepCallback = Callable[[int, int, torch.Tensor], None]
 """``callback(step_index, timestep, canvas)``: observes the canvas after a step (and after
@@ -110,6 +113,10 @@ class _Run:
     fusion_mode: str = "latent"
     fingerprint: dict[str, Any] | None = None
     progress: Any = None
+    bad_step: torch.Tensor | None = None
+    """The first step whose canvas was not finite, kept on the device (``len(timesteps)``: none)."""
+    estimate: budget.Estimate | None = None
+    timer: profiling.PhaseTimer = field(default_factory=profiling.PhaseTimer)
 
 
 class JointDiffusion:
@@ -130,7 +137,26 @@ class JointDiffusion:
     anything is allocated (:meth:`estimate`, :mod:`jointdiff.budget`). The final decode is
     tiled (:mod:`jointdiff.tiled_decode`): ``decode_tile_latent`` None tiles with the model's
     native window above 4 megapixels, 0 never tiles, a number is the tile side in latent cells.
+
+    ``init`` starts from an image (img2img, and inpainting / outpainting with its keep mask):
+    see :class:`~jointdiff.init_image.InitImage` and :mod:`jointdiff.init_image`.
+
+    Fast modes (docs/fast-modes.md): ``windows = "shifted"`` denoises non-overlapping windows
+    offset by a random shift every step (SpotDiffusion, :mod:`jointdiff.shifted`);
+    ``fusion = "x0_renoise"`` fuses x̂0 and re-noises it, for few-step models
+    (StreamMultiDiffusion, :mod:`jointdiff.fewstep`).
+
+    Speed (docs/benchmarks.md, each exact to float rounding): ``view_batch_size = "auto"``
+    sizes window batches from the free CUDA memory (4 elsewhere); ``compile`` (True or a
+    ``torch.compile`` backend name) compiles the denoiser for the job's fixed batch shapes; on
+    CUDA UNets run channels-last with SDPA attention (:func:`jointdiff.denoiser.accelerated`).
+    ``check_finite``: NaN or inf in the canvas raise :class:`NonFiniteLatentsError` naming the
+    first bad step; the test runs on the device every step and is read back (one host sync)
+    every :attr:`finite_check_every` steps, at checkpoints, around callbacks and at the end.
     """
+
+    finite_check_every: int = 8
+    """Steps between host reads of the on-device finite flag (see ``check_finite``)."""
 
     def __init__(
         self,
@@ -147,15 +173,27 @@ class JointDiffusion:
         max_megapixels: float | None = budget.DEFAULT_MAX_MEGAPIXELS,
         memory_limit_gb: float | None = None,
         decode_tile_latent: int | None = None,
+        init: InitImage | None = None,
+        windows: WindowsMode = "overlap",
+        compile: bool | str = False,
     ) -> None:
         budget.check_limit_options(max_megapixels, memory_limit_gb)
+        if init is not None and not isinstance(init, InitImage):
+            raise ConfigError(f"init must be an InitImage (jointdiff.init_image) or None, got {type(init).__name__}")
         tiled_decode.check_tile_option(decode_tile_latent)
-        if not isinstance(view_batch_size, int) or view_batch_size < 1:
-            raise ConfigError(f"view_batch_size must be a positive integer, got {view_batch_size!r}")
-        if fusion not in (None, "latent", "x0"):
-            raise ConfigError(f"fusion must be 'latent' (MultiDiffusion) or 'x0' (SyncTweedies), got {fusion!r}")
+        if view_batch_size != "auto" and (not isinstance(view_batch_size, int) or view_batch_size < 1):
+            raise ConfigError(f"view_batch_size must be a positive integer or 'auto', got {view_batch_size!r}")
+        if not isinstance(compile, (bool, str)) or compile == "":
+            raise ConfigError(f"compile must be True, False or a torch.compile backend name, got {compile!r}")
+        if fusion not in (None, "latent", "x0", "x0_renoise"):
+            raise ConfigError(
+                f"fusion must be 'latent' (MultiDiffusion), 'x0' (SyncTweedies) or 'x0_renoise' (few-step), got {fusion!r}"
+            )
         if not isinstance(geometry, Geometry):
             raise ConfigError(f"geometry must be a Geometry, got {geometry!r}")
+        check_windows_option(windows, geometry, fusion)
+        if fusion == "x0_renoise":
+            check_fewstep(geometry, eta)
         from .models import as_model
 
         self.model = as_model(model)
@@ -170,6 +208,25 @@ class JointDiffusion:
         self.max_megapixels = max_megapixels
         self.memory_limit_gb = memory_limit_gb
         self.decode_tile_latent = decode_tile_latent
+        self.init = init
+        self.windows = windows
+        self.compile = compile
+
+    @property
+    def view_batch_size(self) -> int:
+        """Windows per model call: the ``view_batch_size`` given, or ``"auto"`` resolved for
+        the model, geometry and device (:func:`~jointdiff.denoiser.auto_view_batch_size`),
+        once per job; :attr:`view_batch_option` is what was given."""
+        if self.view_batch_option != "auto":
+            return self.view_batch_option
+        if self._auto_view_batch is None:
+            self._auto_view_batch = auto_view_batch_size(self.model, self.geometry, self.conditioners)
+        return self._auto_view_batch
+
+    @view_batch_size.setter
+    def view_batch_size(self, value: int | str) -> None:
+        self.view_batch_option = value
+        self._auto_view_batch: int | None = None
 
     @property
     def pipeline(self) -> Any:
@@ -256,6 +313,7 @@ class JointDiffusion:
         output_type: str = "pil",
         checkpoint: Checkpoint | None = None,
         callback_on_step_end: StepEndCallback | None = None,
+        profile: bool | None = None,
     ) -> JointResult:
         """Run the job. ``latents`` (optional) is the initial canvas noise ``(S, C, H, W)``,
         scaled by the scheduler's ``init_noise_sigma`` as in diffusers. ``output_type`` is
@@ -267,27 +325,45 @@ class JointDiffusion:
 
         On several ranks every rank returns the same ``latents``; only rank 0 decodes
         (other ranks get no images or pixels). Callbacks run on every rank, and latents they
-        return must be the same on every rank."""
+        return must be the same on every rank.
+
+        ``result.metadata["profile"]`` says where the time went (:mod:`jointdiff.profiling`);
+        ``profile`` True (None: inside :func:`jointdiff.profiling.session`) also waits for the
+        device at phase boundaries and adds the estimate with its FLOPs."""
         self._check_call(num_inference_steps, seed, output_type, callback_on_step_end)
+        profile = profiling.enabled(profile)
+        timer = profiling.PhaseTimer(self.device, synchronize=profile)
         # 1. Set up the plugins with the job's context; timesteps (on the CPU: indexing them
         #    never waits for the GPU).
-        run = self._setup(num_inference_steps, int(seed))
+        run = self._setup(num_inference_steps, int(seed), profile)
+        run.timer = timer
         # 2. The initial canvas (its unit noise is kept for plugins: context.initial_noise).
         run.canvas = self._initial_latents(latents, run.context)
+        prepared = run.context.init_image
+        if prepared is not None:  # img2img: the image noised to the first step run
+            run.canvas, run.scheduler = init_image.start_canvas(prepared, run.context.initial_noise, self.model, run.scheduler)
         # 3. Window batches (this rank's share with window parallelism) and the fusion.
         self._prepare_windows(run)
+        if prepared is not None:
+            init_image.attach(prepared, run.fusion, run.context.initial_noise, self.model, run.fusion_mode == "x0")
         # 4. Resume from a checkpoint of this very job, if there is one.
         run.fingerprint = self._fingerprint(run, latents) if checkpoint is not None else None
-        start = self._resume(run, checkpoint)
+        start = max(self._resume(run, checkpoint), prepared.first_step if prepared is not None else 0)
         # 5. Denoising loop.
         stopped = None
-        for i in self._progress(run, start, progress):
-            run.canvas = self._denoise_step(run, i)
-            if self._end_step(run, i, checkpoint, callback_on_step_end, callback):
-                stopped = i
-                break
+        with accelerated(self.model, self.compile):  # torch.compile, channels-last and SDPA on CUDA
+            for i in self._progress(run, start, progress):
+                run.canvas = self._denoise_step(run, i)
+                if self._end_step(run, i, checkpoint, callback_on_step_end, callback):
+                    stopped = i
+                    break
         # 6. Decode; a finished job removes its checkpoint.
-        return self._finish(run, output_type, checkpoint, stopped)
+        result = self._finish(run, output_type, checkpoint, stopped)
+        result.metadata["profile"] = timer.report()
+        if profile:
+            result.metadata["profile"]["estimate"] = run.estimate.to_dict()
+            profiling.finished(result.metadata["profile"])
+        return result
 
     @staticmethod
     def _check_call(num_inference_steps: Any, seed: Any, output_type: Any, callback_on_step_end: Any) -> None:
@@ -300,11 +376,15 @@ class JointDiffusion:
         if callback_on_step_end is not None and not callable(callback_on_step_end):
             raise ConfigError(f"callback_on_step_end must be callable, got {callback_on_step_end!r}")
 
-    def _setup(self, num_inference_steps: int, seed: int) -> _Run:
+    def _setup(self, num_inference_steps: int, seed: int, profile: bool = False) -> _Run:
         """Geometry, conditioners and synchronizer see the model; the denoiser and the
-        scheduler's timesteps are set."""
+        scheduler's timesteps are set. Profiling: the estimate has FLOPs and is announced."""
         self.geometry.setup(self.model.latent_format)
-        budget.check(self.estimate(num_inference_steps), self.max_megapixels, self.memory_limit_gb, self.geometry.name)
+        self._auto_view_batch = None  # "auto" is sized anew for every job
+        estimate = self.estimate(num_inference_steps, flops=profile, seed=seed)
+        if profile:
+            profiling.announce(estimate, self)
+        budget.check(estimate, self.max_megapixels, self.memory_limit_gb, self.geometry.name)
         self._check_one_per_job()
         comm = resolve_distributed(self.distributed)
         generator = torch.Generator("cpu").manual_seed(seed)
@@ -312,6 +392,9 @@ class JointDiffusion:
                              seed=seed, distributed=comm)
         if comm is not None:
             context.extras["distributed"] = comm  # for plugins of older versions
+        if self.init is not None:  # checked against the canvas and encoded before plugins set up
+            context.init_image = init_image.prepare(self.init, self.model, self.geometry, seed, num_inference_steps,
+                                                    self.decode_tile_latent)
         for conditioner in self.conditioners:
             conditioner.setup(context)
         prompt = self._prompt()
@@ -320,7 +403,7 @@ class JointDiffusion:
             self.synchronizer.setup(context)
         scheduler = self.model.scheduler
         self.model.set_timesteps(scheduler, num_inference_steps, self.geometry.window_size_latent)
-        return _Run(seed, context, comm, prompt, denoiser, scheduler, scheduler.timesteps, torch.empty(0))
+        return _Run(seed, context, comm, prompt, denoiser, scheduler, scheduler.timesteps, torch.empty(0), estimate=estimate)
 
     def _check_one_per_job(self) -> None:
         """ConfigError for a second conditioner of a class that allows one per job."""
@@ -336,6 +419,11 @@ class JointDiffusion:
         """This rank's window batches, each with its own scheduler state, and the fusion."""
         batches = self._window_batches(run.scheduler, run.prompt, run.seed)
         run.fusion_mode = self.fusion or getattr(self.geometry, "preferred_fusion", "latent")
+        if self.windows == "shifted":  # SpotDiffusion: new non-overlapping windows every step
+            from .shifted import make_shifted_fusion
+
+            run.batches, run.fusion = make_shifted_fusion(self, run)
+            return
         if run.comm is not None:
             batches = run.comm.assign(batches, self._batch_costs(batches, len(run.timesteps), run.comm))
         run.batches = batches
@@ -343,6 +431,7 @@ class JointDiffusion:
             run.fusion_mode, self.geometry, run.canvas, batches, self._weights_fn(run.prompt, run.canvas.device),
             self._step_kwargs(run.scheduler), reduce=run.comm.all_reduce_ if run.comm is not None else None,
             noise_sigma=self.model.initial_noise_sigma(run.scheduler), generator_for=run.context.generator_for,
+            scheduler=run.scheduler,
         )
         if not bool((run.fusion.weight_sum > 0).all()):
             raise ConfigError(f"geometry {self.geometry.name!r} (with its region masks) leaves canvas cells without weight")
@@ -358,36 +447,69 @@ class JointDiffusion:
     def _denoise_step(self, run: _Run, i: int) -> torch.Tensor:
         """One step over this rank's batches; returns the new canvas (after the all-reduce)."""
         t = run.timesteps[i]
+        batches = run.fusion.step_batches(i, run.batches)
+        if batches is not run.batches:  # windows = "shifted": this step's own windows
+            run.batches = list(batches)
+            run.denoiser.offsets = self._window_offsets()
+            run.denoiser._rows_cache.clear()  # prompts and offsets are cached per window ids
         # A shallow copy of a batch's scheduler, positioned at this step, for plugins.
         clock = copy.copy(run.batches[0].scheduler if run.batches else run.scheduler)
         state = StepState(i, t, len(run.timesteps), run.canvas, run.denoiser, run.context, run.fusion, clock)
         failure = self._local_step(state, run)
         if run.comm is not None:
             run.comm.check(failure, f"step {i}")
-        canvas = run.fusion.end_step(t, run.denoiser)
-        if self.check_finite and not bool(torch.isfinite(canvas).all()):
-            raise NonFiniteLatentsError(f"NaN or inf in the canvas latents at step {i} (timestep {int(t)})")
+        with run.timer.phase("fusion"):
+            canvas = run.fusion.end_step(t, run.denoiser)
+        if self.check_finite:
+            self._note_finite(run, canvas, i)
         return canvas
+
+    @staticmethod
+    def _note_finite(run: _Run, canvas: torch.Tensor, i: int) -> None:
+        """Record on the device, without waiting for it, whether step ``i``'s canvas is
+        finite: ``run.bad_step`` keeps the first step that was not."""
+        if run.bad_step is None:
+            run.bad_step = torch.full((), len(run.timesteps), dtype=torch.long, device=canvas.device)
+        run.bad_step = torch.where(torch.isfinite(canvas).all(), run.bad_step, run.bad_step.clamp(max=i))
+
+    @staticmethod
+    def _raise_if_nonfinite(run: _Run, cause: BaseException | None = None) -> None:
+        """:class:`NonFiniteLatentsError` naming the first step whose canvas had NaN or inf
+        (one host-device sync)."""
+        if run.bad_step is None:
+            return
+        bad = int(run.bad_step)
+        if bad < len(run.timesteps):
+            message = f"NaN or inf in the canvas latents at step {bad} (timestep {int(run.timesteps[bad])})"
+            raise NonFiniteLatentsError(message) from cause
 
     def _local_step(self, state: StepState, run: _Run) -> BaseException | None:
         """Synchronizer, conditioners and the model for this rank's batches; the numerator
         is left in the fusion. With window parallelism an exception is returned (for the
         error check every rank joins), not raised."""
-        fusion, t = run.fusion, state.timestep
+        fusion, t, timer = run.fusion, state.timestep, run.timer
         try:
             if self.synchronizer is not None:
-                self.synchronizer.begin_step(state)
+                with timer.phase("synchronization"):
+                    self.synchronizer.begin_step(state)
             fusion.begin_step(state.step_index)
             for batch in run.progress.batches(run.batches) if run.progress is not None else run.batches:
-                window_latents = fusion.window_latents(batch)
+                with timer.phase("fusion"):
+                    window_latents = fusion.window_latents(batch)
                 if self.synchronizer is not None:
-                    window_latents = self.synchronizer.update(window_latents, batch, state)
+                    with timer.phase("synchronization"):
+                        window_latents = self.synchronizer.update(window_latents, batch, state)
                 for conditioner in self.conditioners:
                     window_latents = conditioner.modify_latents(window_latents, batch, state)
-                output = run.denoiser.model_output(window_latents, t, batch.window_ids, batch.scheduler, batch.prompt_index)
-                fusion.add(batch, window_latents, output, t, run.denoiser)
+                with timer.phase("model"):
+                    output = run.denoiser.step_output(window_latents, t, batch.window_ids, batch.scheduler,
+                                                      batch.prompt_index, state.step_index)
+                with timer.phase("fusion"):
+                    fusion.add(batch, window_latents, output, t, run.denoiser)
         except Exception as error:
             if run.comm is None:
+                if self.check_finite:  # an earlier NaN canvas is the cause to name
+                    self._raise_if_nonfinite(run, error)
                 raise
             return error
         return None
@@ -398,6 +520,9 @@ class JointDiffusion:
         checkpoint when due, then the observing callback. Returns whether to stop; a stopped
         job writes its checkpoint at this step so it can be resumed."""
         t, last = run.timesteps[i], i + 1 == len(run.timesteps)
+        due = checkpoint is not None and checkpoint.due(i, len(run.timesteps))
+        if self.check_finite and (last or due or on_step_end is not None or callback is not None or (i + 1) % self.finite_check_every == 0):
+            self._raise_if_nonfinite(run)
         stop = late_stop = saved = False
         if on_step_end is not None:
             stop = self._run_callback(run, f"callback_on_step_end of step {i}", lambda: on_step_end(i, t, run.canvas), True)
@@ -461,11 +586,12 @@ class JointDiffusion:
             "synchronizer": describe_plugin(self.synchronizer) if self.synchronizer is not None else "none()",
             "steps": len(run.timesteps),
             "seed": run.seed,
-            "fusion": run.fusion_mode,
+            "fusion": run.fusion_mode if self.windows == "overlap" else f"{run.fusion_mode}, {self.windows} windows",
             "eta": float(self.eta),
             "canvas": list(run.canvas.shape),
             "windows": self.geometry.num_windows,
             "latents": tensor_digest(latents) if latents is not None else "from seed",
+            **({"init": self.init.describe()} if self.init is not None else {}),
         }
 
     def _save(self, run: _Run, checkpoint: Checkpoint, next_step: int) -> None:
@@ -473,7 +599,9 @@ class JointDiffusion:
             "conditioners": [_plugin_state(c, f"conditioner {getattr(c, 'name', type(c).__name__)!r}") for c in self.conditioners],
             "synchronizer": _plugin_state(self.synchronizer, "the synchronizer") if self.synchronizer is not None else {},
         }
-        states = window_states(run.batches, run.fusion)
+        states = run.fusion.saved_states()  # a fusion with a canvas scheduler keeps its own
+        if states is None:
+            states = window_states(run.batches, run.fusion)
         save_checkpoint(checkpoint, run.comm, run.fingerprint, next_step, run.canvas, states, plugins)
 
     def _resume(self, run: _Run, checkpoint: Checkpoint | None) -> int:
@@ -484,7 +612,8 @@ class JointDiffusion:
         payload = load_checkpoint(checkpoint, run.comm, run.fingerprint)
         if payload is None:
             return 0
-        restore_windows(run.batches, run.fusion, payload["windows"], run.canvas.device)
+        if not run.fusion.restore_states(payload["windows"], run.canvas.device):
+            restore_windows(run.batches, run.fusion, payload["windows"], run.canvas.device)
         plugins = payload.get("plugins") or {}
         for conditioner, state in zip(self.conditioners, plugins.get("conditioners", [])):
             if state and hasattr(conditioner, "load_state_dict"):
@@ -499,6 +628,7 @@ class JointDiffusion:
         """The result (decoded on rank 0 only with window parallelism: every rank holds the
         same canvas); the checkpoint of a job that ran all its steps is removed."""
         finished = stopped is None or stopped + 1 == len(run.timesteps)
+        run.fusion.close()  # shifted windows: the geometry gets its own windows back
         metadata: dict[str, Any] = {"seed": run.seed, "num_inference_steps": len(run.timesteps),
                                     "windows": self.geometry.num_windows}
         metadata["job"] = _job_of(self, len(run.timesteps), run.seed)  # saved PNGs carry it (JointResult.save)
@@ -509,7 +639,8 @@ class JointDiffusion:
         if output_type == "latent" or (run.comm is not None and run.comm.rank != 0):
             result = JointResult([], run.canvas, None, metadata)
         else:
-            pixels = self.geometry.decode(run.canvas, self._final_decode())
+            with run.timer.phase("decode"):
+                pixels = self.geometry.decode(run.canvas, self._final_decode())
             result = JointResult(self.geometry.to_images(pixels), run.canvas, pixels, metadata)
         if checkpoint is not None and finished:
             remove_checkpoint(checkpoint, run.comm)
@@ -525,12 +656,16 @@ class JointDiffusion:
         return tiled_decode.final_decode(self._vae_decode, latent.scale_factor, latent.native_window,
                                          self.decode_tile_latent, tiled_decode.decoder_norms(self.model))
 
-    def estimate(self, num_inference_steps: int = 50) -> budget.Estimate:
-        """What this job will cost (windows, model calls, memory), before it runs: see
-        :func:`jointdiff.budget.estimate`. Sets the geometry up for the model."""
+    def estimate(self, num_inference_steps: int = 50, *, flops: bool = True, seed: int = 0) -> budget.Estimate:
+        """What this job will cost (windows, model evaluations, memory and, with ``flops``,
+        FLOPs), before it runs: see :func:`jointdiff.budget.estimate` and
+        :mod:`jointdiff.profiling`. Sets the geometry up for the model; ``flops`` runs each
+        network once on one window (cached per model and window shape); ``seed`` matters only
+        to shifted windows (their layout)."""
         return budget.estimate(
             self.geometry, self.model, self.view_batch_size, num_inference_steps, self.synchronizer,
             conditioners=self.conditioners, fusion=self.fusion, decode_tile_latent=self.decode_tile_latent,
+            flops=flops, loop=profiling.loop_plan(self, num_inference_steps, seed),
         )
 
 

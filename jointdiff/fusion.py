@@ -10,6 +10,11 @@ canvas, and each window then steps with the fused x̂0 cut back out of it. Resam
 (perspective views of a sphere) keep the statistics of their noise this way, where
 interpolating noisy latents would blur them. The canvas returned each step is the fused x̂0.
 
+``x0_renoise`` (few-step models; StreamMultiDiffusion, Kodaira et al. 2024): the windows'
+x̂0 are fused on the canvas and the fused x̂0 is re-noised to the next step's level, LCM's
+multistep sampler over the canvas (:mod:`jointdiff.fewstep`). Shifted non-overlapping
+windows (``windows = "shifted"``, SpotDiffusion) are fusions too (:mod:`jointdiff.shifted`).
+
 Noise is keyed per window, never per batch, so no result depends on how windows are batched,
 on the order batches run, or on the rank that runs them: a stochastic scheduler's step noise
 for window ``w`` at step ``i`` comes from the generator keyed ``("scheduler_step", i, w)``
@@ -31,7 +36,7 @@ if TYPE_CHECKING:
     from .denoiser import Denoiser
     from .geometry import Geometry
 
-FusionMode = Literal["latent", "x0"]
+FusionMode = Literal["latent", "x0", "x0_renoise"]
 WeightsFn = Callable[["WindowBatch"], torch.Tensor]
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 GeneratorFor = Callable[..., torch.Generator]
@@ -65,6 +70,10 @@ class LatentFusion:
         if reduce is not None:
             reduce(self.weight_sum)
         self._fused = torch.empty_like(canvas)
+        self.keep: Callable[[torch.Tensor, int], torch.Tensor] | None = None
+        """``keep(canvas, step_index) -> canvas``: applied to the fused canvas at the end of
+        every step (the noisy latents; with ``x0`` fusion the fused x̂0, before the windows
+        step), e.g. an init image's keep mask (:class:`jointdiff.init_image.KeepBlend`)."""
 
     def _reduced(self) -> torch.Tensor:
         """The numerator summed over all ranks (window parallelism), or as it is."""
@@ -105,12 +114,32 @@ class LatentFusion:
         """Replace the canvas the next step starts from (a step-end callback's latents)."""
         self.canvas = canvas
 
+    def step_batches(self, step_index: int, batches: Sequence[WindowBatch]) -> Sequence[WindowBatch]:
+        """The window batches of step ``step_index``, called before the step: ``batches`` (the
+        job's fixed ones) here; a fusion whose windows move (``windows = "shifted"``,
+        :mod:`jointdiff.shifted`) returns its own."""
+        return batches
+
+    def saved_states(self) -> dict | None:
+        """A checkpoint's per-window states, when this fusion keeps them itself (a canvas
+        scheduler); None: every batch's scheduler state (:func:`jointdiff.distributed.window_states`)."""
+        return None
+
+    def restore_states(self, states: dict, device: torch.device) -> bool:
+        """Restore what :meth:`saved_states` gave; False: restore the batches' states instead."""
+        return False
+
+    def close(self) -> None:
+        """The job's loop is over (e.g. give the geometry its own windows back)."""
+
     def add(self, batch: WindowBatch, latents: torch.Tensor, output: torch.Tensor, t: torch.Tensor, denoiser: Denoiser) -> None:
         stepped = self._step(batch, output, t, latents)
         self.geometry.insert(self._fused, stepped * self.weights_of(batch), batch.window_ids)
 
     def end_step(self, t: torch.Tensor, denoiser: Denoiser) -> torch.Tensor:
         self.canvas = self._reduced() / self.weight_sum
+        if self.keep is not None:
+            self.canvas = self.keep(self.canvas, self.step_index)
         return self.canvas
 
 
@@ -121,6 +150,7 @@ class TweedieFusion(LatentFusion):
                  generator_for=None) -> None:
         super().__init__(geometry, canvas, batches, weights_of, step_kwargs, reduce, noise_sigma, generator_for)
         self.views = {batch.index: self._initial_view(batch, canvas) for batch in batches}
+        self._batches = {batch.index: batch for batch in batches}
         self._where = {}
         for batch in batches:
             for k, window_id in enumerate(batch.window_ids):
@@ -134,9 +164,23 @@ class TweedieFusion(LatentFusion):
         crop = self.geometry.extract(canvas, batch.window_ids)
         if not getattr(self.geometry, "resamples", False):
             return crop
-        shape = (1, *crop.shape[1:])
+        return self._view_noise(batch, crop) * self.noise_sigma
+
+    def _view_noise(self, batch: WindowBatch, like: torch.Tensor) -> torch.Tensor:
+        """Unit noise ``(B, C, h, w)`` of a batch's resampled views, keyed by window id."""
+        shape = (1, *like.shape[1:])
         noise = [torch.randn(shape, generator=self.generator_for("initial_view", w)) for w in batch.window_ids]
-        return torch.cat(noise).to(crop.device) * self.noise_sigma
+        return torch.cat(noise).to(like.device)
+
+    def start_from(self, x0: torch.Tensor, add_noise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+        """Start resampled views from clean canvas latents ``x0`` ``(S, C, H, W)`` (an init
+        image, :mod:`jointdiff.init_image`): each view is ``add_noise(x0 resampled into it,
+        its own unit noise)``. Crops keep their start, cut from the canvas (already noised)."""
+        if not getattr(self.geometry, "resamples", False):
+            return
+        for index, view in self.views.items():
+            batch = self._batches[index]
+            self.views[index] = add_noise(self.geometry.extract(x0, batch.window_ids), self._view_noise(batch, view))
 
     def window_latents(self, batch: WindowBatch) -> torch.Tensor:
         return self.views[batch.index]
@@ -166,6 +210,8 @@ class TweedieFusion(LatentFusion):
 
     def end_step(self, t, denoiser) -> torch.Tensor:
         fused_x0 = self._reduced() / self.weight_sum
+        if self.keep is not None:
+            fused_x0 = self.keep(fused_x0, self.step_index)
         for batch, latents in self._pending:
             x0 = self.geometry.extract(fused_x0, batch.window_ids)
             output = denoiser.output_from_x0(latents, x0, t, batch.scheduler)
@@ -176,13 +222,21 @@ class TweedieFusion(LatentFusion):
 
 
 def make_fusion(mode: FusionMode, geometry, canvas, batches, weights_of, step_kwargs, reduce=None, noise_sigma=1.0,
-                generator_for: GeneratorFor | None = None) -> LatentFusion:
+                generator_for: GeneratorFor | None = None, scheduler=None) -> LatentFusion:
     """The fusion of ``batches``. ``reduce`` (window parallelism) sums a canvas-sized buffer
     over ranks in place: the weights once, the numerator every step; ``batches`` are then
     this rank's share. ``noise_sigma`` scales the fresh noise of resampled views (the
-    model's initial noise level). ``generator_for`` keys the noise (default: seed 0)."""
+    model's initial noise level). ``generator_for`` keys the noise (default: seed 0).
+    ``scheduler``: the job's, after ``set_timesteps`` (``x0_renoise`` needs its timesteps)."""
     if mode == "latent":
         return LatentFusion(geometry, canvas, batches, weights_of, step_kwargs, reduce, noise_sigma, generator_for)
     if mode == "x0":
         return TweedieFusion(geometry, canvas, batches, weights_of, step_kwargs, reduce, noise_sigma, generator_for)
-    raise ValueError(f"fusion must be 'latent' or 'x0', got {mode!r}")
+    if mode == "x0_renoise":  # few-step sampling: fused x̂0 re-noised (jointdiff.fewstep)
+        from .fewstep import RenoiseFusion
+
+        if scheduler is None:
+            raise ValueError("fusion = 'x0_renoise' needs the job's scheduler (after set_timesteps)")
+        return RenoiseFusion(geometry, canvas, batches, weights_of, step_kwargs, reduce, noise_sigma, generator_for,
+                             scheduler=scheduler)
+    raise ValueError(f"fusion must be 'latent', 'x0' or 'x0_renoise', got {mode!r}")

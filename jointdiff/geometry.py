@@ -16,17 +16,22 @@ the canvas and ``w_i`` is the window's weight map.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Callable, ClassVar, Sequence
-
-import torch
-from PIL import Image
+from typing import TYPE_CHECKING, Callable, ClassVar, Sequence
 
 from .errors import ConfigError
 from .families.base import SD_LATENT, LatentFormat
 from .options import Configurable
 
-DecodeFn = Callable[[torch.Tensor], torch.Tensor]
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+DecodeFn = Callable[["torch.Tensor"], "torch.Tensor"]
 """Maps latents ``(B, C, h, w)`` (unscaled by the VAE factor) to pixels ``(B, 3, f*h, f*w)`` in [-1, 1]."""
+EncodeFn = Callable[["torch.Tensor", int], "torch.Tensor"]
+"""``encode(pixels, sheet)``: pixels ``(1, 3, f*h, f*w)`` in [-1, 1] of canvas sheet ``sheet`` to
+latents ``(1, C, h, w)`` (the inverse direction of :data:`DecodeFn`; ``sheet`` keys the
+posterior's noise, so the result depends on neither call order nor batching)."""
 
 
 class Geometry(Configurable, ABC):
@@ -118,6 +123,8 @@ class Geometry(Configurable, ABC):
 
     def window_weights(self, window_ids: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
         """Fusion weights ``(B, 1, h, w)`` of the windows; uniform by default (MultiDiffusion)."""
+        import torch
+
         h, w = self.window_size_latent
         return torch.ones(len(window_ids), 1, h, w, device=device)
 
@@ -129,6 +136,18 @@ class Geometry(Configurable, ABC):
         """
         return decode_sheets(canvas, decode)
 
+    def encode(self, pixels: torch.Tensor, encode: EncodeFn) -> torch.Tensor:
+        """Encode canvas pixels ``(S, 3, f*H, f*W)`` in [-1, 1] into latents ``(S, C, H, W)``,
+        the counterpart of :meth:`decode` (an init image, :mod:`jointdiff.init_image`).
+        Sheet by sheet by default (:func:`encode_sheets`); geometries that wrap override it
+        to encode with circular context (:func:`encode_wrapped`)."""
+        return encode_sheets(pixels, encode)
+
+    def wraps(self) -> tuple[bool, bool]:
+        """Whether the canvas loops along ``(y, x)`` (a wrapped strip, a torus, the longitude
+        of an equirectangular panorama); masks are filtered circularly along such axes."""
+        return (False, False)
+
     def to_images(self, pixels: torch.Tensor) -> list[Image.Image]:
         """Turn decoded pixels ``(S, 3, H_px, W_px)`` in [-1, 1] into output images (one per sheet)."""
         return tensor_to_pil(pixels)
@@ -136,6 +155,8 @@ class Geometry(Configurable, ABC):
 
 def decode_sheets(canvas: torch.Tensor, decode: DecodeFn) -> torch.Tensor:
     """Decode a canvas ``(S, C, H, W)`` sheet by sheet into pixels ``(S, 3, f*H, f*W)``."""
+    import torch
+
     return torch.cat([decode(canvas[s : s + 1]) for s in range(canvas.shape[0])])
 
 
@@ -148,6 +169,8 @@ def decode_wrapped(
     pixels afterwards (``scale`` pixels per latent cell): the VAE sees the other side of the
     seam instead of zero padding, so nothing marks where the canvas closes. Returns
     ``(S, 3, scale*H, scale*W)``; with no wrapped axis, :func:`decode_sheets`."""
+    import torch
+
     pads = []
     for dim, wrapped in zip((-2, -1), wraps):
         pad = min(padding_latent, canvas.shape[dim]) if wrapped else 0
@@ -159,7 +182,40 @@ def decode_wrapped(
     return pixels[..., pad_y : pixels.shape[-2] - pad_y, pad_x : pixels.shape[-1] - pad_x]
 
 
+def encode_sheets(pixels: torch.Tensor, encode: EncodeFn) -> torch.Tensor:
+    """Encode canvas pixels ``(S, 3, f*H, f*W)`` sheet by sheet into latents ``(S, C, H, W)``."""
+    import torch
+
+    return torch.cat([encode(pixels[s : s + 1], s) for s in range(pixels.shape[0])])
+
+
+def encode_wrapped(
+    pixels: torch.Tensor, encode: EncodeFn, wraps: tuple[bool, bool], padding_latent: int, scale: int
+) -> torch.Tensor:
+    """The mirror of :func:`decode_wrapped`: encode canvas pixels ``(S, 3, scale*H, scale*W)``
+    that loop along ``wraps = (y, x)`` sheet by sheet with ``min(padding_latent, side)`` cells
+    (``scale`` pixels each) of circular context on both sides of each wrapped axis, and crop
+    that context off the latents: the encoder sees the other side of the seam instead of
+    zero padding. Returns ``(S, C, H, W)``; with no wrapped axis, :func:`encode_sheets`."""
+    import torch
+
+    pads = []
+    for dim, wrapped in zip((-2, -1), wraps):
+        side = pixels.shape[dim] // scale
+        pad = min(padding_latent, side) if wrapped else 0
+        if pad:
+            px = pad * scale
+            pixels = torch.cat([pixels.narrow(dim, pixels.shape[dim] - px, px), pixels, pixels.narrow(dim, 0, px)], dim)
+        pads.append(pad)
+    latents = encode_sheets(pixels, encode)
+    pad_y, pad_x = pads
+    return latents[..., pad_y : latents.shape[-2] - pad_y, pad_x : latents.shape[-1] - pad_x]
+
+
 def tensor_to_pil(pixels: torch.Tensor) -> list[Image.Image]:
     """``(B, 3, H, W)`` in [-1, 1] → list of RGB PIL images (rounded, as diffusers does)."""
+    import torch
+    from PIL import Image
+
     array = ((pixels.detach().float().cpu() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
     return [Image.fromarray(a.permute(1, 2, 0).numpy()) for a in array]

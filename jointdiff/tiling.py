@@ -14,17 +14,20 @@ factor times the patch; a window left unset is the model's native window.
 from __future__ import annotations
 
 from abc import abstractmethod
+from dataclasses import dataclass
 import math
 import warnings
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import pydantic
-import torch
 
 from .errors import ConfigError
 from .families.base import LatentFormat
-from .geometry import DecodeFn, Geometry, decode_wrapped
+from .geometry import DecodeFn, EncodeFn, Geometry, decode_wrapped, encode_wrapped
 from .options import PluginOptions
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_STRIDE_FRACTION = 8
 """A stride left unset is ``window // 8`` latent cells: 8 for SD's native 64-cell window
@@ -141,6 +144,43 @@ def wrapped_segments(start: int, size: int, extent: int) -> list[tuple[int, int,
     return pieces
 
 
+def shifted_segments(extent: int, window: int, shift: int, wrap: bool) -> list[tuple[int, int, int]]:
+    """Non-overlapping windows along one axis, offset by ``shift`` (latent cells, ``0 <= shift
+    < window``), as ``(origin, owned_start, owned_length)``: the window at ``origin`` owns
+    window cells ``[owned_start, owned_start + owned_length)``, and the owned parts cover
+    ``[0, extent)`` exactly once (SpotDiffusion's shifted tiling, Frolov et al. 2025).
+
+    The cuts lie at ``shift + k·window``. On a wrapped axis every window starts at its cut
+    (modulo ``extent``) and runs across the edge where it must; with ``extent`` not a
+    multiple of ``window`` one window owns only the short rest. On an axis that does not
+    wrap the part before the first cut and after the last one are shorter than a window:
+    their windows are *clamped* into the canvas (flush with its edge) and own only that
+    part, so every window stays whole and sees real canvas context (no padding), at the
+    cost of one partly used window per edge. An axis one window long never shifts."""
+    if wrap:
+        count = -(-extent // window)
+        return [((shift + k * window) % extent, 0, min(window, extent - k * window)) for k in range(count)]
+    if extent == window:
+        return [(0, 0, window)]
+    cuts = [0, *range(shift if shift > 0 else window, extent, window), extent]
+    segments = []
+    for start, end in zip(cuts, cuts[1:]):
+        origin = min(start, extent - window)
+        segments.append((origin, start - origin, end - start))
+    return segments
+
+
+@dataclass(frozen=True)
+class ShiftedTiling:
+    """One sheet's non-overlapping windows for one step (:meth:`TiledGeometry.shifted_tiling`):
+    ``origins`` ``(top, left)`` in latent cells and, per window, the box it owns
+    ``(y0, y1, x0, x1)`` in window cells; the owned boxes cover the sheet exactly once."""
+
+    shift: tuple[int, int]
+    origins: list[tuple[int, int]]
+    owned: list[tuple[int, int, int, int]]
+
+
 class TiledGeometry(Geometry):
     """Base of crop geometries (strip, grid, torus, atlas tiles, the ``ring`` template).
 
@@ -208,6 +248,8 @@ class TiledGeometry(Geometry):
         """``(N, 2)`` long tensor of every window's ``(top, left)`` in latent cells, on its own
         canvas sheet. On a wrapped axis a window past the edge keeps counting beyond the
         canvas side (positions are not taken modulo the side)."""
+        import torch
+
         return torch.tensor(self.origins, dtype=torch.long).reshape(len(self.origins), 2)
 
     @property
@@ -275,3 +317,39 @@ class TiledGeometry(Geometry):
         """Decode with circular context along wrapped axes, so the VAE's zero padding leaves
         no seam where the canvas closes (:func:`jointdiff.geometry.decode_wrapped`)."""
         return decode_wrapped(canvas, decode, self.wraps(), self.decode_padding_latent, self.latent_scale)
+
+    def encode(self, pixels: torch.Tensor, encode: EncodeFn) -> torch.Tensor:
+        """Encode with circular context along wrapped axes, cropped off the latents, so the
+        encoder sees across the seam (:func:`jointdiff.geometry.encode_wrapped`)."""
+        return encode_wrapped(pixels, encode, self.wraps(), self.decode_padding_latent, self.latent_scale)
+
+    # -- shifted non-overlapping windows (windows = "shifted", :mod:`jointdiff.shifted`) ------
+
+    def shifted_tiling(self, shift: tuple[int, int]) -> ShiftedTiling:
+        """One sheet's non-overlapping windows offset by ``shift`` ``(dy, dx)`` latent cells
+        (each in ``[0, window)``), laid out by :func:`shifted_segments` along each axis with
+        this geometry's window and wraps: every cell of the sheet is owned by exactly one
+        window. Pure (the geometry's own windows are not changed); call after :meth:`setup`."""
+        (win_h, win_w), (height, width) = self._window, self._size
+        wrap_y, wrap_x = self.wraps()
+        rows = shifted_segments(height, win_h, int(shift[0]), wrap_y)
+        cols = shifted_segments(width, win_w, int(shift[1]), wrap_x)
+        origins = [(top, left) for top, _, _ in rows for left, _, _ in cols]
+        owned = [(y0, y0 + ny, x0, x0 + nx) for _, y0, ny in rows for _, x0, nx in cols]
+        return ShiftedTiling((int(shift[0]), int(shift[1])), origins, owned)
+
+    def use_sheet_origins(self, origins: Sequence[tuple[int, int]]) -> None:
+        """Make ``origins`` (one sheet's windows, e.g. a :class:`ShiftedTiling`'s) the windows
+        of every sheet, sheet-major (window ``k·len(origins) + j`` is window ``j`` of sheet
+        ``k``; ``tile_origins`` of tiled subclasses such as ``torus`` and ``atlas`` follows).
+        ConfigError when :meth:`sheet_of` does not place the windows that way."""
+        sheets = self.canvas_shape_latent[0]
+        self.origins = [tuple(o) for o in origins] * sheets
+        if hasattr(self, "tile_origins"):
+            self.tile_origins = [tuple(o) for o in origins]
+        per_sheet = len(origins)
+        if any(self.sheet_of(w) != w // per_sheet for w in range(len(self.origins))):
+            raise ConfigError(
+                f"geometry {self.name!r} cannot use shifted windows: its sheet_of() does not place windows "
+                "sheet by sheet"
+            )

@@ -10,27 +10,32 @@ size is 64 latent cells: window geometry is the same as with real SD 1.x/2.x mod
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 from importlib import resources
 
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 TOKENIZER_DIR = "assets/clip-tokenizer"
 
 
 def _seeded(seed: int, build):
+    import torch
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return build()
 
 
-def tiny_unet(seed: int = 0):
+def tiny_unet(seed: int = 0, in_channels: int = 4):
     from diffusers import UNet2DConditionModel
 
     return _seeded(
         seed,
         lambda: UNet2DConditionModel(
             sample_size=64,
-            in_channels=4,
+            in_channels=in_channels,
             out_channels=4,
             block_out_channels=(32, 64),
             layers_per_block=1,
@@ -118,6 +123,18 @@ def build_tiny_pipeline(prediction_type: str = "epsilon", seed: int = 0):
     )
 
 
+def build_tiny_inpaint_pipeline(seed: int = 0):
+    """A ``StableDiffusionInpaintPipeline`` of tiny random components: the tiny UNet with 9
+    input channels (latents 4, mask 1, masked-image latents 4), as SD inpainting checkpoints."""
+    from diffusers import StableDiffusionInpaintPipeline
+
+    return StableDiffusionInpaintPipeline(
+        vae=tiny_vae(seed), text_encoder=tiny_text_encoder(seed), tokenizer=tokenizer(),
+        unet=tiny_unet(seed, in_channels=9), scheduler=tiny_scheduler(), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    )
+
+
 def tiny_controlnet(unet, seed: int = 0, conditioning_embedding_out_channels: tuple[int, ...] = (4, 8, 8, 16)):
     """A ControlNet of random weights for ``unet`` (``ControlNetModel.from_unet``), for tests
     and benchmarks.
@@ -128,6 +145,7 @@ def tiny_controlnet(unet, seed: int = 0, conditioning_embedding_out_channels: tu
     fixed seed (normal, std 0.1). The embedding has ``len(channels) - 1`` stride-2 stages:
     four channel counts give SD's factor 8 (512×512 px → 64×64 latents).
     """
+    import torch
     from diffusers import ControlNetModel
 
     def build():

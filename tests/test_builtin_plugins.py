@@ -6,7 +6,7 @@ from jointdiff.plugins import PluginManager
 
 EXPECTED = {
     "geometry": {"strip", "grid", "torus", "atlas", "cube_texture", "equirect", "cubemap"},
-    "conditioner": {"text", "tile_text", "controlnet", "regions"},
+    "conditioner": {"text", "tile_text", "controlnet", "regions", "inpaint_model"},
     "synchronizer": {"none", "syncdiffusion"},
 }
 

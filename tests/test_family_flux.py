@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from jointdiff import JointDiffusion, create
-from jointdiff.conditioner import Conditioner
 from jointdiff.errors import ConfigError
 from jointdiff.families.flux import Flux, build_tiny_controlnet, build_tiny_pipeline, build_tiny_schnell_pipeline
 from jointdiff.families.flow import pack_patches, unpack_patches
@@ -26,22 +25,6 @@ def dev():
 @pytest.fixture(scope="module")
 def schnell():
     return Flux(build_tiny_schnell_pipeline(seed=0))
-
-
-class ConcatCondition(Conditioner):
-    """Gives every model call its windows of a canvas-sized ``concat_condition`` (FluxFill's
-    masked-image latents and mask), cut by the job's geometry: the engine's way of passing
-    extra model inputs."""
-
-    name = "concat-condition"
-
-    def __init__(self, condition: torch.Tensor) -> None:
-        super().__init__()
-        self.condition = condition
-
-    def model_kwargs(self, model_input, timestep, embeds, window_ids, context):
-        windows = context.geometry.extract(self.condition, window_ids)
-        return {"concat_condition": windows.repeat(len(model_input) // len(window_ids), 1, 1, 1)}
 
 
 def engine_window(family, latents, guidance=None, conditioners=()):
@@ -118,8 +101,9 @@ def test_controlnet_window_equals_stock_pipeline(dev, monkeypatch, guidance):
 
 
 def test_fill_window_equals_stock_pipeline(dev, monkeypatch):
-    """FluxFill: the masked-image latents and the 8×8-per-cell mask, unpacked at canvas scale,
-    join the latents as ``concat_condition``; equal to FluxFillPipeline."""
+    """FluxFill with the ``inpaint_model`` conditioner: the masked-image latents and the
+    8×8-per-cell mask, unpacked at canvas scale, join the latents as ``concat_condition``;
+    equal to FluxFillPipeline (tests/test_inpaint_model.py checks the condition itself)."""
     from diffusers import FluxFillPipeline, FluxTransformer2DModel
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
@@ -132,19 +116,16 @@ def test_fill_window_equals_stock_pipeline(dev, monkeypatch):
     )
     parts = {k: v for k, v in dev.pipeline.components.items() if k not in ("image_encoder", "feature_extractor")}
     fill = Flux(FluxFillPipeline(**{**parts, "transformer": transformer}))
-    image = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(6)) * 2 - 1
+    image = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(6))  # [0, 1]
     mask = (torch.rand(1, 1, 128, 128, generator=torch.Generator().manual_seed(7)) > 0.5).float()
     latents = torch.randn(1, 16, WINDOW, WINDOW, generator=torch.Generator().manual_seed(1))
-    packed_mask, packed_image = fill.pipeline.prepare_mask_latents(
-        mask, image * (1 - mask), 1, 16, 1, 128, 128, torch.float32, "cpu", None
-    )
-    condition = torch.cat([unpack_patches(p, (WINDOW, WINDOW)) for p in (packed_image, packed_mask)], dim=1)
-    ours = engine_window(fill, latents, 30.0, [ConcatCondition(condition)])
+    inpaint = create("conditioner", "inpaint_model", image=image, mask=mask)
+    ours = engine_window(fill, latents, 30.0, [inpaint])
     expected = fill.pipeline(
-        PROMPT, image=image, mask_image=mask, height=128, width=128, num_inference_steps=2, guidance_scale=30.0,
+        PROMPT, image=image * 2 - 1, mask_image=mask, height=128, width=128, num_inference_steps=2, guidance_scale=30.0,
         latents=pack_patches(latents), output_type="latent", max_sequence_length=512,
     ).images
-    assert fill.latent_format.channels == 16
+    assert fill.latent_format.channels == 16 and fill.is_inpainting
     assert relative_error(ours, unpack_patches(expected, (WINDOW, WINDOW))) < 1e-4
 
 
@@ -231,7 +212,7 @@ def test_checkpoint_facts(dev, schnell):
     assert (dev.max_sequence_length, schnell.max_sequence_length) == (512, 256)
     fmt = dev.latent_format
     assert (fmt.channels, fmt.scale_factor, fmt.patch, fmt.native_window) == (16, 8, 2, 128)
-    assert Flux.accepts(dev.pipeline) and dev.cuda_dtype == torch.bfloat16
+    assert Flux.accepts(dev.pipeline) and dev.cuda_dtype == "bfloat16"
 
 
 def test_vae_round_trip_and_decode(dev):

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, Mapping, Sequence
-
-import torch
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Mapping, Sequence
 
 from ..errors import ConfigError
 from ..options import Configurable, PluginOptions
+
+if TYPE_CHECKING:
+    import torch
 
 GuidanceMode = Literal["cfg", "distilled", "none"]
 """How a family is guided: ``cfg`` (classifier-free guidance, Ho & Salimans 2022: an
@@ -94,6 +95,8 @@ class Embeddings:
 
     def select(self, index: torch.Tensor | Sequence[int]) -> Embeddings:
         """Rows ``index`` of every tensor (a window batch's prompts)."""
+        import torch
+
         out = {}
         for name, tensor in self.tensors.items():
             rows = torch.as_tensor(index, device=tensor.device, dtype=torch.long)
@@ -102,6 +105,8 @@ class Embeddings:
 
     @staticmethod
     def cat(parts: Sequence[Embeddings]) -> Embeddings:
+        import torch
+
         names = list(parts[0].tensors)
         return Embeddings({name: torch.cat([p.tensors[name] for p in parts]) for name in names})
 
@@ -115,6 +120,8 @@ class Embeddings:
         )
 
     def zeros_like(self) -> Embeddings:
+        import torch
+
         return Embeddings({name: torch.zeros_like(t) for name, t in self.tensors.items()})
 
     def __repr__(self) -> str:
@@ -150,8 +157,9 @@ class ModelFamily(Configurable, ABC):
     tiny_models: ClassVar[dict[str, str]] = {}
     """Built-in tiny model names → ``"module:function"`` building the stock pipeline offline."""
     flow_matching: ClassVar[bool] = False
-    cuda_dtype: ClassVar[torch.dtype] = torch.float16
-    """The default compute dtype on CUDA (bfloat16 for the transformer families)."""
+    cuda_dtype: ClassVar[str] = "float16"
+    """The name of the default compute dtype on CUDA (``"bfloat16"`` for the transformer
+    families), a name so that families are defined without importing torch."""
     load_kwargs: ClassVar[dict[str, Any]] = {}
     """Extra keyword arguments of ``from_pretrained`` (e.g. no safety checker for SD)."""
     supports_offsets: ClassVar[bool] = False
@@ -180,8 +188,14 @@ class ModelFamily(Configurable, ABC):
         """The network evaluated each step (``unet`` or ``transformer``)."""
         return getattr(self.pipeline, "transformer", None) or self.pipeline.unet
 
+    execution_device: torch.device | None = None
+    """Where the model runs when its weights are offloaded to the CPU between calls (set by
+    :func:`jointdiff.models.load_model`); None: the denoiser's own device."""
+
     @property
     def device(self) -> torch.device:
+        if self.execution_device is not None:
+            return self.execution_device
         return first_parameter(self.denoiser_module).device
 
     @property
@@ -273,6 +287,11 @@ class ModelFamily(Configurable, ABC):
         scale = getattr(scheduler, "scale_model_input", None)
         return scale(latents, timestep) if scale is not None else latents
 
+    def start_step(self, num_steps: int, strength: float) -> int:
+        """The first of ``num_steps`` steps an image-to-image job with ``strength`` runs, as
+        diffusers' ``StableDiffusionImg2ImgPipeline.get_timesteps``: ``n − min(int(n·s), n)``."""
+        return num_steps - min(int(num_steps * strength), num_steps)
+
     def initial_noise_sigma(self, scheduler: Any) -> float:
         """Factor applied to unit Gaussian noise to make the first step's latents."""
         return float(scheduler.init_noise_sigma)
@@ -314,6 +333,31 @@ class ModelFamily(Configurable, ABC):
         posterior = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
         return self.from_vae_latents(posterior.sample(generator=generator).float())
 
+    def encode_mean(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels ``(B, 3, H, W)`` in [-1, 1] → canvas latents at the posterior mean, float32:
+        deterministic, for conditions (an inpainting model's masked image)."""
+        import torch
+
+        vae = self.pipeline.vae
+        with torch.no_grad():
+            return self.from_vae_latents(vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode().float())
+
+    # -- inpainting models ---------------------------------------------------------------
+
+    @property
+    def is_inpainting(self) -> bool:
+        """Whether this checkpoint is an inpainting model, whose denoiser takes the noisy
+        latents joined along channels with :meth:`inpaint_condition` (``extra["concat_condition"]``
+        of :meth:`forward`). Default: False."""
+        return False
+
+    def inpaint_condition(self, pixels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """What an inpainting model joins to its latents, for the whole canvas: ``pixels``
+        ``(S, 3, f·H, f·W)`` in [-1, 1] and ``mask`` ``(S, 1, f·H, f·W)``, 1 = repaint (binarised
+        at 0.5, diffusers' convention) → ``(S, C', H, W)`` at latent resolution, cut into
+        windows by the geometry. ConfigError when the checkpoint is no inpainting model."""
+        raise ConfigError(f"model family {self.name!r} has no inpainting model support")
+
     # -- ControlNet ----------------------------------------------------------------------
 
     def control_condition(self, controlnet: Any, pixels: torch.Tensor) -> torch.Tensor:
@@ -348,6 +392,8 @@ class ModelFamily(Configurable, ABC):
     @staticmethod
     def sum_control(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
         """Residuals of two ControlNets added (diffusers' MultiControlNet)."""
+        import torch
+
         out = dict(first)
         for key, value in second.items():
             if value is None:
@@ -359,3 +405,20 @@ class ModelFamily(Configurable, ABC):
             else:
                 out[key] = [a + b for a, b in zip(out[key], value)]
         return out
+
+
+def binary_mask(mask: torch.Tensor) -> torch.Tensor:
+    """An inpainting mask as 0/1 float: 1 (repaint) where ``mask >= 0.5`` (diffusers'
+    ``VaeImageProcessor.binarize``, used by its inpainting pipelines)."""
+    return (mask >= 0.5).float()
+
+
+def check_inpaint_inputs(pixels: torch.Tensor, mask: torch.Tensor, family: str) -> None:
+    """ConfigError unless ``pixels`` is ``(S, 3, H, W)`` and ``mask`` ``(S, 1, H, W)``."""
+    if pixels.ndim != 4 or pixels.shape[1] != 3:
+        raise ConfigError(f"model family {family!r}: inpainting pixels must be (S, 3, H, W), got {tuple(pixels.shape)}")
+    if mask.ndim != 4 or mask.shape[1] != 1 or (mask.shape[0], *mask.shape[2:]) != (pixels.shape[0], *pixels.shape[2:]):
+        raise ConfigError(
+            f"model family {family!r}: inpainting mask of shape {tuple(mask.shape)} does not fit pixels "
+            f"{tuple(pixels.shape)}; expected {(pixels.shape[0], 1, *pixels.shape[2:])}"
+        )

@@ -7,13 +7,15 @@ the transformer families (SD3, FLUX.1, FLUX.2, Qwen-Image), and 2×2 token packi
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
 from einops import rearrange
 
 from .base import ModelFamily
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
 
 
 def pack_patches(latents: torch.Tensor, patch: int = 2) -> torch.Tensor:
@@ -43,7 +45,7 @@ class FlowMatchFamily(ModelFamily):
     flow_matching = True
     guidance = "cfg"
     supports_offsets = True
-    cuda_dtype = torch.bfloat16
+    cuda_dtype = "bfloat16"
 
     def window_tokens(self, window_size_latent: tuple[int, int]) -> int:
         """Image tokens of one window: ``(h / patch) · (w / patch)``."""
@@ -56,6 +58,8 @@ class FlowMatchFamily(ModelFamily):
 
     def default_sigmas(self, num_steps: int) -> np.ndarray | None:
         """The sigmas the stock pipeline passes to ``set_timesteps`` (None: the scheduler's own)."""
+        import numpy as np
+
         return np.linspace(1.0, 1 / num_steps, num_steps)
 
     def set_timesteps(self, scheduler, num_steps, window_size_latent) -> None:
@@ -69,6 +73,11 @@ class FlowMatchFamily(ModelFamily):
         if scheduler.config.get("use_dynamic_shifting", False):
             kwargs["mu"] = self.timestep_mu(self.window_tokens(window_size_latent), num_steps, scheduler)
         scheduler.set_timesteps(device="cpu", **kwargs)
+
+    def start_step(self, num_steps: int, strength: float) -> int:
+        """As diffusers' flow image-to-image pipelines (e.g. ``FluxImg2ImgPipeline``):
+        ``int(n − n·s)``, one step more than SD's rule when ``n·s`` is not whole."""
+        return int(max(num_steps - num_steps * strength, 0))
 
     def initial_noise_sigma(self, scheduler) -> float:
         return 1.0

@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import warnings
 from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 from weakref import WeakKeyDictionary
 
 import pydantic
-import torch
 
 from ..errors import ConfigError
-from .base import Embeddings, GuidanceMode, LatentFormat, first_parameter
+from .base import Embeddings, GuidanceMode, LatentFormat, binary_mask, check_inpaint_inputs, first_parameter
 from .flow import FlowMatchFamily, pack_patches, unpack_patches
+
+if TYPE_CHECKING:
+    import torch
 
 PATCH = 2
 
@@ -40,7 +42,7 @@ class Flux(FlowMatchFamily):
     guidance_modes = frozenset({"distilled", "none"})
     default_guidance_scale = 3.5
     tiny_autoencoder = "madebyollin/taef1"
-    cuda_dtype = torch.bfloat16
+    cuda_dtype = "bfloat16"
     controlnet_classes = ("FluxControlNetModel",)
     tiny_models = {
         "tiny-flux": "jointdiff.families.flux:build_tiny_pipeline",
@@ -90,6 +92,8 @@ class Flux(FlowMatchFamily):
         ``(P, max_sequence_length, 4096)`` through the pipeline's own ``encode_prompt`` (so
         they equal diffusers' exactly). FLUX.1 has no unconditional branch: a non-empty
         negative prompt is a ConfigError."""
+        import torch
+
         if negative_prompts is not None and any(negative_prompts):
             raise ConfigError(
                 f"model family 'flux': negative_prompts = {list(negative_prompts)!r} cannot be used: FLUX.1 is "
@@ -113,6 +117,8 @@ class Flux(FlowMatchFamily):
         for dev, the embedded guidance. ``extra``: ControlNet residuals (see
         :meth:`controlnet_kwargs`) and, for FluxFill, ``concat_condition`` ``(N, C', h, w)``
         (masked-image latents and mask) joined to the latents along channels before packing."""
+        import torch
+
         transformer = self.pipeline.transformer
         n, _, h, w = latents.shape
         self._check_window(h, w)
@@ -120,6 +126,11 @@ class Flux(FlowMatchFamily):
         condition = extra.pop("concat_condition", None)
         if condition is not None:
             latents = torch.cat([latents, condition.to(latents)], dim=1)
+        elif self.is_inpainting:
+            raise ConfigError(
+                "model family 'flux': this FLUX.1 Fill transformer needs an image and a mask; "
+                "add the 'inpaint_model' conditioner"
+            )
         inputs = self._model_inputs(transformer, latents, timestep, embeds, guidance_scale)
         with self._canvas_positions(transformer, offsets, n, (h // PATCH) * (w // PATCH)):
             tokens = transformer(**inputs, return_dict=False, **extra)[0]
@@ -143,6 +154,8 @@ class Flux(FlowMatchFamily):
 
     def _guidance(self, model, guidance_scale, n: int, device) -> torch.Tensor | None:
         """The ``(N,)`` float32 guidance of a model with ``guidance_embeds`` (None otherwise)."""
+        import torch
+
         if not model.config.guidance_embeds:
             return None
         if guidance_scale is None:
@@ -152,6 +165,8 @@ class Flux(FlowMatchFamily):
     def _cached_ids(self, kind: str, rows: int, columns: int, device, dtype) -> torch.Tensor:
         """Positional ids, cached: text ids are ``(L·1, 3)`` zeros; image ids ``(rows·columns, 3)``
         are ``(0, row, column)`` row-major over the patch grid, as FluxPipeline builds them."""
+        import torch
+
         key = (kind, rows, columns, device, dtype)
         if key not in self._ids:
             ids = torch.zeros(rows * columns, 3)
@@ -164,6 +179,37 @@ class Flux(FlowMatchFamily):
     def _check_window(self, h: int, w: int) -> None:
         if h % PATCH or w % PATCH:
             raise ConfigError(f"model family 'flux': window (h, w) = {(h, w)} latent cells is not whole 2×2 patches")
+
+    # -- inpainting (FLUX.1 Fill) --------------------------------------------------------
+
+    @property
+    def is_inpainting(self) -> bool:
+        """FLUX.1 Fill: the transformer takes ``4·(2·C + f²)`` = 384 features per token
+        (latents 64, masked-image latents 64, the 8×8-per-cell mask 256)."""
+        fmt = self.latent_format
+        fill = PATCH**2 * (2 * fmt.channels + fmt.scale_factor**2)
+        return int(self.pipeline.transformer.config.in_channels) == fill
+
+    def inpaint_condition(self, pixels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``(S, C + f², H, W)`` = 16 + 64 = 80 channels: [the VAE latents of
+        ``pixels · (1 − mask)`` (scaled and shifted like the canvas), the binarised mask with
+        each ``f×f`` pixel block of a latent cell folded into channels ``8·dy + dx``], the
+        unpacked form of FluxFillPipeline's ``prepare_mask_latents``: packing
+        ``[latents, condition]`` into 2×2 tokens gives its token layout
+        ``[latents 64 | masked image 64 | mask 256]``. Latents at the posterior mean (the
+        pipeline samples the posterior with its generator)."""
+        import torch
+
+        if not self.is_inpainting:
+            raise ConfigError(
+                f"model family 'flux': the transformer takes {self.pipeline.transformer.config.in_channels} features "
+                "per token, not FLUX.1 Fill's 384; load an inpainting checkpoint (FLUX.1-Fill-dev)"
+            )
+        check_inpaint_inputs(pixels, mask, self.name)
+        mask = binary_mask(mask).to(pixels.device)
+        latents = torch.cat([self.encode_mean(sheet[None] * (1 - sheet_mask)) for sheet, sheet_mask in zip(pixels, mask)])
+        folded = torch.nn.functional.pixel_unshuffle(mask, self.latent_format.scale_factor)
+        return torch.cat([latents, folded.to(latents)], dim=1)
 
     # -- positions on the canvas ---------------------------------------------------------
 
@@ -182,6 +228,8 @@ class Flux(FlowMatchFamily):
         window's image queries and keys by its offset ``o`` right after the q/k RMSNorm (the
         stock RoPE ``R(p)`` follows) equals ids ``p + o`` exactly. Image tokens are the last
         ``image_tokens`` of every query/key sequence (text comes first)."""
+        import torch
+
         if offsets is None:
             yield
             return
@@ -224,6 +272,8 @@ class Flux(FlowMatchFamily):
         of the image in [-1, 1] (posterior mean), scaled and shifted like the canvas,
         ``(1, 16, H_px/8, W_px/8)`` unpacked; for XLabs-style nets (``input_hint_block``), the
         pixels in [-1, 1] (FluxControlNetPipeline's preprocessing)."""
+        import torch
+
         if getattr(controlnet, "union", False):
             raise ConfigError("model family 'flux': union ControlNets (num_mode) need a control mode; not supported")
         image = pixels * 2 - 1
@@ -275,6 +325,8 @@ def _per_block(samples: Sequence[torch.Tensor] | None, blocks: int, repeat: bool
 def _rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE rotation of ``x`` ``(..., D)`` in FLUX's layout: interleaved pairs
     ``(x₂ᵢ, x₂ᵢ₊₁)`` turned by the angles whose cos/sin (repeated per pair) are given."""
+    import torch
+
     even, odd = x.float().unflatten(-1, (-1, 2)).unbind(-1)
     turned = torch.stack((-odd, even), dim=-1).flatten(-2)
     return (x.float() * cos + turned * sin).to(x.dtype)
@@ -389,6 +441,7 @@ def build_tiny_schnell_pipeline(seed: int = 0):
 def build_tiny_controlnet(seed: int = 0, guidance_embeds: bool = True):
     """An InstantX-style ``FluxControlNetModel`` matching the tiny transformer. Its zero-
     initialised layers (Zhang et al. 2023) are re-drawn (normal, std 0.1) so tests see them."""
+    import torch
     from diffusers import FluxControlNetModel
 
     from ..tiny import _seeded

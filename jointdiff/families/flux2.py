@@ -15,16 +15,18 @@ Token ids are 4-D ``(t, h, w, l)``: image tokens ``(0, row, col, 0)``, text ``(0
 from __future__ import annotations
 
 import warnings
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-import numpy as np
-import torch
 from einops import rearrange
 from pydantic import Field
 
 from ..errors import ConfigError
 from .base import Embeddings, GuidanceMode, LatentFormat
 from .flow import FlowMatchFamily, pack_patches, unpack_patches
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
 
 KLEIN_PIPELINES = ("Flux2KleinPipeline",)
 
@@ -63,7 +65,7 @@ class Flux2(FlowMatchFamily):
     default_guidance_scale = 4.0
     # madebyollin/taef2 exists but is not loadable as diffusers' AutoencoderTiny (needs a wrapper).
     tiny_autoencoder = None
-    cuda_dtype = torch.bfloat16
+    cuda_dtype = "bfloat16"
     controlnet_classes = ()
     tiny_models = {
         "tiny-flux2": "jointdiff.families.flux2:build_tiny_pipeline",
@@ -143,6 +145,8 @@ class Flux2(FlowMatchFamily):
         )
 
     def _encode(self, prompts: Sequence[str]) -> Embeddings:
+        import torch
+
         for prompt in prompts:
             self._warn_cut(prompt)
         with torch.no_grad():
@@ -174,6 +178,8 @@ class Flux2(FlowMatchFamily):
     def image_ids(self, size: tuple[int, int], top: int = 0, left: int = 0, device: Any = None) -> torch.Tensor:
         """Token ids ``(h·w, 4)`` of an image of ``size`` cells, row-major, ``(0, top + r,
         left + c, 0)`` (the pipeline's ``_prepare_latent_ids`` shifted by an offset); cached."""
+        import torch
+
         key = ("img", *size, top, left, str(device))
         if key not in self._ids:
             rows = torch.arange(size[0]) + top
@@ -184,6 +190,8 @@ class Flux2(FlowMatchFamily):
 
     def text_ids(self, length: int, device: Any = None) -> torch.Tensor:
         """Token ids ``(L, 4)`` of a prompt: ``(0, 0, 0, k)``; cached."""
+        import torch
+
         key = ("txt", length, str(device))
         if key not in self._ids:
             zero = torch.zeros(1, dtype=torch.long)
@@ -209,6 +217,8 @@ class Flux2(FlowMatchFamily):
         diffusers' FLUX.2 transformer takes *one* set of position ids for the whole batch, so
         windows with different ``offsets`` run as one call per distinct offset (reading
         ``offsets`` on the host); without offsets the whole batch is one call."""
+        import torch
+
         n, _, h, w = latents.shape
         tokens = pack_patches(latents, patch=1)
         prompt = embeds["prompt_embeds"]
@@ -233,6 +243,8 @@ class Flux2(FlowMatchFamily):
     @staticmethod
     def _select(extra: Any, rows: torch.Tensor, n: int) -> dict[str, Any]:
         """Rows of every batched tensor in ``extra`` (leading dimension ``n``)."""
+        import torch
+
         return {
             key: value[rows] if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == n else value
             for key, value in dict(extra or {}).items()
@@ -246,6 +258,8 @@ class Flux2(FlowMatchFamily):
 
     def default_sigmas(self, num_steps: int) -> np.ndarray | None:
         """``linspace(1, 1/N, N)`` as the pipeline passes, none for ``use_flow_sigmas`` schedulers."""
+        import numpy as np
+
         if self.scheduler.config.get("use_flow_sigmas", False):
             return None
         return np.linspace(1.0, 1 / num_steps, num_steps)
@@ -254,6 +268,8 @@ class Flux2(FlowMatchFamily):
 
     def _bn_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The VAE's batch-norm mean and std ``(1, 128, 1, 1)`` (``√(var + eps)``)."""
+        import torch
+
         vae = self.pipeline.vae
         mean = vae.bn.running_mean.view(1, -1, 1, 1)
         std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps)
@@ -291,6 +307,8 @@ _QWEN_TEMPLATE = (
 
 
 def _seeded(seed: int, build):
+    import torch
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return build()
@@ -355,6 +373,7 @@ def tiny_qwen3(seed: int, vocab_size: int, hidden: int = 16):
 def tiny_flux2_vae(seed: int):
     """AutoencoderKLFlux2 with FLUX.2's facts (factor 8, 32 channels, 2×2 patch batch norm) at
     toy width, and non-trivial running statistics so the normalisation is exercised."""
+    import torch
     from diffusers import AutoencoderKLFlux2
 
     def build():

@@ -31,14 +31,16 @@ from __future__ import annotations
 import json
 import re
 import warnings
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-import torch
 from pydantic import Field
 
 from ..errors import ConfigError
 from .base import Embeddings, LatentFormat, first_parameter
 from .flow import FlowMatchFamily, pack_patches, unpack_patches
+
+if TYPE_CHECKING:
+    import torch
 
 PROMPT_TEMPLATE = (
     "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
@@ -67,7 +69,7 @@ class QwenImage(FlowMatchFamily):
     # madebyollin's TAEW2.1 (github.com/madebyollin/taehv) decodes this latent space, but it is a
     # TAEHV model, not a diffusers AutoencoderTiny; no "taeqwenimage" hub id exists.
     tiny_autoencoder = None
-    cuda_dtype = torch.bfloat16
+    cuda_dtype = "bfloat16"
     supports_offsets = False
     """The transformer builds its centred RoPE ids itself from ``img_shapes`` (one size for the
     whole batch, no per-row offsets), so ``positions = "canvas"`` is refused."""
@@ -132,6 +134,8 @@ class QwenImage(FlowMatchFamily):
     def _left_align(hidden: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Rows of ``hidden (T, S, D)`` with their ``valid (T, S)`` tokens moved to the front, in
         order (whatever side the tokenizer pads on)."""
+        import torch
+
         order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices
         return hidden.gather(1, order[..., None].expand_as(hidden))
 
@@ -139,6 +143,8 @@ class QwenImage(FlowMatchFamily):
         """Qwen2.5-VL's last hidden states of the templated ``texts``, system turn dropped:
         ``(T, L, D)`` zero-padded to the longest row (at most ``max_sequence_length``) and the
         mask ``(T, L)`` (int64, 1 = token)."""
+        import torch
+
         pipe = self.pipeline
         template, drop, limit = self._template()
         tokens = pipe.tokenizer(
@@ -218,6 +224,8 @@ class QwenImage(FlowMatchFamily):
         """True CFG ``u + g (c − u)``, then rescaled per token so its norm (over a token's
         ``16·2·2`` values) equals the conditional output's, as the stock pipeline does.
         ``scale``: a float or per-window ``(N, 1, 1, 1)``."""
+        import torch
+
         patch = self.latent_format.patch
         u, c = pack_patches(uncond, patch), pack_patches(cond, patch)
         if isinstance(scale, torch.Tensor):
@@ -230,6 +238,8 @@ class QwenImage(FlowMatchFamily):
 
     def _latent_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The VAE's per-channel ``latents_mean``, ``latents_std`` as ``(1, C, 1, 1, 1)`` (cached)."""
+        import torch
+
         key = (like.device, like.dtype)
         if key not in self._stats:
             config = self.pipeline.vae.config
@@ -266,11 +276,13 @@ class QwenImage(FlowMatchFamily):
 
     # -- ControlNet ----------------------------------------------------------------------
 
-    @torch.no_grad()
     def control_condition(self, controlnet, pixels):
         """The condition image ``(1, 3, H, W)`` in [0, 1] → normalised VAE latents
         ``(1, 16, H/8, W/8)`` (a posterior sample, as the stock ControlNet pipeline draws it)."""
-        return self.encode(pixels * 2 - 1)
+        import torch
+
+        with torch.no_grad():
+            return self.encode(pixels * 2 - 1)
 
     def controlnet_kwargs(self, controlnet, latents, timestep, embeds, condition, conditioning_scale, guidance_scale=None, offsets=None):
         """Run a ``QwenImageControlNetModel`` on ``N`` windows with their condition latents
@@ -298,6 +310,8 @@ QWEN_SCHEDULER = dict(
 
 
 def _seeded(seed: int, build):
+    import torch
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return build()
@@ -393,6 +407,7 @@ def build_tiny_controlnet(pipeline: Any, seed: int = 0, num_layers: int = 1):
     """A ``QwenImageControlNetModel`` matching ``pipeline``'s transformer, random weights; its
     zero-initialised layers (condition embedder, per-block projections) are re-drawn (normal,
     std 0.1) so that tests can see the residuals."""
+    import torch
     from diffusers import QwenImageControlNetModel
 
     def build():

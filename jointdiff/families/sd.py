@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-import torch
-
-from .base import Embeddings, LatentFormat, first_parameter
+from ..errors import ConfigError
+from .base import Embeddings, LatentFormat, binary_mask, check_inpaint_inputs, first_parameter
 from .vp import VPFamily
+
+if TYPE_CHECKING:
+    import torch
 
 
 class StableDiffusion(VPFamily):
@@ -34,17 +36,21 @@ class StableDiffusion(VPFamily):
 
     @property
     def latent_format(self) -> LatentFormat:
+        """Channels from the UNet's output (an inpainting UNet's 9 inputs also hold the mask
+        and the masked-image latents; its canvas has 4), the window from its ``sample_size``."""
         unet, vae = self.pipeline.unet, self.pipeline.vae
         native = int(unet.config.sample_size)
         scale = 2 ** (len(vae.config.block_out_channels) - 1)
         return LatentFormat(
-            channels=int(unet.config.in_channels), scale_factor=scale, patch=1, native_window=native,
+            channels=int(unet.config.out_channels or unet.config.in_channels), scale_factor=scale, patch=1, native_window=native,
             min_window=self.latent.min_window, max_window=self.latent.max_window,
         )
 
     def encode_prompts(self, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None):
         """CLIP last hidden states ``(P, 77, D)`` through the pipeline's own ``encode_prompt``
         (so results equal diffusers' exactly); negatives the same way."""
+        import torch
+
         guided = negative_prompts is not None
         warn_cut_prompts(self.pipeline.tokenizer, list(prompts) + list(negative_prompts or []), self.name)
         with torch.no_grad():
@@ -55,13 +61,52 @@ class StableDiffusion(VPFamily):
         return positive, Embeddings({"prompt_embeds": negative}) if guided else None
 
     def forward(self, latents, timestep, embeds, *, guidance_scale=None, offsets=None, extra=None):
-        """The UNet on ``(N, 4, h, w)``; ``extra`` goes into the UNet call (ControlNet residuals)."""
+        """The UNet on ``(N, 4, h, w)``; ``extra`` goes into the UNet call (ControlNet residuals),
+        but ``concat_condition`` ``(N, 5, h, w)`` (an inpainting UNet's mask and masked-image
+        latents, :meth:`inpaint_condition`) joins the latents along channels, after the
+        scheduler's input scaling, as StableDiffusionInpaintPipeline does."""
+        import torch
+
         unet = self.pipeline.unet
+        extra = dict(extra or {})
+        condition = extra.pop("concat_condition", None)
+        if condition is not None:
+            latents = torch.cat([latents, condition.to(latents)], dim=1)
+        elif self.is_inpainting:
+            raise ConfigError(
+                "model family 'sd': this inpainting UNet (9 input channels) needs an image and a mask; "
+                "add the 'inpaint_model' conditioner"
+            )
         output = unet(
             latents.to(self.dtype), timestep, encoder_hidden_states=embeds["prompt_embeds"],
-            return_dict=False, **dict(extra or {}),
+            return_dict=False, **extra,
         )[0]
         return output.float()
+
+    # -- inpainting ----------------------------------------------------------------------
+
+    @property
+    def is_inpainting(self) -> bool:
+        """An inpainting UNet: 9 input channels (latents 4, mask 1, masked-image latents 4)."""
+        return int(self.pipeline.unet.config.in_channels) == 9
+
+    def inpaint_condition(self, pixels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``(S, 5, H, W)``: [the binarised mask at latent resolution (nearest, 1 channel),
+        the VAE latents of ``pixels · (1 − mask)`` (4)], in the order and scaling of
+        StableDiffusionInpaintPipeline's ``prepare_mask_latents``. The latents are the VAE
+        posterior's mean; the pipeline samples the posterior with its generator."""
+        import torch
+
+        if not self.is_inpainting:
+            raise ConfigError(
+                f"model family 'sd': the UNet has {self.pipeline.unet.config.in_channels} input channels, "
+                "not an inpainting model's 9; load an inpainting checkpoint"
+            )
+        check_inpaint_inputs(pixels, mask, self.name)
+        mask = binary_mask(mask).to(pixels.device)
+        latents = torch.cat([self.encode_mean(sheet[None] * (1 - sheet_mask)) for sheet, sheet_mask in zip(pixels, mask)])
+        small = torch.nn.functional.interpolate(mask, size=tuple(latents.shape[-2:]))
+        return torch.cat([small.to(latents), latents], dim=1)
 
     # -- ControlNet ----------------------------------------------------------------------
 

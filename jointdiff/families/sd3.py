@@ -22,15 +22,17 @@ from __future__ import annotations
 import string
 import warnings
 from importlib import resources
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import pydantic
-import torch
 
 from ..errors import ConfigError
 from ..tiny import TOKENIZER_DIR, _seeded
 from .base import Embeddings, LatentFormat
 from .flow import FlowMatchFamily, linear_shift_mu
+
+if TYPE_CHECKING:
+    import torch
 
 
 class SD3Family(FlowMatchFamily):
@@ -48,7 +50,7 @@ class SD3Family(FlowMatchFamily):
     guidance = "cfg"
     default_guidance_scale = 7.0
     tiny_autoencoder = "madebyollin/taesd3"
-    cuda_dtype = torch.bfloat16
+    cuda_dtype = "bfloat16"
     controlnet_classes = ("SD3ControlNetModel",)
     supports_offsets = False
     """SD3 has no positional ids: its transformer adds a learned absolute embedding centre-cropped
@@ -116,6 +118,8 @@ class SD3Family(FlowMatchFamily):
         pipeline's exactly): ``prompt_embeds (P, 77 + max_sequence_length, joint_attention_dim)``
         and ``pooled_prompt_embeds (P, pooled_projection_dim)``. ``clip_skip`` applies to the
         prompts only (the stock pipeline encodes negatives without it); "" is encoded as is."""
+        import torch
+
         prompts = list(prompts)
         negatives = None if negative_prompts is None else list(negative_prompts)
         if negatives is not None and len(negatives) != len(prompts):
@@ -191,17 +195,19 @@ class SD3Family(FlowMatchFamily):
 
     # -- ControlNet ----------------------------------------------------------------------
 
-    @torch.no_grad()
     def control_condition(self, controlnet, pixels):
         """The condition image ``(1, 3, H, W)`` in [0, 1] → VAE latents ``(1, 16, H/8, W/8)``:
         a posterior sample, scaled, as ``StableDiffusion3ControlNetPipeline`` prepares it
         (InstantX ControlNets, those with ``force_zeros_for_pooled_projection``, skip the shift
         factor). The stock pipeline draws from the global RNG; here a fixed seed keeps jobs
         reproducible."""
+        import torch
+
         vae = self.pipeline.vae
         shift = 0.0 if controlnet.config.force_zeros_for_pooled_projection else vae.config.shift_factor
-        posterior = vae.encode((pixels * 2 - 1).to(vae.device, vae.dtype)).latent_dist
-        sample = posterior.sample(generator=torch.Generator(vae.device).manual_seed(0))
+        with torch.no_grad():
+            posterior = vae.encode((pixels * 2 - 1).to(vae.device, vae.dtype)).latent_dist
+            sample = posterior.sample(generator=torch.Generator(vae.device).manual_seed(0))
         return ((sample - shift) * vae.config.scaling_factor).float()
 
     def tiny_controlnet(self, seed: int = 0) -> Any:
@@ -213,6 +219,8 @@ class SD3Family(FlowMatchFamily):
         ``{"block_controlnet_hidden_states": [N × tokens × dim per block]}``. Pooled inputs are
         zeros for InstantX ControlNets; SD3.5's (no context embedder) get no text tokens and
         borrow the transformer's patch embedding, as the stock pipeline arranges."""
+        import torch
+
         transformer = self.pipeline.transformer
         config = controlnet.config
         if not config.get("use_pos_embed", True) and controlnet.pos_embed is None:
@@ -355,6 +363,7 @@ def build_tiny_controlnet(pipeline: Any, seed: int = 0, num_layers: int = 2):
     """An ``SD3ControlNetModel`` matching ``pipeline``'s transformer, random weights. Its
     zero-initialised layers (input patch embedding, per-block output projections) are
     re-drawn (normal, std 0.1) so that tests can see the residuals."""
+    import torch
     from diffusers import SD3ControlNetModel
 
     def build():

@@ -27,14 +27,16 @@ float32, already multiplied by the VAE's ``scaling_factor`` (and normalised by
 from __future__ import annotations
 
 import warnings
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import pydantic
-import torch
 
 from ..errors import ConfigError
 from .base import Embeddings, GuidanceMode, LatentFormat, first_parameter
 from .vp import VPFamily
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["StableDiffusionXL", "build_tiny_pipeline", "build_tiny_lcm_pipeline", "build_tiny_refiner_pipeline"]
 
@@ -109,6 +111,8 @@ class StableDiffusionXL(VPFamily):
         pipeline's exactly): ``prompt_embeds (P, 77, D1 + D2)``, ``pooled_prompt_embeds (P, D2)``
         and, for refiner-style checkpoints, ``aesthetic_score (P, 1)``. Empty negative prompts
         give zero rows under ``force_zeros_for_empty_prompt`` (see the module docstring)."""
+        import torch
+
         prompts = list(prompts)
         negatives = self._checked_negatives(prompts, negative_prompts)
         self._warn_truncated(prompts + (negatives or []))
@@ -128,6 +132,8 @@ class StableDiffusionXL(VPFamily):
         return positive, self._rows(neg_embeds, neg_pooled, self.options.negative_aesthetic_score)
 
     def _rows(self, embeds: torch.Tensor, pooled: torch.Tensor, score: float) -> Embeddings:
+        import torch
+
         rows = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
         if self.aesthetic:
             rows["aesthetic_score"] = torch.full((len(embeds), 1), score, device=pooled.device, dtype=pooled.dtype)
@@ -171,6 +177,8 @@ class StableDiffusionXL(VPFamily):
         ``(f·h, f·w)`` px: ``(orig_h, orig_w, 0, 0, target_h, target_w)``; refiner-style
         checkpoints ``(1, 4)``, the row's aesthetic score is appended in :meth:`added_cond`.
         Cached per size, device and dtype."""
+        import torch
+
         key = (tuple(size), torch.device(device), dtype)
         cached = self._time_ids.get(key)
         if cached is None:
@@ -182,6 +190,8 @@ class StableDiffusionXL(VPFamily):
 
     def added_cond(self, embeds: Embeddings, size: tuple[int, int], dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """``added_cond_kwargs`` of the UNet (and ControlNet) for ``N`` windows of ``size``."""
+        import torch
+
         pooled = embeds["pooled_prompt_embeds"].to(dtype)
         time_ids = self.window_time_ids(size, pooled.device, dtype).expand(len(pooled), -1)
         if "aesthetic_score" in embeds:
@@ -215,6 +225,8 @@ class StableDiffusionXL(VPFamily):
 
     def _latent_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``latents_mean``, ``latents_std`` ``(1, C, 1, 1)`` of the VAE config, or None."""
+        import torch
+
         config = self.pipeline.vae.config
         mean, std = config.get("latents_mean"), config.get("latents_std")
         if mean is None or std is None:
@@ -241,6 +253,8 @@ class StableDiffusionXL(VPFamily):
     def _upcast_vae(self) -> None:
         """SDXL's VAE overflows in float16 (``force_upcast``): like the stock pipeline, decode and
         encode in float32 (the VAE stays float32 afterwards: one cast, not one per call)."""
+        import torch
+
         vae = self.pipeline.vae
         if vae.dtype == torch.float16 and vae.config.get("force_upcast", False):
             vae.to(dtype=torch.float32)
@@ -288,6 +302,8 @@ def guidance_embedding(guidance_scale: torch.Tensor, dim: int) -> torch.Tensor:
     ``guidance_scale − 1``): sinusoidal features of ``1000 (w − 1)`` at frequencies
     ``10000^(−k / (dim/2 − 1))``, sines then cosines, zero-padded to an odd ``dim`` (VDM,
     Kingma et al. 2021). Computed on ``guidance_scale``'s device, without host syncs."""
+    import torch
+
     w = (guidance_scale.float() - 1.0) * 1000.0
     half = dim // 2
     step = torch.log(torch.tensor(10000.0, device=w.device)) / (half - 1)
@@ -306,6 +322,8 @@ TINY_TIME_EMBED = 8
 
 
 def _seeded(seed: int, build):
+    import torch
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return build()

@@ -3,11 +3,12 @@ families (SD 1.x/2.x, SDXL): x̂0 from ε, v or sample predictions and its inver
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .base import ModelFamily
+
+if TYPE_CHECKING:
+    import torch
 
 
 class VPFamily(ModelFamily):

@@ -23,19 +23,22 @@ kept once on the device; window conditions ``(B', C, h_px, w_px)`` are cut per b
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Sequence
 
-import numpy as np
 import pydantic
-import torch
-from PIL import Image
 
 from jointdiff import hookimpl
 from jointdiff.conditioner import Conditioner
 from jointdiff.errors import ConfigError, ModelLoadError
 from jointdiff.options import PluginOptions
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    from PIL import Image
 
 TINY = "tiny"
 """``model = "tiny"``: a random-weight ControlNet built from the job's own UNet
@@ -50,7 +53,8 @@ def _check_model(value: Any) -> Any:
     object (``ControlNetModel``, ``SD3ControlNetModel``, ``FluxControlNetModel``, ...);
     anything else is refused before a model loads. Whether it fits the job's model family is
     checked when the model is known."""
-    if isinstance(value, torch.nn.Module) and type(value).__name__.endswith("ControlNetModel"):
+    torch = sys.modules.get("torch")  # a ControlNet object means torch is imported; a name needs none
+    if torch is not None and isinstance(value, torch.nn.Module) and type(value).__name__.endswith("ControlNetModel"):
         return value
     if not isinstance(value, str):
         raise ValueError(
@@ -165,6 +169,8 @@ class ControlNetConditioner(Conditioner):
     def setup(self, context) -> None:
         """Load every ControlNet, check it against the model, put its condition (in the form
         the family's ControlNet takes: pixels or latents) on the device."""
+        import torch
+
         self._controls = []
         for index, spec in enumerate(self.options.controls):
             where = f"controlnet: controls[{index}]" if len(self.options.controls) > 1 else "controlnet"
@@ -219,6 +225,8 @@ def _rows_of(tensor: torch.Tensor | None, rows: list[int]) -> torch.Tensor | Non
 
 def _repeat_rows(value: Any, times: int) -> Any:
     """Every tensor in a nest of dicts and lists repeated ``times`` along its batch dimension."""
+    import torch
+
     if isinstance(value, torch.Tensor):
         return value.repeat(times, *([1] * (value.ndim - 1)))
     if isinstance(value, dict):
@@ -231,6 +239,8 @@ def _repeat_rows(value: Any, times: int) -> Any:
 def step_index(timestep: torch.Tensor, context) -> tuple[int | None, int]:
     """``(i, n)``: the position of ``timestep`` in the job's schedule and its length (the
     engine enumerates ``scheduler.timesteps``); ``i`` is None outside the schedule."""
+    import torch
+
     timesteps = context.model.scheduler.timesteps
     if timesteps is None:
         return None, 1
@@ -244,6 +254,8 @@ def step_index(timestep: torch.Tensor, context) -> tuple[int | None, int]:
 def load_controlnet(model: Any, context, where: str = "controlnet") -> Any:
     """A diffusers ControlNet of the job's model family on the job's device and dtype,
     checked against the family's ControlNet classes and, for UNets, the UNet's config."""
+    import numpy as np
+    import torch
     import diffusers
 
     family = context.model
@@ -266,7 +278,8 @@ def load_controlnet(model: Any, context, where: str = "controlnet") -> Any:
             f"(it takes {', '.join(family.controlnet_classes)})"
         )
     denoiser = family.denoiser_module
-    for key in ("in_channels", "cross_attention_dim", "block_out_channels", "down_block_types"):
+    keys = ("cross_attention_dim", "block_out_channels", "down_block_types")
+    for key in keys if family.is_inpainting else ("in_channels", *keys):  # inpainting UNets take more channels
         ours, theirs = controlnet.config.get(key), denoiser.config.get(key)
         if ours is not None and theirs is not None and list(np.atleast_1d(ours)) != list(np.atleast_1d(theirs)):
             raise ConfigError(
@@ -282,6 +295,8 @@ def load_controlnet(model: Any, context, where: str = "controlnet") -> Any:
 def load_condition(spec: ControlSpec, context, channels: int, where: str = "controlnet") -> torch.Tensor:
     """The condition ``(S, channels, H_px, W_px)`` in [0, 1] on the CPU, preprocessed and
     checked against the canvas: ``S`` sheets of ``f·H × f·W`` pixels."""
+    import torch
+
     geometry = context.geometry
     sheets, height, width = geometry.canvas_shape_latent
     scale = geometry.latent_scale
@@ -307,6 +322,10 @@ def load_condition(spec: ControlSpec, context, channels: int, where: str = "cont
 def _as_tensor(item: Any, spec: ControlSpec, where: str) -> torch.Tensor:
     """``(C, H, W)`` float in [0, 1] from a path, PIL image, ``(H, W[, C])`` array or
     ``(C, H, W)`` tensor; Canny edges when ``spec.preprocess == "canny"``."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
     if isinstance(item, (str, Path)):
         with Image.open(Path(item).expanduser()) as opened:
             item = opened.convert("RGB") if opened.mode not in ("L", "RGB") else opened.copy()
@@ -334,6 +353,8 @@ def _as_tensor(item: Any, spec: ControlSpec, where: str) -> torch.Tensor:
 def canny(image: torch.Tensor, low: int, high: int) -> torch.Tensor:
     """Canny edges (OpenCV) of an image ``(C, H, W)`` in [0, 1] (C = 1 or 3): ``(1, H, W)``
     with values 0 or 1, as the edge maps ControlNet's Canny model was trained on."""
+    import numpy as np
+    import torch
     import cv2
 
     if image.shape[0] not in (1, 3):

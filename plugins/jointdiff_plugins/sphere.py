@@ -10,13 +10,17 @@ Angles and axes: :mod:`jointdiff.spherical`; face order, orientation and names:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 import pydantic
-import torch
 
-from jointdiff import cube, hookimpl, spherical
+from jointdiff import hookimpl
 from jointdiff.errors import ConfigError
-from jointdiff.geometry import DecodeFn, decode_wrapped
+from jointdiff.geometry import DecodeFn, EncodeFn, decode_wrapped, encode_wrapped
 from jointdiff.sphere_base import SphereGeometry, SphereOptions
+
+if TYPE_CHECKING:
+    import torch
+    from jointdiff import cube, spherical
 
 DEFAULT_RINGS = ((0.0, 8), (45.0, 6), (-45.0, 6), (90.0, 1), (-90.0, 1))
 """``(pitch_deg, views)``: a ring of 8 views on the horizon, 6 at ±45° and one at each pole;
@@ -80,13 +84,19 @@ class EquirectGeometry(SphereGeometry):
         return (1, *self._size)
 
     def canvas_directions(self, scale: int) -> torch.Tensor:
+        from jointdiff import spherical
+
         height, width = self._size
         return spherical.equirect_directions((scale * height, scale * width))[None]
 
     def padded_canvas(self, canvas: torch.Tensor) -> torch.Tensor:
+        from jointdiff import spherical
+
         return spherical.pad_equirect(canvas)
 
     def canvas_grid(self, directions: torch.Tensor, scale: int) -> torch.Tensor:
+        from jointdiff import spherical
+
         height, width = self._size
         return spherical.equirect_grid(spherical.directions_to_equirect_uv(directions), (scale * height, scale * width))
 
@@ -95,6 +105,15 @@ class EquirectGeometry(SphereGeometry):
         (:func:`jointdiff.geometry.decode_wrapped`), so the VAE's zero padding leaves no
         seam at yaw ±180°."""
         return decode_wrapped(canvas, decode, (False, True), self.decode_padding_latent, self.latent_scale)
+
+    def encode(self, pixels: torch.Tensor, encode: EncodeFn) -> torch.Tensor:
+        """Encode with ``decode_padding_latent`` columns of circular context on both sides,
+        cropped off the latents (:func:`jointdiff.geometry.encode_wrapped`)."""
+        return encode_wrapped(pixels, encode, self.wraps(), self.decode_padding_latent, self.latent_scale)
+
+    def wraps(self) -> tuple[bool, bool]:
+        """The longitude loops (yaw ±180°); the latitude does not."""
+        return (False, True)
 
 
 class CubemapGeometry(SphereGeometry):
@@ -140,12 +159,18 @@ class CubemapGeometry(SphereGeometry):
         return (6, self._n, self._n)
 
     def canvas_directions(self, scale: int) -> torch.Tensor:
+        from jointdiff import spherical
+
         return spherical.cube_directions(scale * self._n)
 
     def padded_canvas(self, canvas: torch.Tensor) -> torch.Tensor:
+        from jointdiff import spherical
+
         return spherical.pad_cube(canvas)
 
     def canvas_grid(self, directions: torch.Tensor, scale: int) -> torch.Tensor:
+        from jointdiff import spherical
+
         face, uv = spherical.directions_to_cube(directions)
         return spherical.cube_grid(face, uv, scale * self._n)
 
@@ -153,6 +178,8 @@ class CubemapGeometry(SphereGeometry):
         """Decode the faces, each grown by ``decode_padding_latent`` cells of its neighbours,
         and blend the overlaps (:func:`jointdiff.cube.decode_padded_faces`). Returns
         ``(6, 3, f*N, f*N)``."""
+        from jointdiff import cube
+
         return cube.decode_padded_faces(canvas, decode, self.decode_padding_latent, self.latent_scale)
 
 
