@@ -36,6 +36,7 @@ from typing import Any, Literal, Mapping
 import pydantic
 
 from .errors import ConfigError
+from .init_spec import InitSpec
 from .options import format_validation_error
 
 if sys.version_info >= (3, 11):
@@ -95,9 +96,9 @@ class ModelSpec(_Strict):
     @classmethod
     def _device_name(cls, device: str) -> str:
         if device != "auto":
-            from .models import parse_device
+            from .models import check_device_name
 
-            parse_device(device)  # the name only: whether this machine has it is checked before loading
+            check_device_name(device)  # the name only (no torch): whether this machine has it is checked before loading
         return device
 
     @pydantic.field_validator("dtype")
@@ -144,11 +145,17 @@ class Job(_Strict):
     seed: int = pydantic.Field(0, ge=0, le=MAX_SEED, description=f"random seed, 0..{MAX_SEED}")
     view_batch_size: int = pydantic.Field(4, ge=1)
     eta: float = 0.0
-    fusion: Literal["latent", "x0"] | None = None
+    fusion: Literal["latent", "x0", "x0_renoise"] | None = pydantic.Field(
+        None, description="latent (MultiDiffusion), x0 (SyncTweedies) or x0_renoise (few-step models); None: the geometry's"
+    )
+    windows: Literal["overlap", "shifted"] = pydantic.Field(
+        "overlap", description="overlap (MultiDiffusion) or shifted (SpotDiffusion: non-overlapping, shifted every step)"
+    )
     max_megapixels: float | None = pydantic.Field(
         None, gt=0, description="refuse canvases above this many megapixels; None: the engine's default (64), inf: no limit"
     )
     checkpoint: CheckpointSpec | None = None
+    init: InitSpec | None = pydantic.Field(None, description="start from an image ([init], docs/from-an-image.md)")
     output: str = "jointdiff.png"
 
     @classmethod
@@ -161,7 +168,11 @@ class Job(_Strict):
             job = cls.model_validate(dict(data))
         except pydantic.ValidationError as error:
             raise ConfigError(format_validation_error("job", error)) from None
-        job.build_plugins()  # fail on unknown plugins or options now, before any model loads
+        geometry, _, _ = job.build_plugins()  # fail on unknown plugins or options now, before any model loads
+        if job.init is not None:  # the files read and placed; the size only where the model's family is known
+            from .models import known_family
+
+            job.init.build(geometry, check_size=known_family(job.model.id, job.model.family) is not None)
         return job
 
     @classmethod
@@ -199,6 +210,7 @@ class Job(_Strict):
             except ConfigError as error:
                 raise ConfigError(f"job: model.{error}") from None
         _check_one_prompt(self.conditioners, conditioners)
+        _check_fast_modes(self, geometry)
         geometry.setup(family.latent if family is not None else SD_LATENT)
         if family is not None and family.guidance_modes is not None and "cfg" not in family.guidance_modes:
             for spec, conditioner in zip(self.conditioners, conditioners):
@@ -208,6 +220,20 @@ class Job(_Strict):
                         f"model family {family.name!r} (guidance-distilled: no unconditional branch); remove it"
                     )
         return geometry, conditioners, synchronizer
+
+
+def _check_fast_modes(job: Job, geometry: Any) -> None:
+    """``windows = "shifted"`` and ``fusion = "x0_renoise"`` where they cannot apply
+    (docs/fast-modes.md), before any model loads: ConfigError naming the option."""
+    from .fewstep import check_fewstep
+    from .shifted import check_windows_option
+
+    try:
+        check_windows_option(job.windows, geometry, job.fusion)
+        if job.fusion == "x0_renoise":
+            check_fewstep(geometry, job.eta)
+    except ConfigError as error:
+        raise ConfigError(f"job: {error}") from None
 
 
 def _check_one_prompt(specs: list[PluginSpec], conditioners: list[Any]) -> None:
@@ -306,7 +332,7 @@ MAYBE_PATH_KEYS = frozenset({"model", "path", "taesd_path"})
 def resolve_paths(data: Mapping[str, Any], base: str | Path) -> dict[str, Any]:
     """A copy of the raw job ``data`` with its relative paths made relative to ``base``:
     ``output``, ``checkpoint.path``, LoRA files, plugin options named ``image``/``mask``
-    (always paths) and, where they may also be hub ids or names (``model.id``,
+    and the ``[init]`` table's (always paths) and, where they may also be hub ids or names (``model.id``,
     ``model.config``, plugin options ``model``/``path``/``taesd_path``), those that exist
     relative to ``base`` or start with ``./`` or ``../``."""
     base = Path(base).absolute()
@@ -317,7 +343,7 @@ def resolve_paths(data: Mapping[str, Any], base: str | Path) -> dict[str, Any]:
         data["checkpoint"]["path"] = _path(data["checkpoint"]["path"], base)
     if isinstance(data.get("model"), dict):
         _resolve_model(data["model"], base)
-    plugin_tables = [data.get("geometry"), data.get("synchronizer"), *(data.get("conditioners") or [])]
+    plugin_tables = [data.get("geometry"), data.get("synchronizer"), *(data.get("conditioners") or []), data.get("init")]
     for table in plugin_tables:
         _resolve_options(table, base)
     return data
@@ -420,6 +446,8 @@ def job_of_engine(engine: Any, steps: int, seed: int) -> dict[str, Any]:
     }
     if engine.fusion is not None:
         job["fusion"] = engine.fusion
+    if getattr(engine, "windows", "overlap") != "overlap":
+        job["windows"] = engine.windows
     return job
 
 
@@ -474,9 +502,13 @@ def run_job(job: Job, pipeline: Any = None, *, progress: bool = True, callback=N
         offload=spec.offload,
         options={"positions": spec.positions},
     )
+    init = None
+    if job.init is not None:  # placed on the canvas of this model's latent format
+        geometry.setup(model.latent_format)
+        init = job.init.build(geometry)
     engine = JointDiffusion(
-        model, geometry, conditioners, synchronizer,
-        view_batch_size=job.view_batch_size, eta=job.eta, fusion=job.fusion,
+        model, geometry, conditioners, synchronizer, init=init,
+        view_batch_size=job.view_batch_size, eta=job.eta, fusion=job.fusion, windows=job.windows,
         **({} if job.max_megapixels is None else {"max_megapixels": job.max_megapixels}),
     )
     checkpoint = None
