@@ -1,4 +1,4 @@
-"""The ``jointdiff`` command line: ``run``, ``generate``, ``plugins`` and ``view``.
+"""The ``jointdiff`` command line: ``run``, ``generate``, ``sky``, ``plugins`` and ``view``.
 
 Errors a user can cause are printed as one line (``jointdiff: error: ...``, exit status 2),
 never as a traceback; outputs are written atomically, so a failed run leaves no file behind.
@@ -57,9 +57,34 @@ def job_from_generate_args(args: argparse.Namespace) -> Job:
             "seed": args.seed,
             "view_batch_size": args.view_batch_size,
             "fusion": args.fusion,
+            **({"windows": args.windows} if args.windows else {}),
             "output": args.output,
+            **_init_table(args),
         }
     )
+
+
+def _init_table(args: argparse.Namespace) -> dict[str, Any]:
+    """``{"init": ...}``: the ``[init]`` table of ``--init-image``, ``--strength``, ``--mask``,
+    ``--feather-px`` and ``--place`` / ``--place-option`` (``sky``: a sphere placement);
+    ``{}`` without ``--init-image`` (the others then refused, naming the flag)."""
+    if args.init_image is None:
+        for flag, value in (("--strength", args.strength), ("--mask", args.mask), ("--place", args.place)):
+            if value is not None:
+                raise ConfigError(f"{flag} {value!r} needs --init-image (the image to start from)")
+        return {}
+    # Absolute, so that the PNG's job (jointdiff run IMAGE.png) finds them from any folder.
+    init: dict[str, Any] = {"image": os.path.abspath(args.init_image)}
+    if args.mask is not None:
+        init["mask"] = os.path.abspath(args.mask)
+    for key in ("strength", "feather_px"):
+        if getattr(args, key) is not None:
+            init[key] = getattr(args, key)
+    if args.place is not None:
+        init["placement"] = {"kind": args.place, **dict(parse_assignment(a) for a in args.place_option)}
+    elif args.place_option:
+        raise ConfigError(f"--place-option {args.place_option[0]!r} needs --place KIND (sphere, canvas, loop, tileable, upscale)")
+    return {"init": init}
 
 
 def _lora_table(text: str) -> dict[str, Any]:
@@ -154,6 +179,10 @@ def run_job_data(args: argparse.Namespace) -> dict[str, Any]:
                 "model; save it as TOML, set [model] id, and run that"
             )
         data = {**data, "output": args.job}
+        from .output import changed_inputs
+
+        for where in changed_inputs(args.job):
+            _note(f"{where} is not the file {args.job!r} was made from (its sha256 differs); the result will differ")
     for key in ("output", "seed", "steps"):
         if getattr(args, key) is not None:
             data[key] = getattr(args, key)
@@ -162,17 +191,75 @@ def run_job_data(args: argparse.Namespace) -> dict[str, Any]:
     return data
 
 
+class _EstimateShown(Exception):
+    """Ends an ``--estimate`` run once the estimate is printed (before prompts are encoded)."""
+
+
+def _estimate_only(job: Job) -> int:
+    """``--estimate``: load the model (the FLOPs are counted on its networks), print the job's
+    estimate (:meth:`JointDiffusion.estimate`) and whether the limits refuse it; nothing is
+    denoised or written."""
+    from . import budget, profiling
+    from .job import check_before_loading, run_job
+
+    def show(estimate: Any, engine: Any) -> None:
+        print(estimate.summary())
+        try:
+            budget.check(estimate, engine.max_megapixels, engine.memory_limit_gb, engine.geometry.name)
+        except ConfigError as refused:
+            _note(f"this job would be refused: {refused}")
+        raise _EstimateShown
+
+    check_before_loading(job)
+    try:
+        with profiling.session(on_estimate=show, count=False):
+            run_job(job, progress=False)
+    except _EstimateShown:
+        return 0
+    raise AssertionError("the engine ran without announcing its estimate")
+
+
+def _profiled(profile: bool, execute: Any) -> int:
+    """``--profile``: the estimate (on stderr) before the job, where the time went after."""
+    if not profile:
+        return execute()
+    from . import profiling
+
+    def show(estimate: Any, engine: Any) -> None:
+        print(f"jointdiff: estimate:\n{estimate.summary()}", file=sys.stderr)
+
+    with profiling.session(on_estimate=show) as current:
+        code = execute()
+    for profile_ in current.profiles:
+        print(f"jointdiff: profile:\n{profiling.format_profile(profile_)}", file=sys.stderr)
+    return code
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     job = Job.from_dict(run_job_data(args))
-    return _execute(job, args.quiet, args.overwrite, args.dist_timeout)
+    if args.estimate:
+        return _estimate_only(job)
+    return _profiled(args.profile, lambda: _execute(job, args.quiet, args.overwrite, args.dist_timeout))
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     job = job_from_generate_args(args)
+    if args.estimate:
+        return _estimate_only(job)
     target = _prepare(job, args.overwrite)
     if args.save_job:
         _save_job(job, args.save_job, args.overwrite)
-    return _execute(job, args.quiet, args.overwrite, target=target)
+    return _profiled(args.profile, lambda: _execute(job, args.quiet, args.overwrite, target=target))
+
+
+def cmd_sky(args: argparse.Namespace) -> int:
+    """``sky``: ``generate`` on the equirect geometry with the photo placed on the sphere."""
+    angles = {"yaw_deg": args.yaw, "pitch_deg": args.pitch, "roll_deg": args.roll, "fov_deg": args.fov}
+    args.geometry = "equirect"
+    args.geometry_option = [f"width_px={args.width_px}", *args.geometry_option]
+    args.init_image, args.place = args.photo, "sphere"
+    args.place_option = [f"{key}={value!r}" for key, value in angles.items()]
+    return cmd_generate(args)
 
 
 def _save_job(job: Job, path: str, overwrite: bool) -> None:
@@ -250,6 +337,7 @@ EXAMPLES = """examples:
   jointdiff generate "a city skyline at night" -g length_px=3072 --steps 50 -o city.png
   jointdiff run job.toml          # a whole job in a TOML file (paths relative to its folder)
   jointdiff run city.png          # reproduce an image from its embedded job: writes city-1.png
+  jointdiff sky photo.jpg --fov 75 --prompt "a mountain lake" -o sky.png   # photo → 360° sky
   jointdiff plugins               # plugins, their options, defaults and allowed values
 """
 
@@ -266,6 +354,12 @@ def _add_output_options(parser: argparse.ArgumentParser, output_help: str, defau
         "the next free name (NAME-1.png, NAME-2.png, ...)",
     )
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    parser.add_argument("--profile", action="store_true",
+                        help="print the job's estimate (model evaluations, FLOPs, memory) before it runs and where "
+                        "the time went after (model, synchronization, fusion, decode), on stderr")
+    parser.add_argument("--estimate", action="store_true",
+                        help="print the job's estimate and exit: loads the model (FLOPs are counted on its "
+                        "networks), denoises and writes nothing")
 
 
 def _add_run(sub: Any) -> None:
@@ -291,27 +385,71 @@ def _add_generate(sub: Any) -> None:
     gen = _subparser(sub, "generate", "generate from a prompt",
                      "Generate an image from a prompt: the same job as a TOML file, built from flags.")
     gen.add_argument("prompt", help="what every window shows (the 'text' conditioner's prompt)")
-    gen.add_argument("--negative-prompt", help="what to steer away from; classifier-free guidance families only (SD, SDXL, SD3, Qwen-Image)")
-    gen.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale; unset: the model family's (7.5 for SD)")
     gen.add_argument("--geometry", default="strip", help="geometry plugin: strip, grid, equirect, cubemap, torus, atlas, cube_texture, ... (see 'jointdiff plugins')")
     gen.add_argument("-g", "--geometry-option", action="append", default=[], metavar="KEY=VALUE",
                      help="a geometry option, value read as TOML (repeat: -g length_px=3072 -g wrap=true)")
+    gen.add_argument("--init-image", metavar="IMAGE", help="start from this image (docs/from-an-image.md); "
+                     "without --place it must have the canvas's size")
+    gen.add_argument("--place", choices=["sphere", "canvas", "loop", "tileable", "upscale"],
+                     help="how --init-image goes on the canvas (the [init.placement] kind); unset: as is")
+    gen.add_argument("-p", "--place-option", action="append", default=[], metavar="KEY=VALUE",
+                     help="a placement option, value read as TOML (repeat: -p yaw_deg=90 -p fov_deg=75)")
+    _add_init_options(gen)
+    _add_job_options(gen, "jointdiff.png")
+    gen.set_defaults(func=cmd_generate)
+
+
+def _add_init_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--strength", type=float, help="how far from the init image to start, 0..1 (1: from noise, "
+                        "the kept part held); unset: 1, 0.4 for --place upscale, 0.8 for a plain img2img")
+    parser.add_argument("--mask", metavar="MASK", help="keep mask of the init image, its size (white = keep, black = generate)")
+    parser.add_argument("--feather-px", type=int, help="soften the keep mask this many pixels inside its edge; unset: 16")
+
+
+def _add_job_options(gen: argparse.ArgumentParser, output_default: str) -> None:
+    """The options ``generate`` and ``sky`` share: prompt guidance, synchronizer, model, run, output."""
+    gen.add_argument("--negative-prompt", help="what to steer away from; classifier-free guidance families only (SD, SDXL, SD3, Qwen-Image)")
+    gen.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale; unset: the model family's (7.5 for SD)")
     gen.add_argument("--sync", default="none", help="synchronizer plugin: none (MultiDiffusion) or syncdiffusion")
     gen.add_argument("-s", "--sync-option", action="append", default=[], metavar="KEY=VALUE",
                      help="a synchronizer option, value read as TOML (repeat)")
     gen.add_argument("--model", default="tiny", help="hub id, local diffusers folder, single-file checkpoint, or a built-in tiny model (tiny, tiny-sdxl, tiny-flux, ...)")
     gen.add_argument("--family", help="model family: sd, sdxl, sd3, flux, flux2, qwenimage; unset: detected")
     gen.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]", help="a LoRA file, folder or hub id with its strength (repeat for several)")
-    gen.add_argument("--scheduler", help="ddim, ddpm, pndm, euler, euler_a, dpm++, unipc; flow_euler for flow-matching families; unset: the model's")
+    gen.add_argument("--scheduler", help="ddim, ddpm, pndm, euler, euler_a, dpm++, unipc, lcm; flow_euler for flow-matching families; unset: the model's")
     gen.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda, cuda:N or mps")
     gen.add_argument("--dtype", default="auto", help="auto (float16/bfloat16 on CUDA, float32 elsewhere), float32, float16 or bfloat16")
     gen.add_argument("--steps", type=int, default=50, help="denoising steps")
     gen.add_argument("--seed", type=int, default=0, help=f"random seed (0..{2**63 - 1})")
     gen.add_argument("--view-batch-size", type=int, default=4, help="windows per model call")
-    gen.add_argument("--fusion", choices=["latent", "x0"], help="latent (MultiDiffusion) or x0 (SyncTweedies); unset: the geometry's preferred")
-    _add_output_options(gen, "image to write (.png carries the job; .jpg, .webp)", "jointdiff.png")
+    gen.add_argument("--fusion", choices=["latent", "x0", "x0_renoise"],
+                     help="latent (MultiDiffusion), x0 (SyncTweedies) or x0_renoise (few-step models); unset: the geometry's preferred")
+    gen.add_argument("--windows", choices=["overlap", "shifted"],
+                     help="overlap (MultiDiffusion) or shifted (SpotDiffusion: non-overlapping, moved every step); unset: overlap")
+    _add_output_options(gen, "image to write (.png carries the job; .jpg, .webp)", output_default)
     gen.add_argument("--save-job", metavar="JOB.toml", help="also write the job as TOML")
-    gen.set_defaults(func=cmd_generate)
+
+
+def _add_sky(sub: Any) -> None:
+    sky = _subparser(
+        sub, "sky", "a 360° environment around a photo (equirect)",
+        "Photo → 360° environment: PHOTO (a perspective photo of horizontal field of view --fov, "
+        "looking at --yaw, --pitch) is placed on an equirectangular canvas and kept; the rest of the "
+        "sphere is generated around it. Shorthand for: generate PROMPT --geometry equirect "
+        "-g width_px=W --init-image PHOTO --place sphere -p yaw_deg=... (docs/from-an-image.md).",
+    )
+    sky.add_argument("photo", metavar="PHOTO", help="the photo (PNG, JPEG, WebP, ...)")
+    sky.add_argument("--prompt", default="a photo", help="what the views show: describe the photo's scene")
+    sky.add_argument("--yaw", type=float, default=0.0, metavar="DEG", help="where the photo looks, degrees; positive: right (east)")
+    sky.add_argument("--pitch", type=float, default=0.0, metavar="DEG", help="degrees; positive: up")
+    sky.add_argument("--roll", type=float, default=0.0, metavar="DEG", help="degrees, as py360convert's in_rot_deg")
+    sky.add_argument("--fov", type=float, default=90.0, metavar="DEG", help="the photo's horizontal field of view, in (0, 180)")
+    sky.add_argument("--width-px", type=int, default=2048, help="panorama width (height = width / 2)")
+    sky.add_argument("-g", "--geometry-option", action="append", default=[], metavar="KEY=VALUE",
+                     help="another equirect option, value read as TOML (repeat: -g window_latent=64)")
+    _add_init_options(sky)
+    _add_job_options(sky, "sky.png")
+    sky.set_defaults(func=cmd_sky)
 
 
 def _add_view(sub: Any) -> None:
@@ -332,6 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="'jointdiff COMMAND --help' for its options")
     _add_run(sub)
     _add_generate(sub)
+    _add_sky(sub)
     plugins = _subparser(sub, "plugins", "list discovered plugins and their options (types, defaults, allowed values)")
     plugins.set_defaults(func=cmd_plugins)
     _add_view(sub)

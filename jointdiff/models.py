@@ -5,13 +5,15 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 from pathlib import Path
-from typing import Any, Sequence
-
-import torch
+from typing import TYPE_CHECKING, Any, Sequence
 
 from .errors import ConfigError, ModelLoadError
 from .families.base import ModelFamily
+
+if TYPE_CHECKING:
+    import torch
 
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
@@ -21,9 +23,17 @@ SCHEDULERS = {
     "euler_a": "EulerAncestralDiscreteScheduler",
     "dpm++": "DPMSolverMultistepScheduler",
     "unipc": "UniPCMultistepScheduler",
+    "lcm": "LCMScheduler",
 }
 FLOW_SCHEDULERS = {"flow_euler": "FlowMatchEulerDiscreteScheduler"}
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPE_NAMES = ("float32", "float16", "bfloat16")
+"""The dtypes a job may name (``torch.float32``, ...; names, so a job is checked without torch)."""
+DEVICE_TYPES = (
+    "cpu", "cuda", "mps", "xpu", "hip", "meta", "xla", "hpu", "mtia", "maia", "ipu", "lazy", "vulkan",
+    "ve", "fpga", "ideep", "mkldnn", "opengl", "opencl", "privateuseone",
+)
+"""The device types ``torch.device`` accepts (``TYPE`` or ``TYPE:N``), checked without torch."""
+DEVICE_PATTERN = re.compile(r"([a-z]+)(?::(?:0|[1-9][0-9]*))?\Z")
 OFFLOAD_MODES = ("none", "model", "sequential")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
 
@@ -31,6 +41,8 @@ SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """``"auto"``: CUDA when available, else the CPU. A device this machine lacks (``cuda``
     without CUDA, ``mps`` off Apple silicon, ``cuda:3`` with two GPUs) is a ConfigError."""
+    import torch
+
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     parsed = parse_device(device)
@@ -38,8 +50,22 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return parsed
 
 
+def check_device_name(device: str) -> str:
+    """``device`` when it names a torch device (``cpu``, ``cuda``, ``cuda:N``, ``mps``, ... as
+    :data:`DEVICE_TYPES`), checked without importing torch; ConfigError naming it otherwise.
+    Whether this machine has it: :func:`check_device_available`, before loading."""
+    match = DEVICE_PATTERN.match(device) if isinstance(device, str) else None
+    if match is None or match.group(1) not in DEVICE_TYPES:
+        raise ConfigError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {device!r}")
+    return device
+
+
 def parse_device(device: str | torch.device) -> torch.device:
     """``device`` as a :class:`torch.device`; ConfigError naming the value when it is none."""
+    import torch
+
+    if isinstance(device, str):
+        check_device_name(device)
     try:
         return torch.device(device)
     except (RuntimeError, TypeError):
@@ -54,6 +80,8 @@ def check_device_available(device: torch.device) -> None:
 
 
 def _device_problem(device: torch.device) -> str | None:
+    import torch
+
     if device.type == "cpu" or device.type == "meta":
         return None
     if device.type == "cuda":
@@ -75,9 +103,9 @@ def _device_problem(device: torch.device) -> str | None:
 
 
 def check_dtype_name(dtype: str) -> str:
-    """``dtype`` when it is ``"auto"`` or a name in :data:`DTYPES`; ConfigError otherwise."""
-    if dtype != "auto" and dtype not in DTYPES:
-        raise ConfigError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {dtype!r}")
+    """``dtype`` when it is ``"auto"`` or a name in :data:`DTYPE_NAMES`; ConfigError otherwise."""
+    if dtype != "auto" and dtype not in DTYPE_NAMES:
+        raise ConfigError(f"dtype must be 'auto' or one of {sorted(DTYPE_NAMES)}, got {dtype!r}")
     return dtype
 
 
@@ -100,14 +128,18 @@ def check_scheduler_name(name: str, family: type | None = None) -> str:
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, family: type | None = None) -> torch.dtype:
     """``"auto"``: the family's CUDA dtype (float16 for UNets, bfloat16 for transformers) on
-    CUDA, float32 elsewhere."""
+    CUDA, float32 elsewhere. A family's ``cuda_dtype`` is a dtype name (a ``torch.dtype`` is
+    taken too)."""
+    import torch
+
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
-        return (family.cuda_dtype if family is not None else torch.float16) if device.type == "cuda" else torch.float32
-    if dtype not in DTYPES:
-        raise ConfigError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {dtype!r}")
-    return DTYPES[dtype]
+        if device.type != "cuda":
+            return torch.float32
+        dtype = family.cuda_dtype if family is not None else "float16"
+        return dtype if isinstance(dtype, torch.dtype) else getattr(torch, dtype)
+    return getattr(torch, check_dtype_name(dtype))
 
 
 def make_scheduler(name: str, base_config: Any, prediction_type: str | None = None, model: ModelFamily | None = None):
@@ -362,6 +394,8 @@ def _name(pipeline: Any, model: str) -> None:
 def _place(model: ModelFamily, device: torch.device, dtype: torch.dtype, offload: str) -> None:
     """Move every component to ``device`` / ``dtype`` (the VAE stays float32 on the CPU in
     float16, which the CPU cannot run), or hand them to accelerate's offloading."""
+    import torch
+
     if offload not in OFFLOAD_MODES:
         raise ConfigError(f"offload must be one of {list(OFFLOAD_MODES)}, got {offload!r}")
     if offload != "none" and device.type == "cpu":
