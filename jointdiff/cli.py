@@ -356,7 +356,7 @@ def _add_output_options(parser: argparse.ArgumentParser, output_help: str, defau
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     parser.add_argument("--profile", action="store_true",
                         help="print the job's estimate (model evaluations, FLOPs, memory) before it runs and where "
-                        "the time went after (model, synchronization, fusion, decode), on stderr")
+                        "the time went after (setup, model, synchronization, fusion, decode), on stderr")
     parser.add_argument("--estimate", action="store_true",
                         help="print the job's estimate and exit: loads the model (FLOPs are counted on its "
                         "networks), denoises and writes nothing")

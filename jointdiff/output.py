@@ -15,6 +15,9 @@ from .errors import ConfigError
 JOB_KEY = "jointdiff:job"
 SEED_KEY = "jointdiff:seed"
 VERSION_KEY = "jointdiff:version"
+INPUTS_KEY = "jointdiff:inputs"
+"""The job's input files (init image, masks, condition images): ``{"init.image": {"path":
+..., "sha256": ...}, ...}`` as JSON, so a reproduction can tell whether an input changed."""
 
 
 OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -134,7 +137,66 @@ def result_metadata(result: Any) -> dict[str, str]:
     metadata = {VERSION_KEY: __version__, SEED_KEY: str(result.metadata.get("seed"))}
     if result.metadata.get("job") is not None:
         metadata[JOB_KEY] = json.dumps(result.metadata["job"], sort_keys=True)
+        inputs = input_files(result.metadata["job"])
+        if inputs:
+            metadata[INPUTS_KEY] = json.dumps(inputs, sort_keys=True)
     return metadata
+
+
+def input_files(job: dict[str, Any]) -> dict[str, dict[str, str | None]]:
+    """The image files a job reads (``[init]`` image and mask, plugin options ``image``,
+    ``mask``, ``masks``), keyed by where they are in the job (``init.image``,
+    ``conditioners[0].image``, ...), each with its path and the sha256 of its content (None
+    when the file is gone)."""
+    from .job import PATH_KEYS
+
+    found: dict[str, dict[str, str | None]] = {}
+
+    def walk(value: Any, where: str) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                inner = f"{where}.{key}" if where else str(key)
+                if key in PATH_KEYS and isinstance(item, (str, list)):
+                    for i, path in enumerate(item if isinstance(item, list) else [item]):
+                        name = f"{inner}[{i}]" if isinstance(item, list) else inner
+                        found[name] = {"path": str(path), "sha256": file_sha256(path)}
+                elif key != "model":
+                    walk(item, inner)
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                walk(item, f"{where}[{i}]")
+
+    walk(job, "")
+    return found
+
+
+def changed_inputs(png: str | Path) -> list[str]:
+    """The inputs recorded in a jointdiff PNG (:data:`INPUTS_KEY`) whose file now has another
+    content (or is gone): ``["init.image ('photo.jpg')", ...]``."""
+    try:
+        with Image.open(png) as image:
+            text = getattr(image, "text", {}).get(INPUTS_KEY)
+        inputs = json.loads(text) if text else {}
+    except (OSError, ValueError):
+        return []
+    return [
+        f"{where} ({entry.get('path')!r})" for where, entry in sorted(inputs.items())
+        if isinstance(entry, dict) and entry.get("sha256") != file_sha256(entry.get("path", ""))
+    ]
+
+
+def file_sha256(path: str | Path) -> str | None:
+    """The sha256 (hex) of a file's content, read in 1 MiB blocks; None when it cannot be read."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        return None
+    return digest.hexdigest()
 
 
 def save_result(result: Any, path: str | Path, *, overwrite: bool = True) -> list[Path]:
