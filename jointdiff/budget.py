@@ -1,4 +1,5 @@
-"""What a job will cost, known before it runs: windows, model calls, memory; and its limits.
+"""What a job will cost, known before it runs: windows, model calls and evaluations, FLOPs,
+memory; and its limits (model evaluations and FLOPs: :mod:`jointdiff.profiling`).
 
 :func:`estimate` counts, from a set-up geometry and a loaded model (no prompt encoding, no
 denoising), the windows, the model calls per step, the bytes of the canvas and its fusion
@@ -19,13 +20,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence as SequenceABC
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from .errors import ConfigError
+from .profiling import count_evaluations, job_flops
 from .tiled_decode import decode_plan, default_overlap, tile_starts
 
 DEFAULT_MAX_MEGAPIXELS = 64.0
@@ -90,6 +92,10 @@ class Estimate:
     """Peak of a one-piece final decode (rough), for comparison."""
     weight_bytes: int | None
     """Parameters of the pipeline's modules (exact; not part of :attr:`peak_bytes`)."""
+    evaluations: Any = None
+    """Rows through each network per phase (:class:`jointdiff.profiling.Evaluations`; exact)."""
+    flops: Any = None
+    """FLOPs per phase (:class:`jointdiff.profiling.Flops`), when asked for (``flops=True``)."""
 
     @property
     def model_calls(self) -> int:
@@ -124,7 +130,32 @@ class Estimate:
             f"final decode ~{format_bytes(self.decode_bytes)} ({decode}; whole: ~{format_bytes(self.decode_whole_bytes)}), "
             f"peak ~{format_bytes(self.peak_bytes)} + weights {format_bytes(self.weight_bytes)}",
         ]
-        return "\n".join(lines)
+        return "\n".join(lines + self._cost_lines())
+
+    def _cost_lines(self) -> list[str]:
+        """Model evaluations and FLOPs (:mod:`jointdiff.profiling`), when counted."""
+        from .profiling import format_flops
+
+        lines = []
+        if self.evaluations is not None:
+            total = self.evaluations.total()
+            networks = dict.fromkeys(key.split(".")[0] for key in total)
+            text = "; ".join(
+                f"{net} {total.get(net + '.forward', 0):,} forward"
+                + (f" + {total[net + '.backward']:,} backward" if total.get(net + ".backward") else "")
+                for net in networks
+            )
+            lines.append(f"model evaluations (rows; a guided window is {self.guidance_rows}): {text}")
+        if self.flops is not None:
+            f = self.flops
+            sync = f"synchronization {format_flops(f.synchronize)}, " if self.synchronized_steps else ""
+            lines.append(
+                f"FLOPs: {format_flops(f.total if f.synchronize is not None else None)} (denoising {format_flops(f.denoise)}, "
+                f"{sync}final decode {format_flops(f.decode)}, prompts {format_flops(f.text)})"
+            )
+        notes = (self.flops.notes if self.flops is not None else ()) or (self.evaluations.notes if self.evaluations else ())
+        lines += [f"note: {note}" for note in notes]
+        return lines
 
 
 def format_bytes(count: int | None) -> str:
@@ -153,6 +184,8 @@ def estimate(
     fusion: str | None = None,
     decode_tile_latent: int | None = None,
     shared_norms: bool = True,
+    flops: bool = False,
+    loop: Sequence[tuple[int, int]] | None = None,
 ) -> Estimate:
     """The cost of a job with ``geometry`` (set up here for ``model``'s latent format unless it
     already is) and ``model`` (a :class:`~jointdiff.families.base.ModelFamily`).
@@ -161,6 +194,10 @@ def estimate(
     their options (``regions``, ``guidance_scale``, ``negative_prompt``); without them one
     branch is assumed, with guidance when the model has it. ``fusion`` None is the geometry's
     preferred one; ``decode_tile_latent`` as :class:`~jointdiff.engine.JointDiffusion`'s.
+    The model evaluations are always counted; ``flops`` also prices them (runs the networks
+    once per window shape: :func:`jointdiff.profiling.job_flops`). ``loop``: ``(step index,
+    windows evaluated)`` of each step run (:func:`jointdiff.profiling.loop_plan`); None: every
+    window at each of ``steps`` steps.
     """
     latent_format = model.latent_format
     if getattr(geometry, "latent_format", None) != latent_format:
@@ -169,7 +206,7 @@ def estimate(
     channels, scale = latent_format.channels, latent_format.scale_factor
     window_h, window_w = geometry.window_size_latent
     windows = geometry.num_windows
-    branches, rows = prompt_shape(conditioners, model)
+    branches, rows_per_window = prompt_shape(conditioners, model)
     batches = math.ceil(windows / view_batch_size) * branches
     fusion = fusion or getattr(geometry, "preferred_fusion", "latent")
 
@@ -186,17 +223,32 @@ def estimate(
     per_pixel = decoder_bytes_per_pixel(model)
     output = sum(12 * b * scale * scale * h * w for b, h, w in calls)  # float32 RGB
     whole = max(per_pixel * b * scale * scale * h * w for b, h, w in calls) + 2 * output
-    tiled_peak, passes, tile_side = 0, 0, None
+    tiled_peak, passes, tile_side, decode_rows, decode_cells = 0, 0, None, 0, 0
     for b, h, w in calls:
         tile = decode_plan((b, channels, h, w), scale, latent_format.native_window, decode_tile_latent)
         if tile is None:
             tiled_peak, passes = max(tiled_peak, per_pixel * b * scale * scale * h * w), passes + 1
+            decode_rows, decode_cells = decode_rows + b, decode_cells + b * h * w
             continue
         tile_side = tile
         overlap = default_overlap(tile)
         count = len(tile_starts(h, tile, overlap)) * len(tile_starts(w, tile, overlap))
-        passes += count * (2 if shared_norms and count > 1 else 1)
+        count *= 2 if shared_norms and count > 1 else 1
+        passes += count
+        decode_rows, decode_cells = decode_rows + b * count, decode_cells + b * count * min(h, tile) * min(w, tile)
         tiled_peak = max(tiled_peak, per_pixel * b * scale * scale * min(h, tile) * min(w, tile))
+    loop = [(i, windows) for i in range(steps)] if loop is None else list(loop)
+    synced = synchronized_steps(synchronizer, [i for i, _ in loop])
+    evaluations = count_evaluations(windows, branches, rows_per_window, sum(n for _, n in loop), synchronizer, synced,
+                                    decode_rows)
+    priced = None
+    if flops:
+        try:
+            priced = job_flops(model, (window_h, window_w), rows_per_window, evaluations, decode_cells,
+                               branches * rows_per_window, synchronizer)
+        except Exception as error:  # a network the counter cannot run on one window: no FLOPs, said so
+            reason = f"FLOPs not counted ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+            evaluations = replace(evaluations, notes=evaluations.notes + (reason[:200],))
     return Estimate(
         canvas_shape=(sheets, channels, height, width),
         megapixels=sheets * height * width * scale * scale / 1e6,
@@ -204,20 +256,22 @@ def estimate(
         window_size=(window_h, window_w),
         view_batch_size=view_batch_size,
         branches=branches,
-        guidance_rows=rows,
+        guidance_rows=rows_per_window,
         batches_per_step=batches,
         window_evaluations_per_step=windows * branches,
         steps=steps,
-        synchronized_steps=synchronized_steps(synchronizer, steps),
+        synchronized_steps=synced,
         fusion=fusion,
         latent_bytes=latent,
         canvas_bytes=canvas,
-        activation_bytes=activation_bytes(model, (window_h, window_w), min(view_batch_size, windows) * rows),
+        activation_bytes=activation_bytes(model, (window_h, window_w), min(view_batch_size, windows) * rows_per_window),
         decode_calls=passes,
         decode_tile_latent=tile_side,
         decode_bytes=tiled_peak + 2 * output,
         decode_whole_bytes=whole,
         weight_bytes=weight_bytes(model),
+        evaluations=evaluations,
+        flops=priced,
     )
 
 
@@ -239,10 +293,13 @@ def prompt_shape(conditioners: Sequence[Any], model) -> tuple[int, int]:
     return branches, 2 if cfg else 1
 
 
-def synchronized_steps(synchronizer, steps: int) -> int:
+def synchronized_steps(synchronizer, steps: int | Sequence[int]) -> int:
+    """How many of the steps (``range(steps)``, or these step indices) the synchronizer
+    synchronizes."""
     if synchronizer is None or not hasattr(synchronizer, "synchronizes"):
         return 0
-    return sum(1 for i in range(steps) if synchronizer.synchronizes(i))
+    indices = range(steps) if isinstance(steps, int) else steps
+    return sum(1 for i in indices if synchronizer.synchronizes(i))
 
 
 def scheduler_history(model) -> int:

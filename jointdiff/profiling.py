@@ -17,9 +17,9 @@ Before a job runs (:func:`jointdiff.budget.estimate`, :meth:`JointDiffusion.esti
   area from one window (the VAE's attention grows faster than its area on one-piece decodes
   of large canvases); ControlNet residuals are not priced.
 
-While it runs: :class:`PhaseTimer` adds ``time.perf_counter`` intervals per phase (the
-engine's model calls, synchronization, fusion incl. the scheduler step, final decode; the
-rest is ``other``). With profiling on (``profile=True`` or inside :func:`session`) each phase
+While it runs: :class:`PhaseTimer` adds ``time.perf_counter`` intervals per phase (setup,
+the engine's model calls, synchronization, fusion incl. the scheduler step, final decode;
+the rest is ``other``). With profiling on (``profile=True`` or inside :func:`session`) each phase
 boundary waits for the device (``torch.cuda.synchronize``), so the times belong to their
 phase, and :class:`EvaluationCounter` counts the rows that really ran.
 """
@@ -35,8 +35,10 @@ from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
-PHASES = ("model", "synchronization", "fusion", "decode")
-"""Timed phases; ``other`` is the wall time outside them (setup, prompts, checks, callbacks)."""
+PHASES = ("setup", "model", "synchronization", "fusion", "decode")
+"""Timed phases (``setup``: plugins' setup, prompt encoding, the estimate and, when
+profiling, its FLOP count); ``other`` is the wall time outside them (the initial canvas,
+finite checks, callbacks, checkpoints, images)."""
 
 NETWORKS = ("denoiser", "decoder", "perceptual")
 
@@ -70,12 +72,13 @@ def _key_order(key: str) -> tuple[int, int, str]:
     return (NETWORKS.index(network) if network in NETWORKS else len(NETWORKS), direction != "forward", key)
 
 
-def syncdiffusion_step(windows: int, branches: int, rows: int) -> dict[str, int]:
+def syncdiffusion_step(windows: int, branches: int, rows: int, shared_branches: bool = False) -> dict[str, int]:
     """Rows SyncDiffusion's ``update`` runs in one synchronized step: the anchor's guided
     forward, decode and LPIPS features once (no gradient), then for the ``N − 1`` other
-    windows of every branch batch a guided forward and backward of the denoiser, the loss
-    decoder and LPIPS (``plugins/jointdiff_plugins/syncdiffusion.py``)."""
-    others = (windows - 1) * branches
+    windows a guided forward and backward of the denoiser, the loss decoder and LPIPS, once
+    per region branch, or once for all branches when they share the move (``shared_branches``:
+    SyncDiffusion's ``reuse_region_moves``) (``plugins/jointdiff_plugins/syncdiffusion.py``)."""
+    others = (windows - 1) * (1 if shared_branches else branches)
     if others <= 0:  # the anchor alone: nothing to move
         return {}
     return {
@@ -95,7 +98,7 @@ def synchronizer_step(synchronizer: Any, windows: int, branches: int, rows: int)
     if callable(own):
         return dict(own(windows, branches, rows))
     if getattr(synchronizer, "name", None) == "syncdiffusion":
-        return syncdiffusion_step(windows, branches, rows)
+        return syncdiffusion_step(windows, branches, rows, bool(getattr(synchronizer, "reuse_region_moves", False)))
     return None
 
 
@@ -143,9 +146,6 @@ def count_evaluations(windows: int, branches: int, rows: int, window_steps: int,
         per_step = {}
         if synchronized_steps:
             notes.append(f"synchronizer {getattr(synchronizer, 'name', type(synchronizer).__name__)!r}: its own evaluations are not counted")
-    options = getattr(synchronizer, "options", None)
-    if synchronized_steps and getattr(options, "w", None) == 0:
-        notes.append("syncdiffusion w = 0: its gradient passes run and move nothing")
     loop = window_steps * branches * rows
     if synchronized_steps and windows > 1 and reuses_anchor_output(synchronizer):
         loop -= rows * synchronized_steps  # the anchor's denoising step takes its output from the synchronizer
