@@ -2,10 +2,16 @@
 
 Parts (run ``python benchmarks/bench_sync.py --help``):
 
-- ``tiny`` (CPU is fine): the one-window-at-a-time oracle (``tests/sync_oracle.py``) against
-  the plugin on the built-in tiny model: seconds, speedup, and the largest difference of the
-  final latents; the exact (VAE) mode against the fast TAESD mode: seconds, the cosine between
-  their synchronization gradients and how far the final latents move; and the cost of one
+- ``tiny`` (CPU is fine): the one-window-at-a-time oracle (``tests/sync_oracle.py``, the
+  official sampler's algorithm) against the plugin on the built-in tiny model, at equal
+  settings, **interleaved** (per round ``oracle, plugin, before, before, plugin, oracle``:
+  a machine getting busier or quieter favours no side), wall and process CPU seconds with
+  medians and spread, the speedups and the largest differences of the final latents;
+  ``before`` is the plugin with this release's exact speed-ups switched off (anchor output
+  reuse, one move per window for all region branches, one window per gradient pass on a
+  CPU, LPIPS in channels-last, the deferred finite check). With
+  ``--taesd``: the exact (VAE) mode against the fast TAESD mode (seconds, the cosine between
+  their synchronization gradients, how far the final latents move) and the cost of one
   window's decoder forward + backward for the full-size SD 2 VAE architecture against TAESD.
 - ``sd2`` (CUDA): the full-size SD 2-base architecture (configs in ``benchmarks/configs/sd21``,
   UNet ``sample_size`` 64, ε-prediction, random weights, float16) on a 512×3072 strip, stride
@@ -23,6 +29,7 @@ import json
 import os
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -61,27 +68,88 @@ def run_job(pipeline, geometry_options, synchronizer, steps, view_batch_size):
 # -- tiny model ------------------------------------------------------------------------------
 
 
+ORDER = ("oracle", "plugin", "before", "before", "plugin", "oracle")
+"""One round: every arm twice, mirrored, so a linear drift of the machine's load cancels."""
+
+
+@contextmanager
+def speedups_off():
+    """The plugin as before this release's exact speed-ups (to measure what they bring)."""
+    from jointdiff import JointDiffusion
+    from jointdiff_plugins.syncdiffusion import SyncDiffusion
+
+    names = ("reuse_anchor_output", "reuse_region_moves", "cpu_micro_batch", "lpips_channels_last")
+    saved = [getattr(SyncDiffusion, name) for name in names], JointDiffusion.finite_check_every
+    SyncDiffusion.reuse_anchor_output = SyncDiffusion.reuse_region_moves = SyncDiffusion.lpips_channels_last = False
+    SyncDiffusion.cpu_micro_batch = None  # one gradient pass per engine batch, as before
+    JointDiffusion.finite_check_every = 1
+    try:
+        yield
+    finally:
+        for name, value in zip(names, saved[0]):
+            setattr(SyncDiffusion, name, value)
+        JointDiffusion.finite_check_every = saved[1]
+
+
 def oracle_vs_plugin(pipeline, lpips_module, args) -> dict:
+    """Interleaved rounds of the oracle, the plugin and the plugin without its speed-ups."""
     from jointdiff.plugins import create
     from sync_oracle import sync_diffusion_oracle
 
     geometry_options = {"length_px": args.length_px, "window_latent": 64, "stride_latent": args.stride}
-    device = torch.device("cpu")
-    expected, oracle_s = timed(lambda: sync_diffusion_oracle(
-        pipeline, create("geometry", "strip", **geometry_options), prompt=PROMPT, guidance_scale=7.5,
-        num_inference_steps=args.steps, seed=0, w=20.0, decay=0.95, lpips_module=lpips_module,
-    ), device)
-    sync = create("synchronizer", "syncdiffusion", lpips_module=lpips_module)
-    got, plugin_s = timed(lambda: run_job(pipeline, geometry_options, sync, args.steps, args.view_batch_size), device)
-    none, none_s = timed(lambda: run_job(pipeline, geometry_options, None, args.steps, args.view_batch_size), device)
+    settings = {"w": 20.0, "decay": 0.95}
+
+    def oracle():
+        return sync_diffusion_oracle(pipeline, create("geometry", "strip", **geometry_options), prompt=PROMPT,
+                                     guidance_scale=7.5, num_inference_steps=args.steps, seed=0,
+                                     lpips_module=lpips_module, **settings)
+
+    def plugin():  # the plugin's own LPIPS: the same random backbone (a fixed seed) as the oracle's module
+        sync = create("synchronizer", "syncdiffusion", net=args.net, lpips_random_backbone=True, **settings)
+        return run_job(pipeline, geometry_options, sync, args.steps, args.view_batch_size)
+
+    def before():
+        with speedups_off():
+            return plugin()
+
+    arms = {"oracle": oracle, "plugin": plugin, "before": before}
+    runs, latents = [], {}
+    for round_index in range(args.rounds):
+        for arm in ORDER:
+            cpu = time.process_time()
+            latents[arm], seconds = timed(arms[arm], torch.device("cpu"))
+            runs.append({"round": round_index, "arm": arm, "seconds": seconds, "cpu_seconds": time.process_time() - cpu})
+            print(json.dumps(runs[-1]), flush=True)
+    none, none_s = timed(lambda: run_job(pipeline, geometry_options, None, args.steps, args.view_batch_size),
+                         torch.device("cpu"))
     geometry = create("geometry", "strip", **geometry_options)
     geometry.setup(pipeline.vae_scale_factor)
-    return {
-        "windows": geometry.num_windows,
-        "oracle_s": oracle_s, "plugin_s": plugin_s, "none_s": none_s, "speedup": oracle_s / plugin_s,
-        "max_abs_diff": float((got - expected).abs().max()), "sync_effect": float((expected - none).abs().max()),
-        "latents": {"vae": got, "none": none},
-    }
+    return {"windows": geometry.num_windows, "runs": runs, **summarize(runs), "none_s": none_s,
+            "max_abs_diff_plugin_oracle": float((latents["plugin"] - latents["oracle"]).abs().max()),
+            "max_abs_diff_plugin_before": float((latents["plugin"] - latents["before"]).abs().max()),
+            "sync_effect": float((latents["oracle"] - none).abs().max()),
+            "latents": {"vae": latents["plugin"], "none": none}}
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Medians and spread per arm; speedups as ratios of medians and per round."""
+    import statistics
+
+    out: dict = {}
+    for key in ("seconds", "cpu_seconds"):
+        values = {arm: [r[key] for r in runs if r["arm"] == arm] for arm in dict.fromkeys(ORDER)}
+        medians = {arm: statistics.median(v) for arm, v in values.items()}
+        out[key] = {arm: {"median": medians[arm], "min": min(v), "max": max(v)} for arm, v in values.items()}
+        out[f"speedup_{key}"] = {"plugin_vs_oracle": medians["oracle"] / medians["plugin"],
+                                 "before_vs_oracle": medians["oracle"] / medians["before"],
+                                 "plugin_vs_before": medians["before"] / medians["plugin"]}
+    for key in ("seconds", "cpu_seconds"):
+        per_round = []
+        for k in sorted({r["round"] for r in runs}):
+            total = {arm: sum(r[key] for r in runs if r["round"] == k and r["arm"] == arm) for arm in ("oracle", "plugin")}
+            per_round.append(total["oracle"] / total["plugin"])
+        out[f"speedup_per_round_{key}"] = per_round
+    return out
 
 
 def exact_vs_taesd(pipeline, lpips_module, args, exact: dict) -> dict:
@@ -157,11 +225,25 @@ def tiny_benchmark(args) -> dict:
     pipeline = load_pipeline("tiny", device="cpu", dtype="float32")
     lpips_module = load_lpips(args.net, random_backbone=True)
     exact = oracle_vs_plugin(pipeline, lpips_module, args)
-    fast = exact_vs_taesd(pipeline, lpips_module, args, exact)
+    fast = exact_vs_taesd(pipeline, lpips_module, args, exact) if args.taesd else {}
     exact.pop("latents")
-    costs = decoder_costs(torch.device("cpu"), torch.float32, args.decoder_latent)
-    return {"device": "cpu", "threads": torch.get_num_threads(), "net": args.net, "steps": args.steps,
-            **exact, **fast, "decoder_fwd_bwd_s": costs}
+    costs = {"decoder_fwd_bwd_s": decoder_costs(torch.device("cpu"), torch.float32, args.decoder_latent)} if args.taesd else {}
+    return {"device": "cpu", "cpu": cpu_name(), "threads": torch.get_num_threads(), "net": args.net, "steps": args.steps,
+            "length_px": args.length_px, "stride": args.stride, "view_batch_size": args.view_batch_size,
+            "torch": torch.__version__, **exact, **fast, **costs}
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux), or the platform's processor string."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 # -- full-size SD 2-base ----------------------------------------------------------------------
@@ -234,6 +316,8 @@ def parse_args(argv=None):
     parser.add_argument("--stride", type=int, default=16, help="window stride in latent cells")
     parser.add_argument("--view-batch-size", type=int, default=None, help="engine window batch (tiny: 4, sd2: 8)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for the tiny part (0: torch default)")
+    parser.add_argument("--rounds", type=int, default=1, help="tiny part: interleaved rounds (oracle, plugin, before ×2 each)")
+    parser.add_argument("--taesd", action="store_true", help="tiny part: also the TAESD mode and the decoder costs")
     parser.add_argument("--decoder-latent", type=int, default=32, help="tiny part: decoder cost window, latent cells")
     parser.add_argument("--device", default="cuda", help="sd2 part: device")
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])

@@ -13,12 +13,12 @@ from abc import ABC
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 
-import torch
-
 from .families.base import Embeddings
 from .options import Configurable
 
 if TYPE_CHECKING:
+    import torch
+
     from .context import JobContext, StepState, WindowBatch
 
 
@@ -45,6 +45,8 @@ class Prompt:
     region_masks: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
+        import torch
+
         if isinstance(self.embeds, torch.Tensor):
             self.embeds = Embeddings({"prompt_embeds": self.embeds})
         if isinstance(self.negative_embeds, torch.Tensor):
@@ -67,10 +69,14 @@ class Prompt:
     @property
     def uses_guidance(self) -> bool:
         """Whether an unconditional (negative) branch is batched with the windows."""
+        import torch
+
         return self.negative_embeds is not None and bool(torch.as_tensor(self.guidance_scale).max() > 1.0)
 
     def scales(self, indices: Sequence[int]) -> float | torch.Tensor:
         """Guidance scale per window ``(B, 1, 1, 1)``, or one float for all."""
+        import torch
+
         if not isinstance(self.guidance_scale, torch.Tensor):
             return self.guidance_scale
         return self.guidance_scale[torch.tensor(indices)].view(-1, 1, 1, 1).float()
@@ -145,6 +151,8 @@ def encode_text(
     unconditional branch for this scale and these negatives) and the guidance scale used
     (``guidance_scale``, or the family's default when None). Guidance the family does not
     have is a ConfigError naming ``owner``."""
+    import torch
+
     model = context.model
     scale = model.default_guidance_scale if guidance_scale is None else float(guidance_scale)
     for negative in negative_prompts:

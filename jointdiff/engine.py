@@ -19,12 +19,9 @@ hold every window's state and every plugin's ``state_dict()``.
 from __future__ import annotations
 
 import copy
-import hashlib
 import inspect
-import json
 import numbers
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -45,6 +42,7 @@ from .distributed import (
     window_states,
 )
 from .distributed import resolve as resolve_distributed
+from .fingerprint import config_text, describe_plugin, describe_value, model_identity, tensor_digest
 from .errors import ConfigError, NonFiniteLatentsError
 from .fewstep import check_fewstep
 from .fusion import FusionMode, LatentFusion, make_fusion
@@ -182,7 +180,9 @@ class JointDiffusion:
             raise ConfigError(f"init must be an InitImage (jointdiff.init_image) or None, got {type(init).__name__}")
         tiled_decode.check_tile_option(decode_tile_latent)
         if view_batch_size != "auto" and (not isinstance(view_batch_size, int) or view_batch_size < 1):
-            raise ConfigError(f"view_batch_size must be a positive integer or 'auto', got {view_batch_size!r}")
+            raise ConfigError(
+                f"view_batch_size must be a positive integer, got {view_batch_size!r} (or 'auto': sized from free memory)"
+            )
         if not isinstance(compile, (bool, str)) or compile == "":
             raise ConfigError(f"compile must be True, False or a torch.compile backend name, got {compile!r}")
         if fusion not in (None, "latent", "x0", "x0_renoise"):
@@ -335,7 +335,8 @@ class JointDiffusion:
         timer = profiling.PhaseTimer(self.device, synchronize=profile)
         # 1. Set up the plugins with the job's context; timesteps (on the CPU: indexing them
         #    never waits for the GPU).
-        run = self._setup(num_inference_steps, int(seed), profile)
+        with timer.phase("setup"):
+            run = self._setup(num_inference_steps, int(seed), profile)
         run.timer = timer
         # 2. The initial canvas (its unit noise is kept for plugins: context.initial_noise).
         run.canvas = self._initial_latents(latents, run.context)
@@ -674,77 +675,6 @@ def _job_of(engine: JointDiffusion, steps: int, seed: int) -> dict[str, Any]:
     from .job import job_of_engine
 
     return job_of_engine(engine, steps, seed)
-
-
-# -- fingerprints -------------------------------------------------------------------------
-
-
-def _json(value: Any) -> str:
-    """Stable JSON (sorted keys; sets sorted; other objects as text)."""
-    return json.dumps(value, sort_keys=True, default=lambda v: sorted(map(str, v)) if isinstance(v, (set, frozenset)) else str(v))
-
-
-def config_text(config: Any) -> str:
-    """A diffusers config as stable JSON, without its private keys (``_use_default_values``
-    is a list in set order, ``_name_or_path`` a local path, ``_diffusers_version``)."""
-    return _json({k: v for k, v in dict(config or {}).items() if not str(k).startswith("_")})
-
-
-def _digest(data: bytes) -> str:
-    return hashlib.blake2b(data, digest_size=8).hexdigest()
-
-
-def tensor_digest(tensor: torch.Tensor) -> str:
-    """``dtype(shape)#hash`` of a tensor's values (one device-to-host copy)."""
-    data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-    return f"{str(tensor.dtype).removeprefix('torch.')}{tuple(tensor.shape)}#{_digest(data)}"
-
-
-def describe_value(value: Any) -> str:
-    """A stable text of an option value: containers element by element, tensors, arrays and
-    images by a hash of their values, modules by their class and config, other objects by
-    their class (never a memory address)."""
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return repr(value)
-    if isinstance(value, Path):
-        return repr(str(value))
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k!r}: {describe_value(v)}" for k, v in value.items()) + "}"
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(describe_value(v) for v in value) + "]"
-    if isinstance(value, torch.Tensor):
-        return tensor_digest(value)
-    if type(value).__module__ == "numpy" or hasattr(value, "__array_interface__"):
-        return "array" + tensor_digest(torch.as_tensor(__import__("numpy").asarray(value)))
-    config = getattr(value, "config", None)
-    if isinstance(config, dict):
-        return f"<{type(value).__name__} {_digest(config_text(config).encode())}>"
-    return f"<{type(value).__name__}>"
-
-
-def describe_plugin(plugin: Any) -> str:
-    """``name(options)`` of a plugin, from :func:`describe_value` of its options (prompts
-    included), or its repr for objects without pydantic options."""
-    options = getattr(plugin, "options", None)
-    if hasattr(options, "model_dump"):
-        return f"{getattr(plugin, 'name', type(plugin).__name__)}({describe_value(options.model_dump())})"
-    return repr(plugin)
-
-
-def model_identity(model: Any) -> str:
-    """``family:source:options:config-hash``: the family's name, the pipeline's
-    ``name_or_path`` (model id or folder), the family's options, a hash of the denoiser's
-    config and the active LoRA adapters."""
-    pipeline = model.pipeline
-    source = getattr(pipeline, "name_or_path", None) or getattr(getattr(pipeline, "config", None), "_name_or_path", None)
-    module = model.denoiser_module
-    config = f"{type(module).__name__}{config_text(getattr(module, 'config', None))}"
-    try:
-        adapters = ",".join(pipeline.get_active_adapters()) if hasattr(pipeline, "get_active_adapters") else ""
-    except Exception:  # no PEFT backend: no adapters
-        adapters = ""
-    options = describe_value(model.options.model_dump()) if hasattr(model.options, "model_dump") else ""
-    return f"{model.name}:{source or ''}:{options}:{_digest(config.encode())}:{adapters}"
 
 
 def _plugin_state(plugin: Any, where: str) -> dict[str, Any]:

@@ -132,7 +132,7 @@ class InitImage:
 
     def describe(self) -> str:
         """A stable text of the init image (hashes of its tensors), for checkpoint fingerprints."""
-        from .engine import tensor_digest
+        from .fingerprint import tensor_digest
 
         keep = tensor_digest(self.keep) if self.keep is not None else "None"
         return f"InitImage({tensor_digest(self.image)}, strength={self.strength!r}, keep={keep}, feather_px={self.feather_px})"

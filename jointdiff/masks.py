@@ -12,19 +12,19 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Sequence
-
-import numpy as np
-import torch
-import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from typing import TYPE_CHECKING, Any, Sequence
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def rectangle_mask(size_px: tuple[int, int], box_px: Sequence[float], what: str = "rect") -> torch.Tensor:
     """``(h, w)`` mask of the box ``[left, top, right, bottom]`` in pixels (right and bottom
     exclusive, as PIL's crop boxes); the box is clipped to the sheet."""
+    import torch
+
     height, width = size_px
     left, top, right, bottom = (int(round(v)) for v in box_px)
     if right <= left or bottom <= top:
@@ -41,6 +41,11 @@ def polygon_mask(
     ``ImageDraw.polygon`` at ``supersample`` times the resolution (within the polygon's
     bounding box) and box-averaged: edges are antialiased, and Pillow's inclusive outline
     adds at most ``1 / supersample`` px along them."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from PIL import Image, ImageDraw
+
     if len(points_px) < 3 or any(len(p) != 2 for p in points_px):
         raise ConfigError(f"{what} = {list(points_px)!r} must be a list of at least three [x, y] points")
     height, width = size_px
@@ -62,6 +67,10 @@ def image_mask(source: Any, size_px: tuple[int, int], what: str = "mask") -> tor
     """``(h, w)`` mask from a grayscale image: a path, a PIL image (converted to ``L``), an
     array or tensor ``(h, w)`` / ``(1, h, w)`` with values in [0, 1]. Grey levels are kept
     as soft weights. The size must be the sheet's pixel size."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
     if isinstance(source, (str, Path)):
         path = Path(source).expanduser()
         if not path.is_file():
@@ -90,6 +99,9 @@ def image_mask(source: Any, size_px: tuple[int, int], what: str = "mask") -> tor
 def feather(mask: torch.Tensor, radius_px: float) -> torch.Tensor:
     """Soften a mask ``(..., h, w)`` with a Gaussian blur of standard deviation ``radius_px``
     (as Pillow's ``GaussianBlur(radius)``), edges replicated; ``radius_px`` 0 returns it unchanged."""
+    import torch
+    import torch.nn.functional as F
+
     if radius_px <= 0:
         return mask
     half = max(1, math.ceil(3.0 * radius_px))
@@ -106,6 +118,8 @@ def feather(mask: torch.Tensor, radius_px: float) -> torch.Tensor:
 def area_downsample(mask_px: torch.Tensor, factor: int) -> torch.Tensor:
     """``(S, 1, f*H, f*W)`` pixel mask → ``(S, 1, H, W)``: each latent cell gets the mean of
     its ``f × f`` pixels (the fraction of the cell inside the region)."""
+    import torch.nn.functional as F
+
     height, width = mask_px.shape[-2:]
     if height % factor or width % factor:
         raise ConfigError(f"mask of {width}×{height} px is not a multiple of the VAE factor {factor}")

@@ -193,7 +193,7 @@ def _cached(key: tuple, measure: Callable[[], float]) -> float:
 
 
 def _identity(model: Any) -> str:
-    from .engine import model_identity
+    from .fingerprint import model_identity
 
     try:
         return model_identity(model)

@@ -23,16 +23,17 @@ SyncTweedies' x̂0 fusion (Kim et al., NeurIPS 2024): ``preferred_fusion = "x0"`
 from __future__ import annotations
 
 from abc import abstractmethod
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import pydantic
-import torch
 
-from . import spherical
 from .errors import ConfigError
 from .families.base import LatentFormat
 from .geometry import Geometry
 from .options import PluginOptions
+
+if TYPE_CHECKING:
+    import torch
 
 
 class SphereOptions(PluginOptions):
@@ -125,6 +126,9 @@ class SphereGeometry(Geometry):
 
     def extract_grids(self, scale: int, device: torch.device | str) -> torch.Tensor:
         """``(N, k*h, k*w, 2)`` sampling grids of all views into :meth:`padded_canvas` (cached)."""
+        import torch
+        from . import spherical
+
         key = (scale, str(device))
         if key not in self._extract_grids:
             size = (scale * self._window_side,) * 2
@@ -138,6 +142,8 @@ class SphereGeometry(Geometry):
     def insert_maps(self, scale: int, device: torch.device | str) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per view: the canvas cells inside its frustum as gather indices ``(3, M)``
         (sheet, row, col) and where they fall in the view, a grid ``(1, 1, M, 2)`` (cached)."""
+        from . import spherical
+
         key = (scale, str(device))
         if key not in self._insert_maps:
             directions = self.canvas_directions(scale)
@@ -152,6 +158,8 @@ class SphereGeometry(Geometry):
 
     def extract(self, canvas: torch.Tensor, window_ids: Sequence[int]) -> torch.Tensor:
         """Views ``(B, C, k*h, k*w)`` of ``canvas`` ``(S, C, k*H, k*W)``, bilinear."""
+        from . import spherical
+
         scale = self._scale_of(canvas)
         grids = self.extract_grids(scale, canvas.device)[list(window_ids)]
         return spherical.sample(self.padded_canvas(canvas), grids)
@@ -159,6 +167,8 @@ class SphereGeometry(Geometry):
     def insert(self, target: torch.Tensor, values: torch.Tensor, window_ids: Sequence[int]) -> None:
         """Inverse warp: each canvas cell inside view ``i``'s frustum adds ``values[i]``
         sampled (bilinear) where the cell projects. Linear in ``values``."""
+        from . import spherical
+
         scale = self._scale_of(target)
         maps = self.insert_maps(scale, target.device)
         cells_last = target.permute(0, 2, 3, 1)  # a view: index_put_ writes into target
@@ -170,6 +180,9 @@ class SphereGeometry(Geometry):
     def window_weights(self, window_ids: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
         """``(B, 1, h, w)``: 1 inside, ramping linearly toward the view's border over the
         outer ``feather`` of its half-width (positive at every pixel centre)."""
+        import torch
+        from . import spherical
+
         key = str(device)
         if key not in self._weights:
             size = self._window_side
@@ -184,6 +197,8 @@ class SphereGeometry(Geometry):
         """A canvas ``(S, channels, H, W)`` smooth on the sphere (random polynomials of degree
         ≤ 2 in the cell directions): bilinear resampling keeps it up to a small error, where
         it blurs noise away, so fusion round trips are checked on it."""
+        import torch
+
         directions = self.canvas_directions(1)
         x, y, z = (directions / directions.norm(dim=-1, keepdim=True)).float().unbind(-1)
         basis = torch.stack([torch.ones_like(x), x, y, z, x * y, y * z, z * x, x * x - y * y, 3 * z * z - 1], dim=-1)
@@ -191,6 +206,9 @@ class SphereGeometry(Geometry):
         return torch.einsum("shwk,ck->schw", basis, coefficients)
 
     def _check_coverage(self) -> None:
+        import torch
+        from . import spherical
+
         covered = torch.zeros(self.canvas_shape_latent, dtype=torch.bool)
         for cells, _ in self.insert_maps(1, "cpu"):
             covered[tuple(cells)] = True

@@ -10,11 +10,11 @@ from __future__ import annotations
 from abc import ABC
 from typing import TYPE_CHECKING, Any, Sequence
 
-import torch
-
 from .options import Configurable
 
 if TYPE_CHECKING:
+    import torch
+
     from .context import JobContext, StepState, WindowBatch
 
 

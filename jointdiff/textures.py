@@ -20,13 +20,14 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol, Sequence, runtime_checkable
-
-import numpy as np
-import torch
-from PIL import Image
+from typing import TYPE_CHECKING, Any, Literal, Protocol, Sequence, runtime_checkable
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    from PIL import Image
 
 
 @runtime_checkable
@@ -41,6 +42,10 @@ class TileSource(Protocol):
 
 def _as_chw(image: torch.Tensor | np.ndarray | Image.Image) -> torch.Tensor:
     """Any image to a float ``(B, C, H, W)`` tensor; arrays and PIL images are ``(H, W, C)``."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
     if isinstance(image, Image.Image):
         image = np.array(image.convert("RGB"))
     if isinstance(image, np.ndarray):
@@ -67,6 +72,8 @@ def seam_ratio(
 
     ``image``: ``(B, C, H, W)`` / ``(C, H, W)`` tensor, ``(H, W, C)`` array or PIL image.
     """
+    import torch
+
     if axis not in ("x", "y"):
         raise ConfigError(f"axis must be 'x' or 'y', got {axis!r}")
     pixels = _as_chw(image)
@@ -91,6 +98,9 @@ def seam_report(image: torch.Tensor | np.ndarray | Image.Image, period: int = 1)
 
 def repeat_preview(tile: Image.Image, repeat: int = 3) -> Image.Image:
     """The tile repeated ``repeat × repeat`` times, so a seam shows as a cross-hatched grid."""
+    import numpy as np
+    from PIL import Image
+
     if not isinstance(repeat, int) or repeat < 1:
         raise ConfigError(f"repeat must be a positive integer, got {repeat!r}")
     array = np.asarray(tile.convert("RGB"))
@@ -100,6 +110,9 @@ def repeat_preview(tile: Image.Image, repeat: int = 3) -> Image.Image:
 def wrap_pad(tile: Image.Image, pad_px: int) -> Image.Image:
     """Pad a tileable image on every side with its own wrapped continuation (an atlas
     gutter: bilinear filtering and mipmaps at the tile's border then see the right texels)."""
+    import numpy as np
+    from PIL import Image
+
     if pad_px == 0:
         return tile.convert("RGB")
     array = np.asarray(tile.convert("RGB"))
@@ -175,6 +188,8 @@ class AtlasLayout:
 
 def pack_atlas(tiles: Sequence[Image.Image], layout: AtlasLayout) -> Image.Image:
     """Paste ``tiles`` (each ``layout.tile_size_px``, with wrapped gutters) into one RGB image."""
+    from PIL import Image
+
     if len(tiles) != layout.count:
         raise ConfigError(f"pack_atlas got {len(tiles)} tiles for a layout of {layout.count}")
     height, width = layout.size_px

@@ -10,12 +10,7 @@ size is 64 latent cells: window geometry is the same as with real SD 1.x/2.x mod
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
 from importlib import resources
-
-
-if TYPE_CHECKING:
-    import torch
 
 TOKENIZER_DIR = "assets/clip-tokenizer"
 

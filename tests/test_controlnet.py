@@ -132,7 +132,7 @@ def test_controlsync_sync_pass_uses_each_windows_condition(fresh_tiny_pipeline, 
     geometry = create("geometry", "strip", length_px=256, window_latent=16, stride_latent=8)  # 3 windows
     image = torch.rand(3, 128, 256, generator=torch.Generator().manual_seed(5))
     control = ControlNetConditioner(model=controlnets[0], image=image)
-    sync = create("synchronizer", "syncdiffusion", preset="controlsync", lpips_module=_MeanSquare())
+    sync = create("synchronizer", "syncdiffusion", preset="controlsync", lpips_module=_MeanSquare(), micro_batch=2)
     text = create("conditioner", "text", prompt=PROMPT, guidance_scale=7.5)
     events, moved = [], []
     controlnet, unet = controlnets[0], pipeline.unet

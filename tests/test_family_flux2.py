@@ -11,9 +11,9 @@ import torch
 
 from jointdiff import JointDiffusion, create
 from jointdiff.errors import ConfigError
+from jointdiff.testing import OneWindowGeometry
 from jointdiff.families.flow import pack_patches, unpack_patches
 from jointdiff.families.flux2 import Flux2, build_tiny_pipeline, empirical_mu
-from jointdiff.tiling import TiledGeometry
 
 PROMPT = "a red fox in the snow"
 SIZE = (6, 10)  # canvas cells of a non-square window: 96 × 160 px
@@ -35,28 +35,11 @@ def initial_latents(seed: int = 1, size: tuple[int, int] = SIZE) -> torch.Tensor
     return torch.randn((1, 128, *size), generator=torch.Generator().manual_seed(seed))
 
 
-class OneWindow(TiledGeometry):
-    """A canvas that is exactly one window of ``size`` latent cells (non-square windows:
-    the built-in geometries have square ones)."""
-
-    name = "one-window"
-
-    def __init__(self, size: tuple[int, int]) -> None:
-        super().__init__()
-        self.size = tuple(size)
-
-    def canvas_size_px(self) -> tuple[int, int]:
-        return (self.size[0] * self.latent_scale, self.size[1] * self.latent_scale)
-
-    def window_stride_latent(self):
-        return self.size, self.size
-
-
 def engine_window(family, noise, guidance_scale=None):
     """The real engine on one window from unit ``noise`` ``(1, 128, h, w)`` with the ``text``
     conditioner (no negative prompt); returns the final latents."""
     text = create("conditioner", "text", prompt=PROMPT, guidance_scale=guidance_scale)
-    job = JointDiffusion(family, OneWindow(noise.shape[-2:]), [text])
+    job = JointDiffusion(family, OneWindowGeometry(noise.shape[-2:]), [text])
     return job(STEPS, latents=noise.clone(), output_type="latent", progress=False).latents
 
 

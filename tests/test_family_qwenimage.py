@@ -11,10 +11,10 @@ import torch
 
 from jointdiff import JointDiffusion, create
 from jointdiff.errors import ConfigError
+from jointdiff.testing import OneWindowGeometry
 from jointdiff.families.base import Embeddings
 from jointdiff.families.flow import linear_shift_mu, pack_patches, unpack_patches
 from jointdiff.families.qwenimage import QwenImage, build_tiny_pipeline
-from jointdiff.tiling import TiledGeometry
 
 PROMPT = "a photo of a red fox in the snow"
 NEGATIVE = "blurry"  # shorter than PROMPT: the negative rows are padded and masked
@@ -38,28 +38,11 @@ def initial_latents(seed: int = 1) -> torch.Tensor:
     return torch.randn((1, 16, *SIZE), generator=torch.Generator().manual_seed(seed))
 
 
-class OneWindow(TiledGeometry):
-    """A canvas that is exactly one window of ``size`` latent cells (non-square windows:
-    the built-in geometries have square ones)."""
-
-    name = "one-window"
-
-    def __init__(self, size: tuple[int, int]) -> None:
-        super().__init__()
-        self.size = tuple(size)
-
-    def canvas_size_px(self) -> tuple[int, int]:
-        return (self.size[0] * self.latent_scale, self.size[1] * self.latent_scale)
-
-    def window_stride_latent(self):
-        return self.size, self.size
-
-
 def engine_window(family, noise, negative=None, guidance_scale=4.0, conditioners=()):
     """The real engine on one window from unit ``noise`` ``(1, 16, h, w)``, with the ``text``
     conditioner (and ``conditioners``); returns the final latents."""
     text = create("conditioner", "text", prompt=PROMPT, negative_prompt=negative, guidance_scale=guidance_scale)
-    job = JointDiffusion(family, OneWindow(noise.shape[-2:]), [text, *conditioners])
+    job = JointDiffusion(family, OneWindowGeometry(noise.shape[-2:]), [text, *conditioners])
     return job(STEPS, latents=noise.clone(), output_type="latent", progress=False).latents
 
 
@@ -157,7 +140,7 @@ def test_facts_packing_and_vae_round_trip(pipe, family):
     fmt = family.latent_format
     assert (fmt.channels, fmt.scale_factor, fmt.patch, fmt.native_window) == (16, 8, 2, 128)
     assert fmt.native_window * fmt.scale_factor == pipe.default_sample_size * pipe.vae_scale_factor
-    assert QwenImage.accepts(pipe) and QwenImage.tiny_autoencoder is None and QwenImage.cuda_dtype == torch.bfloat16
+    assert QwenImage.accepts(pipe) and QwenImage.tiny_autoencoder is None and QwenImage.cuda_dtype == "bfloat16"
     template = pipe.tokenizer(pipe.prompt_template_encode.format("x")).input_ids
     assert pipe.tokenizer.decode(template[: pipe.prompt_template_encode_start_idx]).endswith("<|im_start|>user\n")
     x = torch.randn(2, 16, 8, 12)

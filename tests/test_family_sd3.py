@@ -10,8 +10,8 @@ import torch
 
 from jointdiff import JointDiffusion, create
 from jointdiff.errors import ConfigError
+from jointdiff.testing import OneWindowGeometry
 from jointdiff.families.sd3 import SD3Family, build_tiny_pipeline, build_tiny_sd35_pipeline
-from jointdiff.tiling import TiledGeometry
 
 PROMPT, NEGATIVE = "a photo of a cat in the city", "blurry"
 
@@ -30,28 +30,11 @@ def noise(*shape, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
-class OneWindow(TiledGeometry):
-    """A canvas that is exactly one window of ``size`` latent cells (non-square windows:
-    the built-in geometries have square ones)."""
-
-    name = "one-window"
-
-    def __init__(self, size: tuple[int, int]) -> None:
-        super().__init__()
-        self.size = tuple(size)
-
-    def canvas_size_px(self) -> tuple[int, int]:
-        return (self.size[0] * self.latent_scale, self.size[1] * self.latent_scale)
-
-    def window_stride_latent(self):
-        return self.size, self.size
-
-
 def engine_window(family, latents, steps, guidance, negative=None, conditioners=()):
     """The real engine on one window from unit noise ``latents`` ``(1, 16, h, w)``, with the
     ``text`` conditioner (and ``conditioners``); returns the final latents."""
     text = create("conditioner", "text", prompt=PROMPT, negative_prompt=negative, guidance_scale=guidance)
-    job = JointDiffusion(family, OneWindow(latents.shape[-2:]), [text, *conditioners])
+    job = JointDiffusion(family, OneWindowGeometry(latents.shape[-2:]), [text, *conditioners])
     return job(steps, latents=latents.clone(), output_type="latent", progress=False).latents
 
 

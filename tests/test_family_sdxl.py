@@ -10,13 +10,13 @@ import torch
 
 from jointdiff import JointDiffusion, create
 from jointdiff.errors import ConfigError
+from jointdiff.testing import OneWindowGeometry
 from jointdiff.families.sdxl import (
     StableDiffusionXL,
     build_tiny_pipeline,
     build_tiny_refiner_pipeline,
     guidance_embedding,
 )
-from jointdiff.tiling import TiledGeometry
 
 PROMPT = "a photo of a lighthouse"
 SIZE = (16, 24)  # latent cells of a non-square window: 128 × 192 px
@@ -37,28 +37,11 @@ def initial_latents(seed: int = 1) -> torch.Tensor:
     return torch.randn((1, 4, *SIZE), generator=torch.Generator().manual_seed(seed))
 
 
-class OneWindow(TiledGeometry):
-    """A canvas that is exactly one window of ``size`` latent cells (non-square windows:
-    the built-in geometries have square ones)."""
-
-    name = "one-window"
-
-    def __init__(self, size: tuple[int, int]) -> None:
-        super().__init__()
-        self.size = tuple(size)
-
-    def canvas_size_px(self) -> tuple[int, int]:
-        return (self.size[0] * self.latent_scale, self.size[1] * self.latent_scale)
-
-    def window_stride_latent(self):
-        return self.size, self.size
-
-
 def engine_window(family, noise, negative=None, guidance_scale=5.0, conditioners=()):
     """The real engine on one window from unit ``noise`` ``(1, 4, h, w)``, with the ``text``
     conditioner (and ``conditioners``); returns the final latents."""
     text = create("conditioner", "text", prompt=PROMPT, negative_prompt=negative, guidance_scale=guidance_scale)
-    job = JointDiffusion(family, OneWindow(noise.shape[-2:]), [text, *conditioners])
+    job = JointDiffusion(family, OneWindowGeometry(noise.shape[-2:]), [text, *conditioners])
     return job(STEPS, latents=noise.clone(), output_type="latent", progress=False).latents
 
 

@@ -59,6 +59,7 @@ from .geometry import (  # noqa: F401  (re-exported: jointdiff.testing is the pu
     check_geometry_decode,
     check_options_round_trip,
     check_geometry,
+    OneWindowGeometry,
 )
 from .invariance import (  # noqa: F401  (re-exported)
     check_batch_order_invariance,

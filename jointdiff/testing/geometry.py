@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from ..families.base import LatentFormat
+from ..tiling import TiledGeometry
 from ..geometry import Geometry
 
 LATENT_CHANNELS = 4
@@ -256,3 +257,21 @@ def check_geometry(geometry: Geometry, latent: LatentFormat | int = 8, atol: flo
     check_geometry_pixel_scale(geometry)
     check_geometry_decode(geometry, latent_scale)
     check_options_round_trip(geometry)
+
+
+class OneWindowGeometry(TiledGeometry):
+    """A canvas that is exactly one window of ``size_latent`` ``(h, w)`` latent cells (square
+    or not): for checking that one window denoised by the engine equals a stock pipeline
+    generating an image of that size."""
+
+    name = "one-window"
+
+    def __init__(self, size_latent: tuple[int, int]) -> None:
+        super().__init__()
+        self.size = tuple(int(v) for v in size_latent)
+
+    def canvas_size_px(self) -> tuple[int, int]:
+        return (self.size[0] * self.latent_scale, self.size[1] * self.latent_scale)
+
+    def window_stride_latent(self):
+        return self.size, self.size

@@ -36,9 +36,7 @@ from jointdiff.errors import ConfigError, ModelLoadError
 from jointdiff.options import PluginOptions
 
 if TYPE_CHECKING:
-    import numpy as np
     import torch
-    from PIL import Image
 
 TINY = "tiny"
 """``model = "tiny"``: a random-weight ControlNet built from the job's own UNet

@@ -41,9 +41,7 @@ from jointdiff.errors import ConfigError
 from jointdiff.options import PluginOptions
 
 if TYPE_CHECKING:
-    import numpy as np
     import torch
-    from PIL import Image
 
 REQUIRES_PLUGIN_API = "2.0"
 

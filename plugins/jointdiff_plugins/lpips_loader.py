@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from jointdiff.errors import ConfigError, ModelLoadError
+
+if TYPE_CHECKING:
+    import torch
 
 LPIPS_NETS = ("vgg", "alex", "squeeze")
 _TORCHVISION_WEIGHTS = {"vgg": "VGG16_Weights", "alex": "AlexNet_Weights", "squeeze": "SqueezeNet1_1_Weights"}
@@ -36,6 +37,8 @@ def backbone_weights_url(net: str) -> str:
 
 def backbone_weights_path(net: str) -> Path:
     """Where torchvision looks for (and caches) the backbone weights of LPIPS ``net``."""
+    import torch
+
     return Path(torch.hub.get_dir()) / "checkpoints" / backbone_weights_url(net).rsplit("/", 1)[-1]
 
 
@@ -56,6 +59,8 @@ def load_lpips(net: str = "vgg", *, random_backbone: bool = False) -> torch.nn.M
     the file. ``random_backbone=True`` builds the backbone from a fixed seed instead (lpips'
     ``pnet_rand``): fine for tests of code paths and gradients, meaningless as a metric.
     """
+    import torch
+
     url = backbone_weights_url(net)
     if random_backbone:
         with torch.random.fork_rng(devices=[]):
@@ -113,6 +118,8 @@ class AnchorDistance:
     def set_anchor(self, image: torch.Tensor) -> None:
         """Fix the anchor ``(1, 3, H, W)`` in [-1, 1] (no gradient flows into it). Images are
         cast to the module's floating dtype (float32 unless the module is, e.g., float64)."""
+        import torch
+
         dtype = next((p.dtype for p in _parameters(self.module) if p.is_floating_point()), image.dtype)
         self._anchor = image.detach().to(dtype)
         with torch.no_grad():
@@ -133,4 +140,6 @@ class AnchorDistance:
 
 
 def _parameters(module: Any) -> list[torch.Tensor]:
+    import torch
+
     return list(module.parameters()) if isinstance(module, torch.nn.Module) else []

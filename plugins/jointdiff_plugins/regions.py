@@ -37,16 +37,18 @@ equirectangular sheet) the coordinates are equirectangular pixels.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pydantic
-import torch
 
 from jointdiff import hookimpl
 from jointdiff.conditioner import Conditioner, Prompt, encode_text
 from jointdiff.errors import ConfigError
 from jointdiff.masks import area_downsample, feather, image_mask, polygon_mask, rectangle_mask
 from jointdiff.options import PluginOptions
+
+if TYPE_CHECKING:
+    import torch
 
 
 class Region(PluginOptions):
@@ -126,6 +128,8 @@ class RegionsConditioner(Conditioner):
     def canvas_masks(self, geometry) -> torch.Tensor:
         """Fusion weights ``(P, S, 1, H, W)`` at latent resolution: background first, then
         every region in order (see the module docstring for the background)."""
+        import torch
+
         sheets, height, width = geometry.canvas_shape_latent
         scale = geometry.latent_scale
         regions = []
@@ -155,6 +159,8 @@ class RegionsConditioner(Conditioner):
     def _encode(self, context, masks: torch.Tensor) -> Prompt:
         """Embeddings (``P`` rows) of the background and region prompts, encoded as the
         ``text`` conditioner does; one guidance scale per prompt."""
+        import torch
+
         o = self.options
         default = context.model.default_guidance_scale if o.guidance_scale is None else o.guidance_scale
         texts = [o.prompt] + [r.prompt for r in o.regions]
@@ -173,6 +179,8 @@ class RegionsConditioner(Conditioner):
     def _bootstrap_backgrounds(self, context) -> torch.Tensor:
         """``(n, C, h, w)`` latents of ``n = bootstrap_steps`` window-sized images of one
         uniformly random colour each (VAE posterior samples in the model's latent space), float32."""
+        import torch
+
         h, w = context.geometry.window_size_latent
         scale = context.geometry.latent_scale
         colours = torch.rand(self.options.bootstrap_steps, 3, 1, 1, generator=context.generator_for("regions/colours"))
@@ -187,6 +195,8 @@ class RegionsConditioner(Conditioner):
     def modify_latents(self, latents: torch.Tensor, batch, state) -> torch.Tensor:
         """Bootstrapping of region branches during the first ``bootstrap_steps`` steps
         (module docstring); other branches and steps are returned unchanged."""
+        import torch
+
         region = batch.prompt_index
         if not region or self._backgrounds is None or state.step_index >= self.options.bootstrap_steps:
             return latents

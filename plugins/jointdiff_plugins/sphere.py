@@ -11,6 +11,7 @@ Angles and axes: :mod:`jointdiff.spherical`; face order, orientation and names:
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
+
 import pydantic
 
 from jointdiff import hookimpl
@@ -20,7 +21,6 @@ from jointdiff.sphere_base import SphereGeometry, SphereOptions
 
 if TYPE_CHECKING:
     import torch
-    from jointdiff import cube, spherical
 
 DEFAULT_RINGS = ((0.0, 8), (45.0, 6), (-45.0, 6), (90.0, 1), (-90.0, 1))
 """``(pitch_deg, views)``: a ring of 8 views on the horizon, 6 at ±45° and one at each pole;

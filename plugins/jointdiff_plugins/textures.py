@@ -23,12 +23,11 @@ Window and stride are in latent cells (as ``grid``: unset, the model's native wi
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import pydantic
-import torch
 
-from jointdiff import cube, hookimpl
+from jointdiff import hookimpl
 from jointdiff.conditioner import Conditioner, Prompt, encode_text
 from jointdiff.errors import ConfigError
 from jointdiff.families.base import LatentFormat
@@ -36,6 +35,9 @@ from jointdiff.geometry import DecodeFn, Geometry
 from jointdiff.options import PluginOptions
 from jointdiff.textures import AtlasLayout, TileSource
 from jointdiff.tiling import TiledGeometry, WindowOptions, axis_starts, resolve_window_stride
+
+if TYPE_CHECKING:
+    import torch
 
 
 class TorusGeometry(TiledGeometry):
@@ -180,6 +182,8 @@ class CubeTextureGeometry(Geometry):
                 f"{self.name}: face_px = {o.face_px} is {self._n} latent cells, "
                 f"smaller than one window ({self._window_side})"
             )
+        import torch  # here, after the size checks: a job with a bad size is refused without torch
+
         self.window_specs = self._face_windows() + self._edge_windows()
         self._cells = torch.stack([self.window_cells(i) for i in range(len(self.window_specs))])
 
@@ -191,6 +195,9 @@ class CubeTextureGeometry(Geometry):
     def _edge_windows(self) -> list[tuple[int, int, int]]:
         """``(face, top, left)`` of windows reaching past one side of ``face`` (negative or
         beyond the face), for each edge once (from the first face that has it)."""
+        import torch
+        from jointdiff import cube
+
         n, w, stride = self._n, self._window_side, self._stride_side
         along, _ = axis_starts(n, w, stride, False, "face")
         probes = {"right": (0, n), "bottom": (n, 0), "left": (0, -1), "top": (-1, 0)}
@@ -210,6 +217,9 @@ class CubeTextureGeometry(Geometry):
     def window_cells(self, window_id: int, scale: int = 1) -> torch.Tensor:
         """``(3, k*h, k*w)`` LongTensor: face, row and column of every cell of a window on a
         canvas ``k`` times the latent resolution (``k`` = 1 for latents)."""
+        import torch
+        from jointdiff import cube
+
         face, top, left = self.window_specs[window_id]
         size = scale * self._window_side
         local = torch.arange(size)
@@ -243,6 +253,8 @@ class CubeTextureGeometry(Geometry):
     def extract(self, canvas: torch.Tensor, window_ids: Sequence[int]) -> torch.Tensor:
         """Windows ``(B, C, k*h, k*w)`` of ``canvas`` ``(6, C, k*N, k*N)``: latents (k = 1) or
         a pixel-space input such as a condition image or mask (k = VAE factor)."""
+        import torch
+
         scale = self._scale_of(canvas)
         cells = torch.stack([self._cells_of(i, scale) for i in window_ids]).to(canvas.device)
         faces, rows, cols = cells.unbind(1)  # each (B, k*h, k*w)
@@ -259,6 +271,8 @@ class CubeTextureGeometry(Geometry):
         """Decode the faces, each with a border of its neighbours' latents, stacked into one
         tall image, and fuse the overlapping borders so no seam remains along the cube's
         edges (:func:`jointdiff.cube.decode_padded_faces`). Returns ``(6, 3, f*N, f*N)``."""
+        from jointdiff import cube
+
         return cube.decode_padded_faces(canvas, decode, self.decode_padding_latent, self.latent_scale)
 
 
