@@ -25,32 +25,21 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
-from PIL import Image
 
 from .conditioner import Conditioner, Prompt
 from .context import JobContext, StepState, WindowBatch
 from .denoiser import Denoiser, accelerated, auto_view_batch_size
-from .distributed import (
-    Checkpoint,
-    Distributed,
-    is_plain,
-    load_checkpoint,
-    remove_checkpoint,
-    restore_windows,
-    save_checkpoint,
-    window_costs,
-    window_states,
-)
+from .distributed import Checkpoint, Distributed, remove_checkpoint, window_costs
 from .distributed import resolve as resolve_distributed
-from .fingerprint import config_text, describe_plugin, describe_value, model_identity, tensor_digest
 from .errors import ConfigError, NonFiniteLatentsError
 from .fewstep import check_fewstep
 from .fusion import FusionMode, LatentFusion, make_fusion
 from .geometry import Geometry
 from .shifted import WindowsMode, check_windows_option
 from .init_image import InitImage
+from .result import JointResult, StopJob
 from .synchronizer import Synchronizer
-from . import budget, init_image, profiling, tiled_decode
+from . import budget, init_image, job_state, profiling, tiled_decode
 
 StepCallback = Callable[[int, int, torch.Tensor], None]
 """``callback(step_index, timestep, canvas)``: observes the canvas after a step (and after
@@ -59,38 +48,6 @@ StepEndCallback = Callable[[int, torch.Tensor, torch.Tensor], "torch.Tensor | No
 """``callback_on_step_end(step_index, timestep, latents) -> latents | None`` (diffusers'
 style): may return new canvas latents ``(S, C, H, W)`` for the next step, or raise
 :class:`StopJob` to end the job after this step."""
-
-
-class StopJob(Exception):
-    """Raised by a step callback to end the job after the current step: the result holds
-    the canvas so far (``metadata["stopped_at_step"]``) and a checkpoint, if any, is kept
-    (written at this step) so the job can be resumed. ``latents`` (optional) replace the
-    canvas first, as a returned value would. With window parallelism one rank raising it
-    stops every rank."""
-
-    def __init__(self, latents: torch.Tensor | None = None, message: str = "stopped by a step callback") -> None:
-        super().__init__(message)
-        self.latents = latents
-
-
-@dataclass
-class JointResult:
-    """What a job returns: the output images, the final canvas latents ``(S, C, H, W)``
-    (float32, unscaled; with ``x0`` fusion, the fused clean latents of the last step) and the
-    decoded pixels ``(S, 3, H_px, W_px)`` in [-1, 1]."""
-
-    images: list[Image.Image]
-    latents: torch.Tensor
-    pixels: torch.Tensor | None = None
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-    def save(self, path: Any, *, overwrite: bool = True) -> list[Any]:
-        """Save the images (several: ``out_0.png``, ...) with the job and seed in every PNG,
-        as the CLI does; ``overwrite=False`` keeps existing files (next free name). See
-        :func:`jointdiff.output.save_result`."""
-        from .output import save_result
-
-        return save_result(self, path, overwrite=overwrite)
 
 
 @dataclass
@@ -574,56 +531,16 @@ class JointDiffusion:
         costs = window_costs(self.geometry.num_windows, num_steps, self.synchronizer, comm.sync_cost, comm.anchor_cost)
         return [sum(costs[w] for w in batch.window_ids) for batch in batches]
 
-    # -- checkpoints ---------------------------------------------------------------------
+    # -- checkpoints (jointdiff.job_state) ------------------------------------------------
 
     def _fingerprint(self, run: _Run, latents: torch.Tensor | None) -> dict[str, Any]:
-        """What makes a checkpoint this job's: model identity, scheduler, every plugin's
-        options (prompts included), steps, seed, fusion, eta, canvas, windows, initial noise."""
-        return {
-            "model": model_identity(self.model),
-            "scheduler": f"{type(run.scheduler).__name__}{config_text(run.scheduler.config)}",
-            "geometry": describe_plugin(self.geometry),
-            "conditioners": [describe_plugin(c) for c in self.conditioners],
-            "synchronizer": describe_plugin(self.synchronizer) if self.synchronizer is not None else "none()",
-            "steps": len(run.timesteps),
-            "seed": run.seed,
-            "fusion": run.fusion_mode if self.windows == "overlap" else f"{run.fusion_mode}, {self.windows} windows",
-            "eta": float(self.eta),
-            "canvas": list(run.canvas.shape),
-            "windows": self.geometry.num_windows,
-            "latents": tensor_digest(latents) if latents is not None else "from seed",
-            **({"init": self.init.describe()} if self.init is not None else {}),
-        }
+        return job_state.fingerprint(self, run, latents)
 
     def _save(self, run: _Run, checkpoint: Checkpoint, next_step: int) -> None:
-        plugins = {
-            "conditioners": [_plugin_state(c, f"conditioner {getattr(c, 'name', type(c).__name__)!r}") for c in self.conditioners],
-            "synchronizer": _plugin_state(self.synchronizer, "the synchronizer") if self.synchronizer is not None else {},
-        }
-        states = run.fusion.saved_states()  # a fusion with a canvas scheduler keeps its own
-        if states is None:
-            states = window_states(run.batches, run.fusion)
-        save_checkpoint(checkpoint, run.comm, run.fingerprint, next_step, run.canvas, states, plugins)
+        job_state.save(self, run, checkpoint, next_step)
 
     def _resume(self, run: _Run, checkpoint: Checkpoint | None) -> int:
-        """The first step to run: 0, or the saved one after restoring the canvas, every
-        window's state and every plugin's state from a checkpoint of this job."""
-        if checkpoint is None:
-            return 0
-        payload = load_checkpoint(checkpoint, run.comm, run.fingerprint)
-        if payload is None:
-            return 0
-        if not run.fusion.restore_states(payload["windows"], run.canvas.device):
-            restore_windows(run.batches, run.fusion, payload["windows"], run.canvas.device)
-        plugins = payload.get("plugins") or {}
-        for conditioner, state in zip(self.conditioners, plugins.get("conditioners", [])):
-            if state and hasattr(conditioner, "load_state_dict"):
-                conditioner.load_state_dict(state)
-        if self.synchronizer is not None and plugins.get("synchronizer"):
-            self.synchronizer.load_state_dict(plugins["synchronizer"])
-        run.fusion.canvas = payload["canvas"].to(run.canvas.device)
-        run.canvas = run.fusion.canvas
-        return int(payload["next_step"])
+        return job_state.resume(self, run, checkpoint)
 
     def _finish(self, run: _Run, output_type: str, checkpoint: Checkpoint | None, stopped: int | None) -> JointResult:
         """The result (decoded on rank 0 only with window parallelism: every rank holds the
@@ -675,15 +592,3 @@ def _job_of(engine: JointDiffusion, steps: int, seed: int) -> dict[str, Any]:
     from .job import job_of_engine
 
     return job_of_engine(engine, steps, seed)
-
-
-def _plugin_state(plugin: Any, where: str) -> dict[str, Any]:
-    """A plugin's ``state_dict()`` (``{}`` without one), checked to load with ``weights_only``."""
-    getter = getattr(plugin, "state_dict", None)
-    state = getter() if callable(getter) else {}
-    if not isinstance(state, dict) or not is_plain(state):
-        raise ConfigError(
-            f"{where}: state_dict() must return a dict of tensors and plain containers "
-            f"(dict, list, tuple, numbers, strings, None), got {describe_value(state)[:120]}"
-        )
-    return state
