@@ -344,6 +344,24 @@ class ModelFamily(Configurable, ABC):
 
     # -- inpainting models ---------------------------------------------------------------
 
+    def join_inpaint_condition(self, latents: torch.Tensor, extra: Mapping[str, Any] | None) -> tuple[torch.Tensor, dict[str, Any]]:
+        """For :meth:`forward`: ``latents`` with ``extra["concat_condition"]`` (an inpainting
+        model's mask and masked-image latents, :meth:`inpaint_condition`) joined along the
+        channels, and the rest of ``extra``. An inpainting checkpoint without one is a
+        ConfigError: it cannot run on the latents alone."""
+        import torch
+
+        extra = dict(extra or {})
+        condition = extra.pop("concat_condition", None)
+        if condition is not None:
+            return torch.cat([latents, condition.to(latents)], dim=1), extra
+        if self.is_inpainting:
+            raise ConfigError(
+                f"model family {self.name!r}: this inpainting checkpoint needs an image and a mask; "
+                "add the 'inpaint_model' conditioner"
+            )
+        return latents, extra
+
     @property
     def is_inpainting(self) -> bool:
         """Whether this checkpoint is an inpainting model, whose denoiser takes the noisy

@@ -117,20 +117,10 @@ class Flux(FlowMatchFamily):
         for dev, the embedded guidance. ``extra``: ControlNet residuals (see
         :meth:`controlnet_kwargs`) and, for FluxFill, ``concat_condition`` ``(N, C', h, w)``
         (masked-image latents and mask) joined to the latents along channels before packing."""
-        import torch
-
         transformer = self.pipeline.transformer
         n, _, h, w = latents.shape
         self._check_window(h, w)
-        extra = dict(extra or {})
-        condition = extra.pop("concat_condition", None)
-        if condition is not None:
-            latents = torch.cat([latents, condition.to(latents)], dim=1)
-        elif self.is_inpainting:
-            raise ConfigError(
-                "model family 'flux': this FLUX.1 Fill transformer needs an image and a mask; "
-                "add the 'inpaint_model' conditioner"
-            )
+        latents, extra = self.join_inpaint_condition(latents, extra)
         inputs = self._model_inputs(transformer, latents, timestep, embeds, guidance_scale)
         with self._canvas_positions(transformer, offsets, n, (h // PATCH) * (w // PATCH)):
             tokens = transformer(**inputs, return_dict=False, **extra)[0]

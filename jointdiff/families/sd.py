@@ -65,18 +65,8 @@ class StableDiffusion(VPFamily):
         but ``concat_condition`` ``(N, 5, h, w)`` (an inpainting UNet's mask and masked-image
         latents, :meth:`inpaint_condition`) joins the latents along channels, after the
         scheduler's input scaling, as StableDiffusionInpaintPipeline does."""
-        import torch
-
         unet = self.pipeline.unet
-        extra = dict(extra or {})
-        condition = extra.pop("concat_condition", None)
-        if condition is not None:
-            latents = torch.cat([latents, condition.to(latents)], dim=1)
-        elif self.is_inpainting:
-            raise ConfigError(
-                "model family 'sd': this inpainting UNet (9 input channels) needs an image and a mask; "
-                "add the 'inpaint_model' conditioner"
-            )
+        latents, extra = self.join_inpaint_condition(latents, extra)
         output = unet(
             latents.to(self.dtype), timestep, encoder_hidden_states=embeds["prompt_embeds"],
             return_dict=False, **extra,
