@@ -39,3 +39,10 @@ def make_job(pipeline, geometry="strip", geometry_options=None, prompt="a photo 
     geometry_obj = create("geometry", geometry, **(geometry_options or {}))
     text = create("conditioner", "text", prompt=prompt, guidance_scale=7.5)
     return JointDiffusion(pipeline, geometry_obj, [text], **engine_kwargs)
+
+
+def assert_close_to_stock(ours, stock, rtol: float = 1e-4) -> None:
+    """Largest difference from a stock pipeline's result within ``rtol`` of its largest value."""
+    diff = (ours - stock).abs().max().item()
+    scale = stock.abs().max().item()
+    assert diff <= rtol * scale, f"max abs diff {diff:.3g} vs max |stock| {scale:.3g}"

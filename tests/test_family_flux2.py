@@ -11,6 +11,7 @@ import torch
 
 from jointdiff import JointDiffusion, create
 from jointdiff.errors import ConfigError
+from conftest import assert_close_to_stock as assert_close
 from jointdiff.testing import OneWindowGeometry
 from jointdiff.families.flow import pack_patches, unpack_patches
 from jointdiff.families.flux2 import Flux2, build_tiny_pipeline, empirical_mu
@@ -41,12 +42,6 @@ def engine_window(family, noise, guidance_scale=None):
     text = create("conditioner", "text", prompt=PROMPT, guidance_scale=guidance_scale)
     job = JointDiffusion(family, OneWindowGeometry(noise.shape[-2:]), [text])
     return job(STEPS, latents=noise.clone(), output_type="latent", progress=False).latents
-
-
-def assert_close(ours: torch.Tensor, stock: torch.Tensor, rtol: float = 1e-4) -> None:
-    diff = (ours - stock).abs().max().item()
-    scale = stock.abs().max().item()
-    assert diff <= rtol * scale, f"max abs diff {diff:.3g} vs max |stock| {scale:.3g}"
 
 
 @pytest.mark.parametrize("variant", ["dev", "klein", "klein-base"])

@@ -10,6 +10,7 @@ import torch
 
 from jointdiff import JointDiffusion, create
 from jointdiff.errors import ConfigError
+from conftest import assert_close_to_stock as assert_close
 from jointdiff.testing import OneWindowGeometry
 from jointdiff.families.sd3 import SD3Family, build_tiny_pipeline, build_tiny_sd35_pipeline
 
@@ -36,11 +37,6 @@ def engine_window(family, latents, steps, guidance, negative=None, conditioners=
     text = create("conditioner", "text", prompt=PROMPT, negative_prompt=negative, guidance_scale=guidance)
     job = JointDiffusion(family, OneWindowGeometry(latents.shape[-2:]), [text, *conditioners])
     return job(steps, latents=latents.clone(), output_type="latent", progress=False).latents
-
-
-def assert_close(ours, ref, rel=1e-4):
-    err = (ours - ref).abs().max().item()
-    assert err <= rel * ref.abs().max().item(), f"max abs diff {err} vs max {ref.abs().max().item()}"
 
 
 @pytest.mark.parametrize("build", [build_tiny_pipeline, build_tiny_sd35_pipeline], ids=["sd3", "sd3.5"])

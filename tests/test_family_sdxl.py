@@ -10,6 +10,7 @@ import torch
 
 from jointdiff import JointDiffusion, create
 from jointdiff.errors import ConfigError
+from conftest import assert_close_to_stock as assert_close
 from jointdiff.testing import OneWindowGeometry
 from jointdiff.families.sdxl import (
     StableDiffusionXL,
@@ -43,12 +44,6 @@ def engine_window(family, noise, negative=None, guidance_scale=5.0, conditioners
     text = create("conditioner", "text", prompt=PROMPT, negative_prompt=negative, guidance_scale=guidance_scale)
     job = JointDiffusion(family, OneWindowGeometry(noise.shape[-2:]), [text, *conditioners])
     return job(STEPS, latents=noise.clone(), output_type="latent", progress=False).latents
-
-
-def assert_close(ours: torch.Tensor, stock: torch.Tensor, rtol: float = 1e-4) -> None:
-    diff = (ours - stock).abs().max().item()
-    scale = stock.abs().max().item()
-    assert diff <= rtol * scale, f"max abs diff {diff:.3g} vs max |stock| {scale:.3g}"
 
 
 def stock_latents(pipeline, noise, **kwargs):
