@@ -64,7 +64,7 @@ def build_sd15(device: torch.device) -> Any:
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from jointdiff.tiny import tokenizer
+    from jointdiff.models.tiny import tokenizer
 
     torch.manual_seed(0)
     with torch.device(device):
@@ -80,8 +80,8 @@ def build_sd15(device: torch.device) -> Any:
 
 def build(model: str, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
     """The shared pipeline and a ControlNet for its UNet, on ``device`` in ``dtype``."""
-    from jointdiff.models import load_pipeline
-    from jointdiff.tiny import tiny_controlnet
+    from jointdiff.models.loading import load_pipeline
+    from jointdiff.models.tiny import tiny_controlnet
 
     if model == "tiny":
         pipeline = load_pipeline("tiny", device=device, dtype=dtype)
@@ -104,7 +104,7 @@ def condition(height_px: int, width_px: int) -> Image.Image:
 
 def jointdiff_job(pipeline: Any, controlnet: Any | None, length_px: int, stride: int, view_batch_size: int) -> Any:
     from jointdiff import JointDiffusion
-    from jointdiff.plugins import create
+    from jointdiff.core.registry import create
     from jointdiff_plugins.controlnet import ControlNetConditioner
 
     window = pipeline.unet.config.sample_size

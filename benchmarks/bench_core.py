@@ -91,7 +91,7 @@ def build_sd2_base(device: torch.device) -> Any:
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from jointdiff.tiny import tokenizer
+    from jointdiff.models.tiny import tokenizer
 
     unet_config = dict(UNet2DConditionModel.load_config(CONFIG_DIR / "unet"), sample_size=64)
     scheduler = DDIMScheduler.from_config(
@@ -116,7 +116,7 @@ def build_sd2_base(device: torch.device) -> Any:
 
 def build_pipeline(model: str, device: torch.device, dtype: torch.dtype) -> Any:
     """The Stable Diffusion pipeline both implementations share, on ``device`` in ``dtype``."""
-    from jointdiff.models import load_pipeline
+    from jointdiff.models.loading import load_pipeline
 
     if model == "tiny":
         return load_pipeline("tiny", device=device, dtype=dtype)
@@ -163,7 +163,7 @@ def panorama_pipeline(pipeline: Any, stride: int) -> Any:
 def jointdiff_job(pipeline: Any, width_px: int, stride: int, view_batch_size: int) -> Any:
     """The jointdiff job: horizontal ``strip``, ``text`` conditioner, ``none`` synchronizer."""
     from jointdiff import JointDiffusion
-    from jointdiff.plugins import create
+    from jointdiff.core.registry import create
 
     geometry = create("geometry", "strip", length_px=width_px, window_latent=64, stride_latent=stride)
     text = create("conditioner", "text", prompt=PROMPT, guidance_scale=GUIDANCE_SCALE)
@@ -176,7 +176,7 @@ def window_layouts(width_px: int, stride: int) -> tuple[list[tuple[int, ...]], l
     and diffusers'. No model is needed (VAE factor 8, as diffusers hard-codes)."""
     from diffusers import StableDiffusionPanoramaPipeline
 
-    from jointdiff.plugins import create
+    from jointdiff.core.registry import create
 
     geometry = create("geometry", "strip", length_px=width_px, window_latent=64, stride_latent=stride)
     geometry.setup(8)

@@ -1,9 +1,9 @@
-"""The final VAE decode of a large canvas: in one piece vs in tiles (jointdiff.tiled_decode).
+"""The final VAE decode of a large canvas: in one piece vs in tiles (jointdiff.models.tiled_decode).
 
 Each measurement runs in a fresh subprocess: build the model, decode a small warm-up, reset
 the kernel's RSS high-water mark (``/proc/self/clear_refs``), decode unit Gaussian latents of
 the given size, and report the peak RSS growth (``VmHWM`` minus the RSS before the decode),
-the wall time, and jointdiff's estimate of that peak (:mod:`jointdiff.budget`). On CUDA the
+the wall time, and jointdiff's estimate of that peak (:mod:`jointdiff.cost.budget`). On CUDA the
 peak is ``torch.cuda.max_memory_allocated`` growth instead.
 
 Modes: ``whole`` (one decoder call), ``tiled`` (tiles of the model's native window
@@ -38,10 +38,10 @@ def measure(args: argparse.Namespace) -> dict:
     """One decode in this process (the ``--child`` side)."""
     import torch
 
-    from jointdiff import budget
-    from jointdiff.models import load_model
-    from jointdiff.plugins import create
-    from jointdiff.tiled_decode import decoder_norms, default_overlap, tiled
+    from jointdiff.cost import budget
+    from jointdiff.models.loading import load_model
+    from jointdiff.core.registry import create
+    from jointdiff.models.tiled_decode import decoder_norms, default_overlap, tiled
 
     if args.threads:
         torch.set_num_threads(args.threads)

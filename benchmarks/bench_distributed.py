@@ -30,7 +30,7 @@ import torch.multiprocessing as mp
 
 def _job(args, pipeline, distributed):
     from jointdiff import JointDiffusion
-    from jointdiff.plugins import create
+    from jointdiff.core.registry import create
 
     geometry = create("geometry", "strip", length_px=args.length_px, stride_latent=args.stride_latent)
     text = create("conditioner", "text", prompt="a photo of a city", guidance_scale=7.5)
@@ -45,8 +45,8 @@ def _worker(rank: int, world: int, port: int, args, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(args.threads)
-    from jointdiff.distributed import Distributed, init_from_env, local_device, shutdown
-    from jointdiff.models import load_pipeline
+    from jointdiff.engine.distributed import Distributed, init_from_env, local_device, shutdown
+    from jointdiff.models.loading import load_pipeline
 
     comm = init_from_env(timeout_s=600, backend=args.backend)
     device = "cpu" if args.device == "cpu" else local_device()

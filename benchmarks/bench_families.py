@@ -67,7 +67,7 @@ WARMUP_STEPS = 2
 def stock_call(model: Any, window: int, noise: torch.Tensor, steps: int) -> torch.Tensor:
     """The stock pipeline on one window from ``noise`` ``(1, C, window, window)`` (canvas latent
     space); returns its final latents unpacked to ``(1, C, window, window)`` float32."""
-    from jointdiff.families.flow import pack_patches, unpack_patches
+    from jointdiff.models.families.flow import pack_patches, unpack_patches
 
     pipeline = model.pipeline
     family = model.name
@@ -96,7 +96,7 @@ def stock_call(model: Any, window: int, noise: torch.Tensor, steps: int) -> torc
 def make_runners(model: Any, window: int) -> tuple[dict[str, Callable[[int], torch.Tensor]], torch.Tensor]:
     """``{name: run(steps) -> final latents}`` and the shared initial latents (seed 0)."""
     from jointdiff import JointDiffusion
-    from jointdiff.plugins import create
+    from jointdiff.core.registry import create
 
     size_px = window * model.latent_format.scale_factor
     geometry = create("geometry", "strip", length_px=size_px, window_latent=window, stride_latent=window)
@@ -153,7 +153,7 @@ class DenoiserClock:
 
 
 def bench_family(name: str, args: argparse.Namespace) -> dict:
-    from jointdiff.models import load_model
+    from jointdiff.models.loading import load_model
 
     model = load_model(name, device="cpu", dtype="float32")
     fmt = model.latent_format

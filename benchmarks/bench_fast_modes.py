@@ -30,9 +30,9 @@ TAESD_DIR = str(Path(__file__).resolve().parent.parent / "tests" / "fixtures" / 
 
 def counts(steps: int, seed: int) -> dict:
     """Window evaluations over ``steps`` steps of SD's 512×3072 px strip (64-cell windows)."""
-    from jointdiff.families.base import SD_LATENT
-    from jointdiff.plugins import create
-    from jointdiff.shifted import evaluation_counts
+    from jointdiff.core.family import SD_LATENT
+    from jointdiff.core.registry import create
+    from jointdiff.engine.shifted import evaluation_counts
 
     out = {}
     for stride in (8, 16):
@@ -45,7 +45,7 @@ def counts(steps: int, seed: int) -> dict:
 
 def _job(model, windows: str, fusion: str | None, stride: int, sync: dict | None, batch: int):
     from jointdiff import JointDiffusion
-    from jointdiff.plugins import create
+    from jointdiff.core.registry import create
 
     geometry = create("geometry", "strip", length_px=768, window_latent=16, stride_latent=stride)
     text = create("conditioner", "text", prompt="a photo of a city skyline", guidance_scale=7.5)
@@ -81,7 +81,7 @@ def run(name: str, model, steps: int, windows="overlap", fusion=None, stride=2, 
 def runs(steps: int, few: int) -> list[dict]:
     from diffusers import LCMScheduler
 
-    from jointdiff.models import as_model, load_pipeline
+    from jointdiff.models.loading import as_model, load_pipeline
 
     pipeline = load_pipeline("tiny", device="cpu", dtype="float32")
     ddim = as_model(pipeline)

@@ -57,7 +57,7 @@ def timed(fn, device: torch.device):
 def run_job(pipeline, geometry_options, synchronizer, steps, view_batch_size):
     """Final canvas latents of a strip job with the text conditioner."""
     from jointdiff import JointDiffusion
-    from jointdiff.plugins import create
+    from jointdiff.core.registry import create
 
     text = create("conditioner", "text", prompt=PROMPT, guidance_scale=7.5)
     geometry = create("geometry", "strip", **geometry_options)
@@ -93,7 +93,7 @@ def speedups_off():
 
 def oracle_vs_plugin(pipeline, lpips_module, args) -> dict:
     """Interleaved rounds of the oracle, the plugin and the plugin without its speed-ups."""
-    from jointdiff.plugins import create
+    from jointdiff.core.registry import create
     from sync_oracle import sync_diffusion_oracle
 
     geometry_options = {"length_px": args.length_px, "window_latent": 64, "stride_latent": args.stride}
@@ -153,7 +153,7 @@ def summarize(runs: list[dict]) -> dict:
 
 
 def exact_vs_taesd(pipeline, lpips_module, args, exact: dict) -> dict:
-    from jointdiff.plugins import create
+    from jointdiff.core.registry import create
 
     geometry_options = {"length_px": args.length_px, "window_latent": 64, "stride_latent": args.stride}
     sync = create("synchronizer", "syncdiffusion", lpips_module=lpips_module, decoder="taesd", taesd_path=str(TAESD_DIR))
@@ -172,13 +172,14 @@ def gradient_cosine(pipeline, lpips_module, geometry_options) -> float:
     windows at the first step (same canvas, same anchor)."""
     import copy
 
-    from jointdiff.context import JobContext, StepState, WindowBatch
-    from jointdiff.denoiser import Denoiser
-    from jointdiff.plugins import create
+    from jointdiff.core.context import JobContext, StepState, WindowBatch
+    from jointdiff.engine.denoiser import Denoiser
+    from jointdiff.core.registry import create
+    from jointdiff.models import as_model
 
     geometry = create("geometry", "strip", **geometry_options)
     geometry.setup(pipeline.vae_scale_factor)
-    context = JobContext(pipeline, geometry, pipeline.unet.device, pipeline.unet.dtype, 50, torch.Generator().manual_seed(0))
+    context = JobContext(as_model(pipeline), geometry, pipeline.unet.device, pipeline.unet.dtype, 50, torch.Generator().manual_seed(0))
     text = create("conditioner", "text", prompt=PROMPT, guidance_scale=7.5)
     text.setup(context)
     denoiser = Denoiser(context, text.prompt(), [text])
@@ -218,7 +219,7 @@ def decoder_costs(device: torch.device, dtype: torch.dtype, size_latent: int, re
 
 
 def tiny_benchmark(args) -> dict:
-    from jointdiff.models import load_pipeline
+    from jointdiff.models.loading import load_pipeline
     from jointdiff_plugins.lpips_loader import load_lpips
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
@@ -254,7 +255,7 @@ def build_sd2_pipeline(device: torch.device, dtype: torch.dtype):
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from jointdiff.tiny import tokenizer
+    from jointdiff.models.tiny import tokenizer
 
     with torch.device(device):
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(CONFIGS / "unet")), sample_size=64)
@@ -272,7 +273,7 @@ def build_sd2_pipeline(device: torch.device, dtype: torch.dtype):
 
 
 def sd2_benchmark(args) -> dict:
-    from jointdiff.plugins import create
+    from jointdiff.core.registry import create
     from jointdiff_plugins.lpips_loader import load_lpips
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)

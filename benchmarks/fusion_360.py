@@ -12,10 +12,10 @@ What is measured, for each fusion, with the same initial noise, prompt and DDIM 
   and against the same model run on a single window without any fusion (``native``);
 - ``hf ratio``: high-frequency energy of the final latent canvas, the mean squared
   4-neighbour Laplacian over the variance, on the rows within ±45° of the horizon;
-- ``seam``: :func:`jointdiff.spherical.wrap_seam_ratio` of the decoded panorama (≈ 1: the
+- ``seam``: :func:`jointdiff.surfaces.spherical.wrap_seam_ratio` of the decoded panorama (≈ 1: the
   column at yaw ±180° is like any other);
 - ``pole``: the smallest fusion weight on the top and bottom latent rows (> 0: covered) and
-  :func:`jointdiff.spherical.pole_ratio` of the final latent canvas.
+  :func:`jointdiff.surfaces.spherical.pole_ratio` of the final latent canvas.
 
 The built-in ``tiny`` model has random weights: its images are noise, so these numbers
 describe the fusion machinery (noise statistics, blur, seams, coverage), not image quality.
@@ -42,10 +42,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from jointdiff import JointDiffusion, spherical  # noqa: E402
-from jointdiff.models import load_pipeline  # noqa: E402
-from jointdiff.plugins import create  # noqa: E402
-from jointdiff.synchronizer import Synchronizer  # noqa: E402
+from jointdiff import JointDiffusion  # noqa: E402
+
+from jointdiff.surfaces import spherical
+from jointdiff.models.loading import load_pipeline  # noqa: E402
+from jointdiff.core.registry import create  # noqa: E402
+from jointdiff.core.synchronizer import Synchronizer  # noqa: E402
 from jointdiff_plugins.sphere import EquirectGeometry  # noqa: E402
 
 PROMPT = "a blue sky with clouds over a lake"

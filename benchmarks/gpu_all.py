@@ -194,7 +194,7 @@ def ensure_plugins(clock: Clock) -> None:
     installed (no entry points: a bare copy of the repository on the GPU machine)."""
     import tomllib
 
-    from jointdiff.plugins import get_registry, register_plugin
+    from jointdiff.core.registry import get_registry, register_plugin
 
     if "strip" in get_registry().entries["geometry"]:
         return
@@ -210,7 +210,7 @@ def jointdiff_job(model: Any, geometry: dict, conditioner: Any, synchronizer: An
     """A ``JointDiffusion`` job on a horizontal ``strip`` with one conditioner (None: ``text``
     with the SD prompt and classifier-free guidance 7.5)."""
     from jointdiff import JointDiffusion
-    from jointdiff.plugins import create
+    from jointdiff.core.registry import create
 
     strip = create("geometry", "strip", **geometry)
     if conditioner is None:
@@ -283,7 +283,7 @@ def shifted_knob() -> tuple[str, str, Any] | None:
     of ``JointDiffusion`` or of the ``strip`` geometry that takes the choice "shifted" (or a
     bool option named "*shift*", set True); None when there is none."""
     from jointdiff import JointDiffusion, engine
-    from jointdiff.plugins import get_registry
+    from jointdiff.core.registry import get_registry
 
     found = [("engine", name, resolved(p.annotation, vars(engine)))
              for name, p in inspect.signature(JointDiffusion.__init__).parameters.items()]
@@ -311,9 +311,9 @@ def case_shifted(bench: Bench, case: dict, multidiffusion: dict | None) -> None:
     """jointdiff with shifted windows at case 1's canvas, steps and batching."""
     knob = shifted_knob()
     if knob is None:
-        module = "exists" if importlib.util.find_spec("jointdiff.shifted") else "absent"
+        module = "exists" if importlib.util.find_spec("jointdiff.engine.shifted") else "absent"
         raise Skip("shifted windows not found in this jointdiff (no option of JointDiffusion or of the strip "
-                   f"geometry takes 'shifted' or is named '*shift*'; jointdiff/shifted.py {module})")
+                   f"geometry takes 'shifted' or is named '*shift*'; jointdiff/engine/shifted.py {module})")
     where, option, value = knob
     s, pipe = bench.settings.md, bench.sd_pipeline()
     geometry = {"length_px": s.width_px, "window_latent": 64, "stride_latent": s.stride}
@@ -330,7 +330,7 @@ def case_shifted(bench: Bench, case: dict, multidiffusion: dict | None) -> None:
 
 def case_syncdiffusion(bench: Bench, case: dict) -> None:
     """Exact SyncDiffusion beside no synchronization, as many steps (≤ asked) as fit the time."""
-    from jointdiff.plugins import create
+    from jointdiff.core.registry import create
 
     s, pipe = bench.settings.sync, bench.sd_pipeline()
     geometry = {"length_px": s.width_px, "window_latent": s.window, "stride_latent": s.stride}
@@ -361,7 +361,7 @@ def case_syncdiffusion(bench: Bench, case: dict) -> None:
 def flux_embeddings(config: Any, length: int, device: torch.device, dtype: torch.dtype) -> dict:
     """Random FLUX text conditioning from a fixed key: T5 ``prompt_embeds`` ``(1, length,
     joint_attention_dim)`` and CLIP ``pooled_prompt_embeds`` ``(1, pooled_projection_dim)``."""
-    from jointdiff.context import keyed_generator
+    from jointdiff.core.context import keyed_generator
 
     generator = keyed_generator(0, "gpu_all.flux_embeddings")
     embeds = torch.randn(1, length, config.joint_attention_dim, generator=generator)
@@ -372,8 +372,8 @@ def flux_embeddings(config: Any, length: int, device: torch.device, dtype: torch
 def random_embeddings(length: int) -> Any:
     """A conditioner (local to this benchmark, no plugin) whose prompt is :func:`flux_embeddings`
     with FLUX.1-dev's embedded guidance 3.5: no text encoder is needed."""
-    from jointdiff.conditioner import Conditioner, Prompt
-    from jointdiff.families.base import Embeddings
+    from jointdiff.core.conditioner import Conditioner, Prompt
+    from jointdiff.core.family import Embeddings
 
     class RandomEmbeddings(Conditioner):
         name = "random_embeddings"
@@ -395,7 +395,7 @@ def build_flux(bench: Bench) -> Any:
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
     if bench.args.smoke:
-        from jointdiff.families import flux
+        from jointdiff.models.families import flux
 
         transformer_config, vae_config = dict(flux.tiny_transformer().config), dict(flux.tiny_vae().config)
     else:
@@ -416,7 +416,7 @@ def build_flux(bench: Bench) -> Any:
 def case_flux(bench: Bench, case: dict) -> None:
     """The FLUX.1-dev-sized strip (seconds per step, peak memory), then the stock pipeline on
     one window with the same embeddings (the model is freed when the case returns)."""
-    from jointdiff.models import load_model
+    from jointdiff.models.loading import load_model
 
     s = bench.settings.flux
     pipe = build_flux(bench)

@@ -3,7 +3,7 @@
 The panorama is scaled to the height of a ``strip`` (one window across) and put on that strip
 with ``wrap = true``, whose last column is the first one's neighbour; the ``--seam-px`` band
 across the wrap (half at each end) is regenerated, the rest kept
-(:func:`jointdiff.placement.loop_panorama`). The windows that cross the wrap denoise the
+(:func:`jointdiff.image.placement.loop_panorama`). The windows that cross the wrap denoise the
 band as one piece, and the output stays registered with the input. Writes into ``--out``:
 ``looped.png`` and ``looped_twice.png`` (two copies side by side: the join is in the middle).
 
@@ -33,9 +33,11 @@ from pathlib import Path
 
 from PIL import Image
 
-from jointdiff import JointDiffusion, load_pipeline, placement
-from jointdiff.errors import JointDiffError
-from jointdiff.plugins import create
+from jointdiff import JointDiffusion, load_pipeline
+
+from jointdiff.image import placement
+from jointdiff.utils.errors import JointDiffError
+from jointdiff.core.registry import create
 
 DEMO = Path(__file__).parent / "assets" / "equirect_demo_1024x512.png"
 

@@ -2,7 +2,7 @@
 
 The photo (horizontal field of view ``--fov``, looking at ``--yaw``, ``--pitch``, rolled by
 ``--roll``; angles in degrees, positive yaw turns right, positive pitch looks up) is
-projected onto an equirectangular canvas (:func:`jointdiff.placement.place_on_sphere`, the
+projected onto an equirectangular canvas (:func:`jointdiff.image.placement.place_on_sphere`, the
 inverse of ``py360convert.e2p``); its footprint is kept at every step and the ``equirect``
 geometry's perspective views generate the rest of the sphere around it. Writes into
 ``--out``: ``placed.png`` (the photo on the canvas: what is kept), ``sky.png`` (the panorama,
@@ -29,12 +29,14 @@ from pathlib import Path
 
 from PIL import Image
 
-from jointdiff import JointDiffusion, load_pipeline, placement
-from jointdiff.errors import JointDiffError
-from jointdiff.export360 import save_equirect
-from jointdiff.geometry import tensor_to_pil
-from jointdiff.plugins import create
-from jointdiff.viewer import write_viewer
+from jointdiff import JointDiffusion, load_pipeline
+
+from jointdiff.image import placement
+from jointdiff.utils.errors import JointDiffError
+from jointdiff.surfaces.export360 import save_equirect
+from jointdiff.core.geometry import tensor_to_pil
+from jointdiff.core.registry import create
+from jointdiff.surfaces.viewer import write_viewer
 
 DEMO = Path(__file__).parent / "assets" / "equirect_demo_1024x512.png"
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 from jointdiff import JointDiffusion, create, load_pipeline
-from jointdiff.output import save_result
+from jointdiff.image.output import save_result
 
 
 def main() -> None:

@@ -28,10 +28,10 @@ from pathlib import Path
 from PIL import Image
 
 from jointdiff import JointDiffusion, load_pipeline
-from jointdiff.errors import JointDiffError
-from jointdiff.export360 import faces_to_equirect, save_cubemap, save_equirect
-from jointdiff.plugins import create
-from jointdiff.viewer import write_viewer
+from jointdiff.utils.errors import JointDiffError
+from jointdiff.surfaces.export360 import faces_to_equirect, save_cubemap, save_equirect
+from jointdiff.core.registry import create
+from jointdiff.surfaces.viewer import write_viewer
 
 DEFAULT_PROMPT = "a 360 degree equirectangular panorama of a clear sky at golden hour above a calm sea, clouds"
 
@@ -71,7 +71,7 @@ def build_job(args: argparse.Namespace, pipeline) -> JointDiffusion:
 
 def as_equirect(images: list[Image.Image], geometry: str) -> Image.Image:
     """The panorama as one equirectangular image (the cubemap geometry gives six faces in
-    jointdiff.cube's order px nx py ny pz nz, which faces_to_equirect takes as a list)."""
+    jointdiff.surfaces.cube's order px nx py ny pz nz, which faces_to_equirect takes as a list)."""
     if geometry == "equirect":
         return images[0]
     face = images[0].width

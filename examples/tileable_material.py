@@ -1,11 +1,11 @@
 """A photo made tileable: its middle kept, its borders regenerated on the torus.
 
 On the ``torus`` geometry the canvas wraps both ways, so the right edge meets the left and
-the bottom the top; :func:`jointdiff.placement.make_tileable` keeps the photo's middle and
+the bottom the top; :func:`jointdiff.image.placement.make_tileable` keeps the photo's middle and
 regenerates a ``--border-px`` band along every edge, so each seam lies in the middle of a
 band the windows denoise as one piece. Writes into ``--out``: ``tile.png`` and
 ``tile_preview.png`` (3 × 3 repeats: a seam shows as a grid), and prints the tile's seam
-ratios (:func:`jointdiff.textures.seam_report`; ≈ 1: the seam looks like any other boundary).
+ratios (:func:`jointdiff.surfaces.textures.seam_report`; ≈ 1: the seam looks like any other boundary).
 
 Without ``--photo`` a stand-in is cut from ``examples/assets/equirect_demo_1024x512.png``.
 Runs offline on the built-in ``tiny`` model by default: its weights are random, so **the
@@ -24,10 +24,12 @@ from pathlib import Path
 
 from PIL import Image
 
-from jointdiff import JointDiffusion, load_pipeline, placement
-from jointdiff.errors import JointDiffError
-from jointdiff.plugins import create
-from jointdiff.textures import repeat_preview, seam_report
+from jointdiff import JointDiffusion, load_pipeline
+
+from jointdiff.image import placement
+from jointdiff.utils.errors import JointDiffError
+from jointdiff.core.registry import create
+from jointdiff.surfaces.textures import repeat_preview, seam_report
 
 DEMO = Path(__file__).parent / "assets" / "equirect_demo_1024x512.png"
 

@@ -1,7 +1,7 @@
 """Upscaling a 360° skybox: an equirectangular panorama upsampled and re-denoised on a larger
 ``equirect`` canvas, then exported as cube faces for a game engine.
 
-:func:`jointdiff.placement.upscale` upsamples the panorama bicubically by ``--factor`` and
+:func:`jointdiff.image.placement.upscale` upsamples the panorama bicubically by ``--factor`` and
 the job re-denoises it from ``--strength`` (SDEdit, Meng et al. 2022: 0.4 runs the last 40 %
 of the steps, adding detail while keeping the layout; higher departs more). The perspective
 views of the ``equirect`` geometry see every part of the sphere, poles included, and the
@@ -25,10 +25,12 @@ from pathlib import Path
 
 from PIL import Image
 
-from jointdiff import JointDiffusion, load_pipeline, placement
-from jointdiff.errors import JointDiffError
-from jointdiff.export360 import save_cubemap, save_equirect
-from jointdiff.plugins import create
+from jointdiff import JointDiffusion, load_pipeline
+
+from jointdiff.image import placement
+from jointdiff.utils.errors import JointDiffError
+from jointdiff.surfaces.export360 import save_cubemap, save_equirect
+from jointdiff.core.registry import create
 
 DEMO = Path(__file__).parent / "assets" / "equirect_demo_1024x512.png"
 

@@ -7,9 +7,11 @@ geometries, conditioners and synchronizers.
 
 from __future__ import annotations
 
-from .hookspecs import PLUGIN_API_VERSION, hookimpl
+from jointdiff.core.hookspecs import PLUGIN_API_VERSION, hookimpl
+from jointdiff.utils import moved
+from jointdiff.utils.version import VERSION as __version__
 
-__version__ = "0.1.0"
+moved.install()  # old module paths (jointdiff.geometry, ...) keep working for one release
 
 __all__ = [
     "PLUGIN_API_VERSION",
@@ -30,23 +32,31 @@ __all__ = [
 def __getattr__(name: str):
     # Lazy imports keep `import jointdiff` (and plugin modules importing hookimpl) light.
     if name in ("JointDiffusion", "JointResult", "StopJob"):
-        from . import engine
+        from jointdiff.engine import (
+            loop as engine,  # lazy: `import jointdiff` stays light (plugins import it for hookimpl)
+        )
 
         return getattr(engine, name)
     if name == "InitImage":
-        from .init_image import InitImage
+        from jointdiff.image.init_image import (
+            InitImage,  # lazy: `import jointdiff` stays light (plugins import it for hookimpl)
+        )
 
         return InitImage
     if name in ("Job", "run_job"):
-        from . import job
+        from jointdiff.jobs import spec as job  # lazy: `import jointdiff` stays light (plugins import it for hookimpl)
 
         return getattr(job, name)
     if name in ("load_pipeline", "load_model"):
-        from . import models
+        from jointdiff.models import (
+            loading as models,  # lazy: `import jointdiff` stays light (plugins import it for hookimpl)
+        )
 
         return getattr(models, name)
     if name == "create":
-        from .plugins import create
+        from jointdiff.core.registry import (
+            create,  # lazy: `import jointdiff` stays light (plugins import it for hookimpl)
+        )
 
         return create
     raise AttributeError(f"module 'jointdiff' has no attribute {name!r}")

@@ -12,8 +12,15 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from .errors import ConfigError, JointDiffError
-from .job import Job, tomllib
+from jointdiff.core.options import describe_options
+from jointdiff.core.registry import get_registry
+from jointdiff.image.output import changed_inputs, save_result
+from jointdiff.jobs.spec import Job, check_before_loading, read_job_file, resolve_paths, run_job, tomllib
+from jointdiff.jobs.toml_writer import dump_job_toml
+from jointdiff.surfaces.viewer import serve_viewer, write_viewer
+from jointdiff.utils.errors import ConfigError, JointDiffError
+from jointdiff.utils.files import check_writable, free_output
+from jointdiff.utils.version import VERSION as __version__
 
 EXIT_USAGE = 2
 
@@ -102,15 +109,11 @@ def _prepare(job: Job, overwrite: bool, comm: Any = None) -> Path:
     """Everything that can fail before a model loads: the device, a local model, the output
     (writable; an existing file is kept unless ``overwrite``: the image goes to the next free
     name, said on stderr). Returns where the image will be written."""
-    from .job import check_before_loading
-
     check_before_loading(job)
     return _check_output(job, overwrite, comm)
 
 
 def _plan_output(path: str | Path, overwrite: bool) -> Path:
-    from .output import check_writable, free_output
-
     target = check_writable(path)
     if not overwrite:
         target = free_output(target)
@@ -139,11 +142,12 @@ def _check_output(job: Job, overwrite: bool, comm: Any) -> Path:
 
 def _execute(job: Job, quiet: bool, overwrite: bool, timeout_s: float | None = None, target: Path | None = None) -> int:
     """Run ``job`` and save it. Under ``torchrun`` (``WORLD_SIZE`` > 1) the ranks share the
-    job's windows (see :mod:`jointdiff.distributed`); rank 0 alone shows progress and writes."""
-    from .distributed import init_from_env, local_device, shutdown
-    from .job import run_job
-    from .output import save_result
-
+    job's windows (see :mod:`jointdiff.engine.distributed`); rank 0 alone shows progress and writes."""
+    from jointdiff.engine.distributed import (  # lazy: jointdiff.engine.distributed needs torch; importing jointdiff.cli must not
+        init_from_env,
+        local_device,
+        shutdown,
+    )
     comm = init_from_env(timeout_s)
     main_rank = comm is None or comm.rank == 0
     try:
@@ -167,8 +171,6 @@ def run_job_data(args: argparse.Namespace) -> dict[str, Any]:
     line's overrides (paths relative to the working folder). Reproducing a PNG writes next
     to it under its own name (kept: see :func:`_plan_output`), never to the output path
     stored in it."""
-    from .job import read_job_file, resolve_paths
-
     data, base = read_job_file(args.job)
     if base is not None:
         data = resolve_paths(data, base)
@@ -179,7 +181,6 @@ def run_job_data(args: argparse.Namespace) -> dict[str, Any]:
                 "model; save it as TOML, set [model] id, and run that"
             )
         data = {**data, "output": args.job}
-        from .output import changed_inputs
 
         for where in changed_inputs(args.job):
             _note(f"{where} is not the file {args.job!r} was made from (its sha256 differs); the result will differ")
@@ -199,9 +200,10 @@ def _estimate_only(job: Job) -> int:
     """``--estimate``: load the model (the FLOPs are counted on its networks), print the job's
     estimate (:meth:`JointDiffusion.estimate`) and whether the limits refuse it; nothing is
     denoised or written."""
-    from . import budget, profiling
-    from .job import check_before_loading, run_job
-
+    from jointdiff.cost import (
+        budget,  # lazy: jointdiff.cost.budget needs torch; importing jointdiff.cli must not
+        profiling,  # lazy: jointdiff.cost.profiling needs torch; importing jointdiff.cli must not
+    )
     def show(estimate: Any, engine: Any) -> None:
         print(estimate.summary())
         try:
@@ -223,7 +225,7 @@ def _profiled(profile: bool, execute: Any) -> int:
     """``--profile``: the estimate (on stderr) before the job, where the time went after."""
     if not profile:
         return execute()
-    from . import profiling
+    from jointdiff.cost import profiling  # lazy: jointdiff.cost.profiling needs torch; importing jointdiff.cli must not
 
     def show(estimate: Any, engine: Any) -> None:
         print(f"jointdiff: estimate:\n{estimate.summary()}", file=sys.stderr)
@@ -264,9 +266,6 @@ def cmd_sky(args: argparse.Namespace) -> int:
 
 def _save_job(job: Job, path: str, overwrite: bool) -> None:
     """Write the job as TOML; an existing file is kept unless ``overwrite`` (next free name)."""
-    from .job_toml import dump_job_toml
-    from .output import free_output
-
     target = Path(path) if overwrite else free_output(path, 1)
     if target != Path(path):
         _note(f"{path!r} exists; writing the job to {str(target)!r} instead (--overwrite replaces it)")
@@ -277,9 +276,6 @@ def _save_job(job: Job, path: str, overwrite: bool) -> None:
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
-    from .options import describe_options
-    from .plugins import get_registry
-
     registry = get_registry()
     for info in registry.all():
         print(f"{info.kind} {info.name!r}  (plugin {info.plugin!r} from {info.distribution})")
@@ -293,8 +289,6 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def cmd_view(args: argparse.Namespace) -> int:
-    from .viewer import serve_viewer, write_viewer
-
     if args.output or not args.serve:
         print(write_viewer(args.pano, args.output or Path(args.pano).with_suffix(".html")))
     if args.serve:
@@ -462,8 +456,6 @@ def _add_view(sub: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-
     parser = _Parser(prog="jointdiff", description=DESCRIPTION, epilog=EXAMPLES, formatter_class=_TopHelpFormatter)
     parser.add_argument("--version", action="version", version=f"jointdiff {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and library warnings")

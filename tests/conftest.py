@@ -18,7 +18,7 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="session")
 def tiny_pipeline():
     """The built-in tiny SD pipeline on the CPU (shared; tests must not mutate it)."""
-    from jointdiff.models import load_pipeline
+    from jointdiff.models.loading import load_pipeline
 
     return load_pipeline("tiny", device="cpu", dtype="float32")
 
@@ -26,7 +26,7 @@ def tiny_pipeline():
 @pytest.fixture
 def fresh_tiny_pipeline():
     """A private tiny pipeline a test may modify (e.g. swap the scheduler)."""
-    from jointdiff.models import load_pipeline
+    from jointdiff.models.loading import load_pipeline
 
     return load_pipeline("tiny", device="cpu", dtype="float32")
 
@@ -34,7 +34,7 @@ def fresh_tiny_pipeline():
 def make_job(pipeline, geometry="strip", geometry_options=None, prompt="a photo of a city", **engine_kwargs):
     """A JointDiffusion of built-in plugins created by name."""
     from jointdiff import JointDiffusion
-    from jointdiff.plugins import create
+    from jointdiff.core.registry import create
 
     geometry_obj = create("geometry", geometry, **(geometry_options or {}))
     text = create("conditioner", "text", prompt=prompt, guidance_scale=7.5)

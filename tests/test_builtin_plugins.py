@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from jointdiff.plugins import PluginManager
+from jointdiff.core.registry import PluginManager
 
 EXPECTED = {
     "geometry": {"strip", "grid", "torus", "atlas", "cube_texture", "equirect", "cubemap"},

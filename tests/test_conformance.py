@@ -13,12 +13,12 @@ import torch
 
 from PIL import Image
 
-from jointdiff.conditioner import Conditioner, Prompt
-from jointdiff.families.base import LatentFormat
-from jointdiff.families.flux import Flux
-from jointdiff.families.sd import StableDiffusion
-from jointdiff.plugins import get_registry
-from jointdiff.synchronizer import Synchronizer
+from jointdiff.core.conditioner import Conditioner, Prompt
+from jointdiff.core.family import LatentFormat
+from jointdiff.models.families.flux import Flux
+from jointdiff.models.families.sd import StableDiffusion
+from jointdiff.core.registry import get_registry
+from jointdiff.core.synchronizer import Synchronizer
 from jointdiff.testing import (
     ConditionerConformance,
     FamilyConformance,
@@ -123,7 +123,7 @@ def builtin_tiny_model_variants():
 
 @pytest.mark.parametrize("name", builtin_tiny_model_variants())
 def test_every_builtin_tiny_model_variant_passes_the_family_checks(name):
-    from jointdiff.models import load_model
+    from jointdiff.models.loading import load_model
 
     check_family(load_model(name, device="cpu", dtype="float32"))
 

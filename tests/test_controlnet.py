@@ -17,11 +17,11 @@ import torch
 from PIL import Image
 
 from jointdiff import JointDiffusion
-from jointdiff.families.base import Embeddings
-from jointdiff.errors import ConfigError
-from jointdiff.plugins import create
+from jointdiff.core.family import Embeddings
+from jointdiff.utils.errors import ConfigError
+from jointdiff.core.registry import create
 from jointdiff.testing import check_conditioner, make_context
-from jointdiff.tiny import tiny_controlnet, tiny_unet
+from jointdiff.models.tiny import tiny_controlnet, tiny_unet
 from jointdiff_plugins.controlnet import ControlNetConditioner
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -175,7 +175,7 @@ def test_canny_preprocessing_finds_the_edges_of_a_photo(tiny_pipeline):
 
 
 def test_example_controlsync_job_validates(monkeypatch):
-    from jointdiff.job import Job
+    from jointdiff.jobs.spec import Job
 
     monkeypatch.chdir(ROOT)
     job = Job.from_toml(ROOT / "examples" / "controlsync_city.toml")
@@ -271,7 +271,7 @@ def test_condition_follows_a_resampling_geometry(tiny_pipeline):
 
 @pytest.mark.filterwarnings("ignore:The `local_dir_use_symlinks` argument is deprecated")  # diffusers' own call
 def test_a_model_that_cannot_be_loaded_says_which(tiny_pipeline):
-    from jointdiff.errors import ModelLoadError
+    from jointdiff.utils.errors import ModelLoadError
 
     conditioner = ControlNetConditioner(model="jointdiff-tests/no-such-controlnet", image=torch.rand(3, 256, 512))
     with pytest.raises(ModelLoadError, match="could not load ControlNet 'jointdiff-tests/no-such-controlnet'"):

@@ -1,4 +1,4 @@
-"""Cost accounting (jointdiff.profiling): the estimate's model evaluations equal the rows that
+"""Cost accounting (jointdiff.cost.profiling): the estimate's model evaluations equal the rows that
 run (forward pre-hooks on the denoiser, the VAE decoder and LPIPS), its FLOPs are within a
 stated factor of a FlopCounterMode count of the whole job, and the time per phase adds up to
 the wall time. Tiny model, a 3-window strip of 16-cell windows, 2–4 steps."""
@@ -13,8 +13,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from jointdiff import JointDiffusion
 from jointdiff.cli import main
-from jointdiff.plugins import create
-from jointdiff.profiling import EvaluationCounter, PhaseTimer, count_evaluations, format_flops
+from jointdiff.core.registry import create
+from jointdiff.cost.profiling import EvaluationCounter, PhaseTimer, count_evaluations, format_flops
 
 STRIP = {"length_px": 256, "window_latent": 16, "stride_latent": 8}  # 3 windows
 FLOP_FACTOR = 1.5
@@ -23,7 +23,7 @@ FLOP_FACTOR = 1.5
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    from jointdiff.models import load_model
+    from jointdiff.models.loading import load_model
 
     return load_model("tiny", device="cpu", dtype="float32")
 
@@ -122,7 +122,7 @@ def test_regions_with_syncdiffusion_move_each_window_once_or_per_branch(tiny_mod
 def test_shifted_windows_and_img2img_run_fewer_rows(tiny_model):
     """Shifted non-overlapping windows (each step's own layout, from the seed) and an init
     image of strength 0.5 (the last half of the steps): the estimate follows both."""
-    from jointdiff.init_image import InitImage
+    from jointdiff.image.init_image import InitImage
 
     text = create("conditioner", "text", prompt="a city", guidance_scale=7.5)
     long_strip = create("geometry", "strip", **{**STRIP, "length_px": 512})  # 7 overlapping windows, 4 or 5 shifted

@@ -23,10 +23,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from jointdiff import JointDiffusion
-from jointdiff.distributed import Checkpoint, DistributedJobError, assign_owners, init_from_env, resolve, window_costs
-from jointdiff.models import make_scheduler
-from jointdiff.plugins import create
-from jointdiff.synchronizer import Synchronizer
+from jointdiff.engine.distributed import Checkpoint, DistributedJobError, assign_owners, init_from_env, resolve, window_costs
+from jointdiff.models.loading import make_scheduler
+from jointdiff.core.registry import create
+from jointdiff.core.synchronizer import Synchronizer
 
 # Windows of 32 latent cells (256 px): the machinery is the same, the decoder passes of the
 # synchronizer four times cheaper than at the model's native 64.
@@ -79,7 +79,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     init_from_env(timeout_s=TIMEOUT_S)
-    from jointdiff.models import load_pipeline
+    from jointdiff.models.loading import load_pipeline
 
     pipeline = load_pipeline("tiny", device="cpu", dtype="float32")
     for name, case in CASES.items():
@@ -117,7 +117,7 @@ def _fault(pipeline, rank: int, world: int, out: str) -> None:
 
 def _stop(pipeline, rank: int, world: int, out: str) -> None:
     """The last rank's step-end callback raises StopJob after step 0: every rank stops there."""
-    from jointdiff.engine import StopJob
+    from jointdiff.engine.loop import StopJob
 
     def halt(i, t, latents):
         if rank == world - 1:

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from jointdiff import hookspecs
-from jointdiff.conditioner import Conditioner
-from jointdiff.geometry import Geometry
-from jointdiff.plugins import ENV_PLUGINS, ENV_TRACE
-from jointdiff.synchronizer import Synchronizer
+from jointdiff.core import hookspecs
+from jointdiff.core.conditioner import Conditioner
+from jointdiff.core.geometry import Geometry
+from jointdiff.core.registry import ENV_PLUGINS, ENV_TRACE
+from jointdiff.core.synchronizer import Synchronizer
 
 ROOT = Path(__file__).resolve().parents[1]
 GUIDE = ROOT / "docs" / "plugins.md"

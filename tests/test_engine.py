@@ -7,9 +7,9 @@ import torch
 
 from conftest import make_job
 from jointdiff import JointDiffusion
-from jointdiff.errors import ConfigError, NonFiniteLatentsError
-from jointdiff.models import make_scheduler
-from jointdiff.plugins import create
+from jointdiff.utils.errors import ConfigError, NonFiniteLatentsError
+from jointdiff.models.loading import make_scheduler
+from jointdiff.core.registry import create
 
 SMALL_STRIP = dict(length_px=640, stride_latent=16)  # 80 latent cells: 2 windows
 
@@ -111,7 +111,7 @@ STRIP3 = dict(length_px=768, stride_latent=16)  # 3 windows
 
 
 def test_stop_job_ends_with_the_canvas_so_far(tiny_pipeline):
-    from jointdiff.engine import StopJob
+    from jointdiff.engine.loop import StopJob
 
     seen = {}
 
@@ -160,7 +160,7 @@ def test_callback_on_step_end_errors_name_the_problem(tiny_pipeline):
 
 def test_step_state_methods_for_plugins(tiny_pipeline):
     """What a synchronizer reaches through the documented StepState methods."""
-    from jointdiff.synchronizer import Synchronizer
+    from jointdiff.core.synchronizer import Synchronizer
 
     class Probe(Synchronizer):
         name = "probe"
@@ -190,8 +190,8 @@ def test_step_state_methods_for_plugins(tiny_pipeline):
 
 def _stopped(job, path, steps=3, stop=0, **kwargs):
     """Run ``job`` with a checkpoint every step, stopped after step ``stop``."""
-    from jointdiff.distributed import Checkpoint
-    from jointdiff.engine import StopJob
+    from jointdiff.engine.distributed import Checkpoint
+    from jointdiff.engine.loop import StopJob
 
     def halt(i, t, latents):
         if i == stop:
@@ -202,7 +202,7 @@ def _stopped(job, path, steps=3, stop=0, **kwargs):
 
 
 def test_checkpoint_holds_plain_tensors_and_is_removed_when_the_job_finishes(tiny_pipeline, tmp_path):
-    from jointdiff.distributed import Checkpoint
+    from jointdiff.engine.distributed import Checkpoint
 
     path = tmp_path / "job.ckpt"
     _stopped(make_job(tiny_pipeline, "strip", STRIP3, view_batch_size=2), path)
@@ -225,7 +225,7 @@ def test_checkpoint_holds_plain_tensors_and_is_removed_when_the_job_finishes(tin
     ],
 )
 def test_a_checkpoint_of_another_job_is_refused_naming_what_differs(tiny_pipeline, tmp_path, edit, named):
-    from jointdiff.distributed import Checkpoint
+    from jointdiff.engine.distributed import Checkpoint
 
     path = tmp_path / "job.ckpt"
     _stopped(make_job(tiny_pipeline, "strip", STRIP3), path)
@@ -244,7 +244,7 @@ def test_a_checkpoint_of_another_job_is_refused_naming_what_differs(tiny_pipelin
 
 
 def test_an_existing_checkpoint_is_not_overwritten_without_resume(tiny_pipeline, tmp_path):
-    from jointdiff.distributed import Checkpoint
+    from jointdiff.engine.distributed import Checkpoint
 
     path = tmp_path / "job.ckpt"
     _stopped(make_job(tiny_pipeline, "strip", SMALL_STRIP), path)
@@ -257,8 +257,8 @@ def test_an_existing_checkpoint_is_not_overwritten_without_resume(tiny_pipeline,
 
 def test_plugin_state_is_saved_and_restored(tiny_pipeline, tmp_path):
     """A synchronizer with state across steps resumes exactly through state_dict()."""
-    from jointdiff.distributed import Checkpoint
-    from jointdiff.synchronizer import Synchronizer
+    from jointdiff.engine.distributed import Checkpoint
+    from jointdiff.core.synchronizer import Synchronizer
 
     class Drift(Synchronizer):
         name = "drift"
@@ -300,7 +300,7 @@ def test_plugin_state_is_saved_and_restored(tiny_pipeline, tmp_path):
 
 
 def test_a_conditioner_allowed_once_per_job_is_refused_twice(tiny_pipeline):
-    from jointdiff.conditioner import Conditioner
+    from jointdiff.core.conditioner import Conditioner
 
     class Once(Conditioner):
         name = "once"

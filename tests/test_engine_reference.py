@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import make_job
-from jointdiff.models import make_scheduler
+from jointdiff.models.loading import make_scheduler
 
 STEPS = 3
 PROMPT = "a photo of a city"

@@ -20,11 +20,11 @@ import torch
 from PIL import Image
 
 from jointdiff import JointDiffusion
-from jointdiff import denoiser as denoiser_module
-from jointdiff.denoiser import Denoiser, accelerated, auto_view_batch_size
-from jointdiff.errors import ConfigError, NonFiniteLatentsError
-from jointdiff.models import as_model
-from jointdiff.plugins import create
+from jointdiff.engine import denoiser as denoiser_module
+from jointdiff.engine.denoiser import Denoiser, accelerated, auto_view_batch_size
+from jointdiff.utils.errors import ConfigError, NonFiniteLatentsError
+from jointdiff.models.loading import as_model
+from jointdiff.core.registry import create
 from jointdiff_plugins.lpips_loader import load_lpips
 from jointdiff_plugins.syncdiffusion import SyncDiffusion
 
@@ -43,7 +43,7 @@ def alex():
 def tiny64():
     """The tiny model in float64: a batch of one and a batch of three differ by float
     rounding, which float64 keeps far below the tolerance of an exactness check."""
-    from jointdiff.models import load_pipeline
+    from jointdiff.models.loading import load_pipeline
 
     return load_pipeline("tiny", device="cpu", dtype=torch.float64)
 
@@ -377,7 +377,7 @@ def test_auto_view_batch_size(tiny_pipeline, alex):
     model = as_model(tiny_pipeline)
     geometry = create("geometry", "strip", length_px=512, window_latent=16, stride_latent=8)  # 7 windows
     assert auto_view_batch_size(model, geometry, [text()]) == 4  # the CPU's fixed default
-    from jointdiff import budget
+    from jointdiff.cost import budget
 
     per_window = budget.activation_bytes(model, (16, 16), 2)
     assert auto_view_batch_size(model, geometry, [text()], free_bytes=6 * per_window) == 3

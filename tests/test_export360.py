@@ -12,8 +12,10 @@ import py360convert
 import pytest
 from PIL import Image
 
-from jointdiff import cube, export360
-from jointdiff.errors import ConfigError
+from jointdiff.surfaces import cube
+
+from jointdiff.surfaces import export360
+from jointdiff.utils.errors import ConfigError
 
 FIXTURE = Path(__file__).parent / "fixtures" / "equirect_demo_1024x512.png"
 GPANO = "{http://ns.google.com/photos/1.0/panorama/}"

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from jointdiff import JointDiffusion, create
-from jointdiff.context import JobContext, StepState, WindowBatch
-from jointdiff.denoiser import Denoiser
-from jointdiff.distributed import Checkpoint
-from jointdiff.models import load_model
+from jointdiff.core.context import JobContext, StepState, WindowBatch
+from jointdiff.engine.denoiser import Denoiser
+from jointdiff.engine.distributed import Checkpoint
+from jointdiff.models.loading import load_model
 
 PROMPT = "a watercolor fox in the snow"
 WINDOW, STRIDE = 16, 8  # latent cells

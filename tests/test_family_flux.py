@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from jointdiff import JointDiffusion, create
-from jointdiff.errors import ConfigError
-from jointdiff.families.flux import Flux, build_tiny_controlnet, build_tiny_pipeline, build_tiny_schnell_pipeline
-from jointdiff.families.flow import pack_patches, unpack_patches
+from jointdiff.utils.errors import ConfigError
+from jointdiff.models.families.flux import Flux, build_tiny_controlnet, build_tiny_pipeline, build_tiny_schnell_pipeline
+from jointdiff.models.families.flow import pack_patches, unpack_patches
 
 PROMPT = "a watercolor fox in the snow"
 WINDOW = 16  # latent cells: 128 px, 64 tokens
@@ -161,7 +161,7 @@ def test_offsets_equal_shifted_image_ids(dev):
 def test_controlnet_residuals_follow_the_transformer_rule():
     """One residual per block: XLabs nets repeat theirs (``i mod K``), InstantX nets spread
     them (``i // ceil(blocks / K)``), as FluxTransformer2DModel indexes them."""
-    from jointdiff.families.flux import _per_block
+    from jointdiff.models.families.flux import _per_block
 
     samples = [torch.tensor(0.0), torch.tensor(1.0)]
     assert [int(s) for s in _per_block(samples, 5, repeat=True)] == [0, 1, 0, 1, 0]

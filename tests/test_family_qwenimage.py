@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from jointdiff import JointDiffusion, create
-from jointdiff.errors import ConfigError
+from jointdiff.utils.errors import ConfigError
 from conftest import assert_close_to_stock as assert_close
 from jointdiff.testing import OneWindowGeometry
-from jointdiff.families.base import Embeddings
-from jointdiff.families.flow import linear_shift_mu, pack_patches, unpack_patches
-from jointdiff.families.qwenimage import QwenImage, build_tiny_pipeline
+from jointdiff.core.family import Embeddings
+from jointdiff.models.families.flow import linear_shift_mu, pack_patches, unpack_patches
+from jointdiff.models.families.qwenimage import QwenImage, build_tiny_pipeline
 
 PROMPT = "a photo of a red fox in the snow"
 NEGATIVE = "blurry"  # shorter than PROMPT: the negative rows are padded and masked

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from jointdiff import JointDiffusion, create
-from jointdiff.errors import ConfigError
+from jointdiff.utils.errors import ConfigError
 from conftest import assert_close_to_stock as assert_close
 from jointdiff.testing import OneWindowGeometry
-from jointdiff.families.sd3 import SD3Family, build_tiny_pipeline, build_tiny_sd35_pipeline
+from jointdiff.models.families.sd3 import SD3Family, build_tiny_pipeline, build_tiny_sd35_pipeline
 
 PROMPT, NEGATIVE = "a photo of a cat in the city", "blurry"
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from conftest import make_job
-from jointdiff.models import make_scheduler
-from jointdiff.synchronizer import Synchronizer
+from jointdiff.models.loading import make_scheduler
+from jointdiff.core.synchronizer import Synchronizer
 
 
 class RecordingSynchronizer(Synchronizer):
@@ -24,7 +24,7 @@ class RecordingSynchronizer(Synchronizer):
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_output_from_x0_inverts_predicted_x0(tiny_pipeline, prediction_type):
-    from jointdiff.models import as_model
+    from jointdiff.models.loading import as_model
 
     model = as_model(tiny_pipeline)
     scheduler = make_scheduler("ddim", tiny_pipeline.scheduler.config, prediction_type)
@@ -64,7 +64,7 @@ class TwoRegionsOfOnePrompt:
         self.text.setup(context)
 
     def prompt(self):
-        from jointdiff.conditioner import Prompt
+        from jointdiff.core.conditioner import Prompt
 
         inner = self.text.prompt()
         masks = torch.stack([self.mask, 1 - self.mask])

@@ -1,4 +1,4 @@
-"""Start from an image (jointdiff.init_image): img2img and keep-mask inpainting against
+"""Start from an image (jointdiff.image.init_image): img2img and keep-mask inpainting against
 diffusers' stock pipelines on one window, strength 1 = text-to-image, the kept region, the
 wrap-aware encode, invariance to batching and resume, and one-line errors for bad input.
 
@@ -18,12 +18,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from jointdiff import JointDiffusion, create
-from jointdiff.context import keyed_generator
-from jointdiff.errors import ConfigError
-from jointdiff.families.sd import StableDiffusion
-from jointdiff.geometry import encode_sheets, encode_wrapped
-from jointdiff.init_image import ENCODE_PURPOSE, InitImage, encode_image, feather_mask, latent_mask, start_step
-from jointdiff.models import load_model, make_scheduler
+from jointdiff.core.context import keyed_generator
+from jointdiff.utils.errors import ConfigError
+from jointdiff.models.families.sd import StableDiffusion
+from jointdiff.core.geometry import encode_sheets, encode_wrapped
+from jointdiff.image.init_image import ENCODE_PURPOSE, InitImage, encode_image, feather_mask, latent_mask, start_step
+from jointdiff.models.loading import load_model, make_scheduler
 from jointdiff.testing.invariance import (
     check_batch_order_invariance,
     check_batch_size_invariance,
@@ -128,7 +128,7 @@ def test_one_window_equals_flux_img2img(flux, steps):
     (4·0.6 is not: the flow pipelines' rounding runs one step more than SD's): measured
     relative difference 0."""
     from diffusers import FluxImg2ImgPipeline
-    from jointdiff.families.flow import unpack_patches
+    from jointdiff.models.families.flow import unpack_patches
 
     image = random_pil(128, 128)
     noise, generator = stock_draws(16)

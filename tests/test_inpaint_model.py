@@ -9,12 +9,12 @@ import torch
 from PIL import Image
 
 from jointdiff import JointDiffusion, create
-from jointdiff.errors import ConfigError
-from jointdiff.families.flux import Flux, build_tiny_pipeline as build_tiny_flux
-from jointdiff.families.sd import StableDiffusion
+from jointdiff.utils.errors import ConfigError
+from jointdiff.models.families.flux import Flux, build_tiny_pipeline as build_tiny_flux
+from jointdiff.models.families.sd import StableDiffusion
 from jointdiff.testing import check_conditioner, example_geometry, make_context, tiny_model
 from jointdiff.testing.invariance import check_batch_size_invariance
-from jointdiff.tiny import build_tiny_inpaint_pipeline
+from jointdiff.models.tiny import build_tiny_inpaint_pipeline
 from jointdiff_plugins.inpaint import InpaintModelConditioner
 
 PROMPT = "a red barn in a field"
@@ -95,7 +95,7 @@ def test_flux_fill_condition_layout(posterior_mean):
     8×8 block of a cell, row-major), FluxFillPipeline's packed layout unpacked."""
     from diffusers import FluxFillPipeline, FluxTransformer2DModel
 
-    from jointdiff.families.flow import unpack_patches
+    from jointdiff.models.families.flow import unpack_patches
 
     base = build_tiny_flux(seed=0)
     torch.manual_seed(5)

@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 from jointdiff import JointDiffusion
-from jointdiff.models import as_model, load_model, make_scheduler
-from jointdiff.plugins import create
+from jointdiff.models.loading import as_model, load_model, make_scheduler
+from jointdiff.core.registry import create
 from jointdiff.testing.invariance import (
     check_batch_order_invariance,
     check_batch_size_invariance,
@@ -148,7 +148,7 @@ def test_tiny_flux_batch_size_and_resume_invariance(tmp_path):
 def test_the_checks_catch_noise_tied_to_batches(models):
     """A conditioner drawing from one stream in batch order fails the order and resume
     checks; one seeding its noise per batch fails the batch-size check; keyed noise passes."""
-    from jointdiff.conditioner import Conditioner
+    from jointdiff.core.conditioner import Conditioner
 
     class Streamed(Conditioner):
         name = "streamed"

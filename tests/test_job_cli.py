@@ -11,10 +11,10 @@ import pytest
 from PIL import Image
 
 from jointdiff.cli import main, parse_assignment
-from jointdiff.errors import ConfigError
-from jointdiff.job import Job
-from jointdiff.job_toml import dump_job_toml
-from jointdiff.output import JOB_KEY, SEED_KEY
+from jointdiff.utils.errors import ConfigError
+from jointdiff.jobs.spec import Job
+from jointdiff.jobs.toml_writer import dump_job_toml
+from jointdiff.image.output import JOB_KEY, SEED_KEY
 
 JOB_TOML = """
 steps = 2
@@ -155,7 +155,7 @@ def test_outputs_get_ordinary_permissions(tmp_path):
     import os
     import stat
 
-    from jointdiff.output import save_image_atomic
+    from jointdiff.utils.files import save_image_atomic
 
     previous = os.umask(0o022)
     try:
@@ -170,8 +170,8 @@ def test_checkpoint_table_resumes_to_the_same_image(tmp_path):
     that resumes from it finishes equal to an uninterrupted one and removes it."""
     import torch
 
-    from jointdiff.engine import StopJob
-    from jointdiff.job import run_job
+    from jointdiff.engine.loop import StopJob
+    from jointdiff.jobs.spec import run_job
 
     job_path = write_job(tmp_path, **{"steps = 2": "steps = 3", "[model]": '[checkpoint]\npath = "c.ckpt"\nevery = 1\n\n[model]'})
     job = Job.from_toml(job_path)

@@ -26,16 +26,18 @@ import torch
 import torch.nn.functional as F
 
 from conftest import make_job
-from jointdiff import budget, cube, tiling
-from jointdiff.errors import ConfigError
-from jointdiff.plugins import create
-from jointdiff.textures import seam_ratio
-from jointdiff.tiled_decode import decode_plan, decoder_norms, final_decode, tiled, tile_starts
+from jointdiff.cost import budget
+from jointdiff.surfaces import cube
+from jointdiff.core import tiling
+from jointdiff.utils.errors import ConfigError
+from jointdiff.core.registry import create
+from jointdiff.surfaces.textures import seam_ratio
+from jointdiff.models.tiled_decode import decode_plan, decoder_norms, final_decode, tiled, tile_starts
 
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    from jointdiff.models import load_model
+    from jointdiff.models.loading import load_model
 
     return load_model("tiny", device="cpu", dtype="float32")
 
@@ -291,7 +293,7 @@ def test_limits_can_be_raised_or_tightened(tiny_pipeline):
 
 
 def test_job_option_max_megapixels(tiny_pipeline):
-    from jointdiff.job import Job, run_job
+    from jointdiff.jobs.spec import Job, run_job
 
     spec = {"geometry": {"name": "strip", "length_px": 640, "stride_latent": 16},
             "conditioners": [{"name": "text", "prompt": "a city"}], "steps": 1, "max_megapixels": 0.2}

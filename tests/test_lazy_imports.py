@@ -40,9 +40,9 @@ class Witness:
 
 
 sys.meta_path.insert(0, Witness())
-from jointdiff.errors import ConfigError
-from jointdiff.job import Job
-from jointdiff.plugins import get_registry
+from jointdiff.utils.errors import ConfigError
+from jointdiff.jobs.spec import Job
+from jointdiff.core.registry import get_registry
 
 outcomes = {}
 for path in sys.argv[1:]:
@@ -207,6 +207,6 @@ def deferred_import_problems(path: Path) -> list[str]:
 def test_validation_modules_use_deferred_imports_only_after_importing_them(probe):
     result, _ = probe
     files = {name: Path(file) for name, file in result["modules"]}
-    assert {"jointdiff.geometry", "jointdiff.families.flux", "jointdiff_plugins.sphere"} <= set(files)
+    assert {"jointdiff.core.geometry", "jointdiff.models.families.flux", "jointdiff_plugins.sphere"} <= set(files)
     problems = [p for name, file in sorted(files.items()) for p in deferred_import_problems(file)]
     assert problems == [], "names imported under TYPE_CHECKING used at run time without a local import"

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 
-from jointdiff.errors import ConfigError
+from jointdiff.utils.errors import ConfigError
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TOLERANCE = 1e-4
@@ -44,7 +44,7 @@ def unet_for_lora(cross_attention_dim: int = 32):
     """The tiny UNet's architecture (``cross_attention_dim`` changes its attention shapes)."""
     from diffusers import UNet2DConditionModel
 
-    from jointdiff.tiny import tiny_unet
+    from jointdiff.models.tiny import tiny_unet
 
     if cross_attention_dim == 32:
         return tiny_unet()
@@ -115,7 +115,7 @@ def _text_encoder_lora(folder: Path) -> SavedLora:
     from peft import LoraConfig, inject_adapter_in_model
     from peft.utils import get_peft_model_state_dict
 
-    from jointdiff.tiny import tiny_text_encoder
+    from jointdiff.models.tiny import tiny_text_encoder
 
     config = LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     with torch.random.fork_rng(devices=[]):
@@ -152,14 +152,14 @@ def merge_by_hand(unet: torch.nn.Module, lora: SavedLora, scale: float) -> int:
 
 
 def run(loras=(), pipeline=None) -> torch.Tensor:
-    from jointdiff.job import Job, run_job
+    from jointdiff.jobs.spec import Job, run_job
 
     return run_job(Job.from_dict(job_dict(loras)), pipeline=pipeline, progress=False).latents
 
 
 def run_merged(*parts: tuple[SavedLora, float]) -> torch.Tensor:
     """The job without LoRAs on a fresh tiny pipeline with ``parts`` merged by hand."""
-    from jointdiff.tiny import build_tiny_pipeline
+    from jointdiff.models.tiny import build_tiny_pipeline
 
     pipeline = build_tiny_pipeline()
     for lora, scale in parts:
@@ -203,7 +203,7 @@ def test_two_loras_at_once_equal_both_merged_by_hand(loras, first_only):
 
 
 def test_loras_are_named_adapters_with_their_scales(loras):
-    from jointdiff.models import load_model
+    from jointdiff.models.loading import load_model
 
     model = load_model("tiny", device="cpu", dtype="float32", loras=[loras["first"].spec(0.8), loras["second"].spec(0.5)])
     assert model.pipeline.get_list_adapters() == {"unet": ["lora_0", "lora_1"]}
@@ -212,8 +212,8 @@ def test_loras_are_named_adapters_with_their_scales(loras):
 
 
 def test_a_text_encoder_lora_is_accepted(loras):
-    from jointdiff.lora import injected_layers, load_loras
-    from jointdiff.tiny import build_tiny_pipeline
+    from jointdiff.models.lora import injected_layers, load_loras
+    from jointdiff.models.tiny import build_tiny_pipeline
 
     pipeline = build_tiny_pipeline()
     names = load_loras(pipeline, [loras["text_encoder"].spec(1.0)])
@@ -225,7 +225,7 @@ def test_a_text_encoder_lora_is_accepted(loras):
 
 @pytest.mark.parametrize("path", ["/no/such/lora.safetensors", "./missing-lora", "~/no-such-lora.bin", "no/such/folder"])
 def test_a_missing_local_lora_fails_when_the_job_is_read(path):
-    from jointdiff.job import Job
+    from jointdiff.jobs.spec import Job
 
     with pytest.raises(ConfigError) as error:
         Job.from_dict(job_dict([{"path": path, "scale": 0.8}]))
@@ -233,14 +233,14 @@ def test_a_missing_local_lora_fails_when_the_job_is_read(path):
 
 
 def test_a_hub_repository_id_is_left_for_loading():
-    from jointdiff.job import Job
+    from jointdiff.jobs.spec import Job
 
     job = Job.from_dict(job_dict([{"path": "someone/some-lora", "weight_name": "lora.safetensors"}]))
     assert job.model.loras[0].path == "someone/some-lora"
 
 
 def test_a_missing_weight_name_in_a_local_folder_fails_early(loras):
-    from jointdiff.job import Job
+    from jointdiff.jobs.spec import Job
 
     with pytest.raises(ConfigError) as error:
         Job.from_dict(job_dict([{"path": loras["second"].path, "weight_name": "nope.safetensors"}]))
@@ -248,7 +248,7 @@ def test_a_missing_weight_name_in_a_local_folder_fails_early(loras):
 
 
 def test_check_lora_paths_names_the_bad_one(loras):
-    from jointdiff.lora import check_lora_paths
+    from jointdiff.models.lora import check_lora_paths
 
     with pytest.raises(ConfigError) as error:
         check_lora_paths([loras["first"].spec(1.0), {"path": "/no/such.safetensors"}])
@@ -259,7 +259,7 @@ def test_check_lora_paths_names_the_bad_one(loras):
 
 
 def test_paths_are_checked_before_the_pipeline_is_touched():
-    from jointdiff.lora import load_loras
+    from jointdiff.models.lora import load_loras
 
     with pytest.raises(ConfigError) as error:
         load_loras(SimpleNamespace(pipeline=None), [{"path": "/no/such.safetensors"}])
@@ -271,7 +271,7 @@ def test_paths_are_checked_before_the_pipeline_is_touched():
 
 @pytest.mark.parametrize("name", ["other_prefix", "renamed", "other_shape"])
 def test_a_lora_that_fits_nothing_is_refused(loras, name):
-    from jointdiff.models import load_model
+    from jointdiff.models.loading import load_model
 
     path = loras[name].path
     with pytest.raises(ConfigError) as error:
@@ -280,8 +280,8 @@ def test_a_lora_that_fits_nothing_is_refused(loras, name):
 
 
 def test_a_refused_lora_leaves_no_adapters_behind(loras):
-    from jointdiff.lora import load_loras
-    from jointdiff.tiny import build_tiny_pipeline
+    from jointdiff.models.lora import load_loras
+    from jointdiff.models.tiny import build_tiny_pipeline
 
     pipeline = build_tiny_pipeline()
     with pytest.raises(ConfigError) as error:
@@ -291,7 +291,7 @@ def test_a_refused_lora_leaves_no_adapters_behind(loras):
 
 
 def test_a_family_without_lora_support_is_refused(loras):
-    from jointdiff.lora import load_loras
+    from jointdiff.models.lora import load_loras
 
     family = SimpleNamespace(name="fake", pipeline=SimpleNamespace())
     with pytest.raises(ConfigError) as error:

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from conftest import make_job
-from jointdiff.errors import ConfigError, ModelLoadError
-from jointdiff.models import load_pipeline, make_scheduler
+from jointdiff.utils.errors import ConfigError, ModelLoadError
+from jointdiff.models.loading import load_pipeline, make_scheduler
 
 
 def test_tiny_model_is_built_deterministically():
@@ -63,7 +63,7 @@ def test_make_scheduler_keeps_the_noise_schedule(tiny_pipeline):
 
 
 def test_cuda_is_refused_before_loading_where_there_is_none(monkeypatch):
-    from jointdiff.models import resolve_device
+    from jointdiff.models.loading import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match="device = 'cuda:0': CUDA is not available on this machine"):
@@ -72,7 +72,7 @@ def test_cuda_is_refused_before_loading_where_there_is_none(monkeypatch):
 
 
 def test_schedulers_are_checked_against_the_family():
-    from jointdiff.models import check_scheduler_name, family_class
+    from jointdiff.models.loading import check_scheduler_name, family_class
 
     assert check_scheduler_name("flow_euler") == "flow_euler"  # family not known yet: either set
     assert check_scheduler_name("flow_euler", family_class("flux")) == "flow_euler"
@@ -95,7 +95,7 @@ def test_a_local_folder_that_fails_to_load_is_not_blamed_on_the_hub(tiny_pipelin
 
 
 def test_sd_prompt_past_clip_window_warns_naming_the_cut_words(fresh_tiny_pipeline, capfd):
-    from jointdiff.models import as_model
+    from jointdiff.models.loading import as_model
 
     model = as_model(fresh_tiny_pipeline)
     prompt = "a photo of a city " * 20 + "with a purple zeppelin"
@@ -106,7 +106,7 @@ def test_sd_prompt_past_clip_window_warns_naming_the_cut_words(fresh_tiny_pipeli
 
 @pytest.mark.parametrize("offload", ["model", "sequential"])
 def test_offload_on_the_cpu_is_refused_with_one_line(offload):
-    from jointdiff.models import load_model
+    from jointdiff.models.loading import load_model
 
     with pytest.raises(ConfigError, match=f"offload = '{offload}' keeps weights on the CPU"):
         load_model("tiny", device="cpu", offload=offload)

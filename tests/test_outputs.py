@@ -11,9 +11,10 @@ import pytest
 from PIL import Image
 
 from jointdiff.cli import main
-from jointdiff.errors import ConfigError
-from jointdiff.job import Job, resolve_paths
-from jointdiff.output import JOB_KEY, SEED_KEY, free_output, read_job_metadata, save_image_atomic
+from jointdiff.utils.errors import ConfigError
+from jointdiff.jobs.spec import Job, resolve_paths
+from jointdiff.image.output import JOB_KEY, SEED_KEY, read_job_metadata
+from jointdiff.utils.files import free_output, save_image_atomic
 
 # One window of 32 latent cells on a 256×256 canvas, one step: a run takes a moment.
 TINY_JOB = """
@@ -139,13 +140,13 @@ def test_a_mask_next_to_the_job_file_is_found_from_another_folder(tmp_path, monk
 def test_unwritable_output_fails_before_the_model_loads_naming_the_output(tmp_path, capsys, monkeypatch):
     import tempfile
 
-    import jointdiff.job
+    import jointdiff.jobs.spec
 
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(tempfile, "mkstemp", refuse)
-    monkeypatch.setattr(jointdiff.job, "run_job", lambda *a, **k: pytest.fail("the model must not load"))
+    monkeypatch.setattr(jointdiff.jobs.spec, "run_job", lambda *a, **k: pytest.fail("the model must not load"))
     assert main(["run", str(write_job(tmp_path)), "-q"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"jointdiff: error: output folder '{tmp_path}' is not writable (Permission denied)"

@@ -1,5 +1,5 @@
-"""Placing an image on the canvas (:mod:`jointdiff.placement`), the ``[init]`` job table
-(:mod:`jointdiff.init_spec`), the ``sky`` command and PNGs that record their inputs.
+"""Placing an image on the canvas (:mod:`jointdiff.image.placement`), the ``[init]`` job table
+(:mod:`jointdiff.image.init_spec`), the ``sky`` command and PNGs that record their inputs.
 
 Projections are checked against py360convert (``e2p`` reads a placed photo back); tiny-model
 runs check the machinery only (their images are noise)."""
@@ -17,13 +17,19 @@ import pytest
 import torch
 from PIL import Image
 
-from jointdiff import cube, export360, init_image, placement
+from jointdiff.surfaces import cube
+
+from jointdiff.surfaces import export360
+
+from jointdiff.image import init_image
+
+from jointdiff.image import placement
 from jointdiff.cli import main
-from jointdiff.errors import ConfigError
-from jointdiff.job import Job
-from jointdiff.job_toml import dump_job_toml
-from jointdiff.output import INPUTS_KEY, JOB_KEY, changed_inputs
-from jointdiff.textures import seam_ratio
+from jointdiff.utils.errors import ConfigError
+from jointdiff.jobs.spec import Job
+from jointdiff.jobs.toml_writer import dump_job_toml
+from jointdiff.image.output import INPUTS_KEY, JOB_KEY, changed_inputs
+from jointdiff.surfaces.textures import seam_ratio
 
 FIXTURE = Path(__file__).parent / "fixtures" / "equirect_demo_1024x512.png"
 POSES = [(0, 0, 0, 90, 96, 128), (-120, -30, 15, 90, 128, 96), (170, 60, -30, 100, 96, 128)]
@@ -198,18 +204,18 @@ def sky_job(photo: Path, **init) -> dict:
     ],
 )
 def test_bad_init_fails_before_any_model_loads(files, monkeypatch, capsys, replace, match):
-    import jointdiff.models
+    import jointdiff.models.loading
 
-    monkeypatch.setattr(jointdiff.models, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    monkeypatch.setattr(jointdiff.models.loading, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
     with pytest.raises(ConfigError, match=match) as error:
         Job.from_dict(sky_job(files["photo"], **replace), base=files["folder"])
     assert "\n" not in str(error.value)
 
 
 def test_sky_command_refuses_bad_input_in_one_line_before_loading(files, monkeypatch, capsys):
-    import jointdiff.models
+    import jointdiff.models.loading
 
-    monkeypatch.setattr(jointdiff.models, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    monkeypatch.setattr(jointdiff.models.loading, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
     out = str(files["folder"] / "sky.png")
     for argv, match in [
         (["sky", str(files["missing"])], "does not exist"),
@@ -271,7 +277,7 @@ def test_sky_command_end_to_end_records_its_inputs(files):
 
 
 def band_seam_ratio(pixels: torch.Tensor, band: int) -> float:
-    """:func:`jointdiff.textures.seam_ratio` of the wrap seam against the columns of the
+    """:func:`jointdiff.surfaces.textures.seam_ratio` of the wrap seam against the columns of the
     ``band`` columns on either side of it only: the regenerated band is compared with
     itself, not with the (smoother) kept image."""
     return seam_ratio(torch.cat([pixels[..., :band], pixels[..., -band:]], dim=-1), "x")
@@ -279,7 +285,7 @@ def band_seam_ratio(pixels: torch.Tensor, band: int) -> float:
 
 def test_looped_panorama_seam_no_worse_than_generated_and_kept_area_held(tiny_pipeline):
     from jointdiff import JointDiffusion, create
-    from jointdiff.models import as_model
+    from jointdiff.models.loading import as_model
 
     demo = Image.open(FIXTURE).convert("RGB").resize((512, 256), Image.BICUBIC)
     pano = demo.crop((0, 96, 256, 160))  # half the longitude: its two ends do not meet

@@ -1,6 +1,6 @@
 """Plugin discovery: the template package through its entry point, and robust loading.
 
-Every test uses its own :class:`~jointdiff.plugins.PluginManager` (or
+Every test uses its own :class:`~jointdiff.core.registry.PluginManager` (or
 :func:`~jointdiff.testing.isolated_plugins`), so the process-wide manager is never changed.
 Fake distributions are written as ``*.dist-info`` folders on a temporary ``sys.path`` entry:
 ``importlib.metadata`` finds their entry points exactly as it finds installed ones.
@@ -19,10 +19,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from jointdiff import JointDiffusion, hookimpl, hookspecs
-from jointdiff import plugins as plugin_module
-from jointdiff.errors import ConfigError, PluginError
-from jointdiff.plugins import PluginManager, create, register_plugin
+from jointdiff import JointDiffusion, hookimpl
+
+from jointdiff.core import hookspecs
+from jointdiff.core import registry as plugin_module
+from jointdiff.utils.errors import ConfigError, PluginError
+from jointdiff.core.registry import PluginManager, create, register_plugin
 from jointdiff.testing import isolated_plugins
 
 pytest_plugins = ["pytester"]
@@ -168,14 +170,14 @@ def test_import_failure_is_reported_by_name_and_the_rest_still_load(fake_site, m
         ("register(Abstract)", "Abstract is abstract: it does not implement canvas_shape_latent, extract"),
         ("register(BadName)", "BadName.name must be a non-empty string .* got 'has space'"),
         ("register(NoName)", "NoName.name must be .* got None"),
-        ("register(BadOptions)", "BadOptions.Options must be a subclass of jointdiff.options.PluginOptions"),
+        ("register(BadOptions)", "BadOptions.Options must be a subclass of jointdiff.core.options.PluginOptions"),
         ("raise RuntimeError('boom')", "register_geometries raised RuntimeError: boom"),
     ],
 )
 def test_invalid_registration_is_reported_and_nothing_of_the_plugin_is_kept(fake_site, monkeypatch, body, reason):
     source = f"""
     from jointdiff import hookimpl
-    from jointdiff.geometry import Geometry
+    from jointdiff.core.geometry import Geometry
     from jointdiff_plugins.tiles import StripGeometry
     class Fine(StripGeometry):
         name = "fine"
@@ -250,8 +252,9 @@ def test_hook_mistakes_are_errors_not_silence(fake_site, monkeypatch, source, re
     [
         ("2", None),
         ("2.0", None),
-        ("3.0", "requires plugin API 3.0, but this jointdiff provides 2.0"),
-        ("1.0", "requires plugin API 1.0"),
+        ("2.1", None),
+        ("3.0", "requires plugin API 3.0, but this jointdiff provides 2.1"),
+        ("1.0", "requires plugin API 1.0, but this jointdiff provides 2.1; to port it to 2.x: rename Conditioner.unet_kwargs"),
         ("2.99", "requires plugin API 2.99"),
         ("one", "REQUIRES_PLUGIN_API must look like 'MAJOR' or 'MAJOR.MINOR', got 'one'"),
     ],

@@ -1,4 +1,4 @@
-"""Tests of the ``regions`` conditioner and of :mod:`jointdiff.masks` (tiny model, offline).
+"""Tests of the ``regions`` conditioner and of :mod:`jointdiff.core.masks` (tiny model, offline).
 
 Small windows (16 latent cells = 128 px) keep the jobs cheap on a CPU.
 """
@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 
 from jointdiff import JointDiffusion
-from jointdiff.context import StepState, WindowBatch
-from jointdiff.errors import ConfigError
-from jointdiff.masks import area_downsample, feather, polygon_mask, rectangle_mask
-from jointdiff.plugins import create
+from jointdiff.core.context import StepState, WindowBatch
+from jointdiff.utils.errors import ConfigError
+from jointdiff.core.masks import area_downsample, feather, polygon_mask, rectangle_mask
+from jointdiff.core.registry import create
 from jointdiff.testing import check_conditioner, make_context
 from jointdiff_plugins.regions import RegionsConditioner
 
@@ -182,7 +182,7 @@ def test_degenerate_shapes(tiny_pipeline):
 def test_example_layout_job_validates_and_leaves_no_cell_without_a_prompt(monkeypatch):
     from pathlib import Path
 
-    from jointdiff.job import Job
+    from jointdiff.jobs.spec import Job
 
     root = Path(__file__).resolve().parents[1]
     monkeypatch.chdir(root)

@@ -1,4 +1,4 @@
-"""Sphere geometries (``equirect``, ``cubemap``) and their math (:mod:`jointdiff.spherical`),
+"""Sphere geometries (``equirect``, ``cubemap``) and their math (:mod:`jointdiff.surfaces.spherical`),
 checked against py360convert, by round trips, coverage and tiny-model runs."""
 
 from __future__ import annotations
@@ -12,9 +12,15 @@ import pytest
 import torch
 from PIL import Image
 
-from jointdiff import JointDiffusion, cube, export360, spherical
-from jointdiff.errors import ConfigError
-from jointdiff.plugins import create
+from jointdiff import JointDiffusion
+
+from jointdiff.surfaces import cube
+
+from jointdiff.surfaces import export360
+
+from jointdiff.surfaces import spherical
+from jointdiff.utils.errors import ConfigError
+from jointdiff.core.registry import create
 from jointdiff_plugins.sphere import CubemapGeometry, EquirectGeometry
 
 FIXTURE = Path(__file__).parent / "fixtures" / "equirect_demo_1024x512.png"
@@ -69,13 +75,13 @@ def test_view_centre_looks_at_yaw_pitch_and_projection_inverts(yaw_deg, pitch_de
 
 
 def from_py360(faces: list) -> list:
-    """py360convert's faces (F R B L U D) in :mod:`jointdiff.cube` order, through the one
-    mapping between the two conventions (:data:`jointdiff.export360.PY360_ORDER`)."""
+    """py360convert's faces (F R B L U D) in :mod:`jointdiff.surfaces.cube` order, through the one
+    mapping between the two conventions (:data:`jointdiff.surfaces.export360.PY360_ORDER`)."""
     return [faces[export360.PY360_ORDER.index(name)] for name in cube.FACE_NAMES]
 
 
 def to_py360(faces) -> dict:
-    """Our faces (:mod:`jointdiff.cube` order) as py360convert's ``dict`` cube format."""
+    """Our faces (:mod:`jointdiff.surfaces.cube` order) as py360convert's ``dict`` cube format."""
     return {export360.PY360_FACE[name]: face for name, face in zip(cube.FACE_NAMES, faces)}
 
 
@@ -145,7 +151,7 @@ def test_cube_equirect_conversions_match_py360convert(demo):
 
 
 def test_sphere_sampling_and_exports_share_the_face_convention(demo):
-    # The cube faces of jointdiff.spherical (the cubemap geometry's canvas) are the faces
+    # The cube faces of jointdiff.surfaces.spherical (the cubemap geometry's canvas) are the faces
     # export360 writes: same order, names and orientation.
     faces = equirect_to_cube(to_tensor(demo), 256)
     exported = export360.equirect_to_faces(Image.fromarray(demo.astype(np.uint8)), face_size_px=256)

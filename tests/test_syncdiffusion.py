@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from jointdiff import JointDiffusion
-from jointdiff.context import JobContext, StepState, WindowBatch
-from jointdiff.denoiser import Denoiser
-from jointdiff.errors import ConfigError, ModelLoadError
-from jointdiff.models import make_scheduler
-from jointdiff.plugins import create
+from jointdiff.core.context import JobContext, StepState, WindowBatch
+from jointdiff.engine.denoiser import Denoiser
+from jointdiff.utils.errors import ConfigError, ModelLoadError
+from jointdiff.models.loading import as_model, make_scheduler
+from jointdiff.core.registry import create
 from jointdiff_plugins.lpips_loader import AnchorDistance, backbone_weights_path, load_lpips
 from jointdiff_plugins.syncdiffusion import SyncDiffusion
 
@@ -66,7 +66,7 @@ def tiny64():
     pre-activation crosses zero, so float32 rounding differences between a batched and a
     single-window pass would show up as ~0.1 % gradient differences; float64 keeps both paths
     on the same side of every kink (latents stay float32, as the engine keeps them)."""
-    from jointdiff.models import load_pipeline
+    from jointdiff.models.loading import load_pipeline
 
     return load_pipeline("tiny", device="cpu", dtype=torch.float64)
 
@@ -98,7 +98,7 @@ def one_step(pipeline, sync, step_index=2, num_steps=4):
     geometry = create("geometry", "strip", length_px=256, **WINDOW)
     geometry.setup(pipeline.vae_scale_factor)
     generator = torch.Generator("cpu").manual_seed(0)
-    context = JobContext(pipeline, geometry, torch.device("cpu"), torch.float32, num_steps, generator)
+    context = JobContext(as_model(pipeline), geometry, torch.device("cpu"), torch.float32, num_steps, generator)
     text = create("conditioner", "text", prompt=PROMPT, guidance_scale=7.5)
     text.setup(context)
     denoiser = Denoiser(context, text.prompt(), [text])

@@ -12,11 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
-from jointdiff import JointDiffusion, cube
-from jointdiff.errors import ConfigError
-from jointdiff.plugins import create
+from jointdiff import JointDiffusion
+
+from jointdiff.surfaces import cube
+from jointdiff.utils.errors import ConfigError
+from jointdiff.core.registry import create
 from jointdiff.testing import GeometryConformance, check_conditioner, make_context
-from jointdiff.textures import (
+from jointdiff.surfaces.textures import (
     AtlasLayout,
     export_cube,
     export_textures,
@@ -441,7 +443,7 @@ DOCS = Path(__file__).resolve().parents[1] / "docs" / "textures.md"
 
 
 def test_docs_job_file_is_valid(tmp_path):
-    from jointdiff.job import Job
+    from jointdiff.jobs.spec import Job
 
     (block,) = re.findall(r"```toml\n(.*?)```", DOCS.read_text(), re.S)
     (tmp_path / "job.toml").write_text(block)

@@ -27,9 +27,9 @@ import py360convert
 import pytest
 from PIL import Image
 
-from jointdiff import viewer
+from jointdiff.surfaces import viewer
 from jointdiff.cli import main
-from jointdiff.errors import ConfigError
+from jointdiff.utils.errors import ConfigError
 
 FIXTURE = Path(__file__).parent / "fixtures" / "equirect_demo_1024x512.png"
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from jointdiff import hookimpl
-from jointdiff.tiling import TiledGeometry, WindowOptions, resolve_window_stride
+from jointdiff.core.tiling import TiledGeometry, WindowOptions, resolve_window_stride
 
 # --8<-- [start:api]
 # The plugin API this module was written against: jointdiff refuses to load it (and says

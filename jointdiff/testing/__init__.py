@@ -16,7 +16,7 @@ need no GPU and no download: conditioner and synchronizer checks run a built-in 
 (random weights; ``tiny``, a UNet, by default; pass ``model="tiny-flux"`` or another tiny
 model name to check on a transformer family), so they test the contract, not image quality.
 
-Conventions follow :mod:`jointdiff.geometry`: canvases are ``(S, C, H, W)`` latents, windows
+Conventions follow :mod:`jointdiff.core.geometry`: canvases are ``(S, C, H, W)`` latents, windows
 ``(B, C, h, w)``, sizes ``(h, w)`` in latent cells.
 
 Plugin classes may offer two optional classmethods used by these checks and by jointdiff's
@@ -35,39 +35,16 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import pydantic
 import torch
 
-from ..conditioner import Conditioner, Prompt, encode_text
-from ..families.base import Embeddings, LatentFormat
-from ..context import JobContext, StepState, WindowBatch
-from ..denoiser import Denoiser
-from ..geometry import Geometry
-from ..synchronizer import Synchronizer
-from ..tiling import TiledGeometry
-from .geometry import (  # noqa: F401  (re-exported: jointdiff.testing is the public API)
-    LATENT_CHANNELS,
-    fail,
-    _close,
-    _canvas,
-    _fuse,
-    check_geometry_shapes,
-    check_geometry_batching,
-    check_geometry_insert_is_linear,
-    check_geometry_coverage,
-    check_geometry_round_trip,
-    check_geometry_origins,
-    check_geometry_pixel_scale,
-    local_decoder,
-    check_geometry_decode,
-    check_options_round_trip,
-    check_geometry,
-    OneWindowGeometry,
-)
-from .invariance import (  # noqa: F401  (re-exported)
-    check_batch_order_invariance,
-    check_batch_size_invariance,
-    check_invariance,
-    check_resume_invariance,
-)
-from .family import (  # noqa: F401  (re-exported)
+from jointdiff.core import registry as plugin_module
+from jointdiff.core.conditioner import Conditioner, Prompt, encode_text
+from jointdiff.core.context import JobContext, StepState, WindowBatch
+from jointdiff.core.family import Embeddings, LatentFormat, ModelFamily
+from jointdiff.core.geometry import Geometry
+from jointdiff.core.synchronizer import Synchronizer
+from jointdiff.core.tiling import TiledGeometry
+from jointdiff.engine.denoiser import Denoiser
+from jointdiff.models.loading import as_model, load_model
+from jointdiff.testing.family import (
     FAMILY_CHECKS,
     check_family,
     check_family_facts,
@@ -76,7 +53,31 @@ from .family import (  # noqa: F401  (re-exported)
     check_family_schedule,
     check_family_vae,
 )
-
+from jointdiff.testing.geometry import (
+    LATENT_CHANNELS,
+    OneWindowGeometry,
+    _canvas,
+    _close,
+    _fuse,
+    check_geometry,
+    check_geometry_batching,
+    check_geometry_coverage,
+    check_geometry_decode,
+    check_geometry_insert_is_linear,
+    check_geometry_origins,
+    check_geometry_pixel_scale,
+    check_geometry_round_trip,
+    check_geometry_shapes,
+    check_options_round_trip,
+    fail,
+    local_decoder,
+)
+from jointdiff.testing.invariance import (
+    check_batch_order_invariance,
+    check_batch_size_invariance,
+    check_invariance,
+    check_resume_invariance,
+)
 
 # ----------------------------------------------------------------------------- model context
 
@@ -86,8 +87,6 @@ def tiny_model(name: str = "tiny") -> Any:
     """A built-in tiny model (``"tiny"``: Stable Diffusion; ``"tiny-flux"``: a FLUX.1
     transformer; ...) on the CPU in float32, built once per process. Shared: checks must not
     modify its weights."""
-    from ..models import load_model
-
     return load_model(name, device="cpu", dtype="float32")
 
 
@@ -123,8 +122,6 @@ def example_geometry(window_latent: int = 32) -> Geometry:
 def make_context(model: Any = None, geometry: Geometry | None = None, steps: int = 2, seed: int = 0) -> JobContext:
     """A :class:`JobContext` as the engine builds it (geometry set up, generator seeded, the
     model's timesteps set). ``model``: a model family, a pipeline, or a tiny model name."""
-    from ..models import as_model
-
     model = tiny_model(model) if isinstance(model, str) else as_model(model if model is not None else tiny_pipeline())
     geometry = geometry if geometry is not None else example_geometry()
     geometry.setup(model.latent_format)
@@ -155,7 +152,7 @@ def _tensors(value: Any, path: str = "") -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def check_prompt(prompt: Prompt, num_windows: int, reference: Prompt | None = None) -> None:
-    """Embeddings are :class:`~jointdiff.families.base.Embeddings` with the same tensor names
+    """Embeddings are :class:`~jointdiff.core.family.Embeddings` with the same tensor names
     and per-row shapes as the family's own encoding (``reference``); negatives match them;
     every window has a prompt index in ``[0, P)``, for batches of any size."""
     embeds, negative = prompt.embeds, prompt.negative_embeds
@@ -356,8 +353,6 @@ def family_model(cls: type, model: Any = None, options: Mapping[str, Any] | None
     """An instance of the model family ``cls`` to check: ``model`` itself when it is a
     bound family, else ``cls`` bound to the pipeline of the tiny model ``model`` (default:
     the first of ``cls.tiny_models``), with ``options``."""
-    from ..families.base import ModelFamily
-
     if isinstance(model, ModelFamily):
         return model
     if model is None:
@@ -387,8 +382,6 @@ def check_plugin_class(kind: str, cls: type, options: Mapping[str, Any] | None =
     if isinstance(model, str):
         model = tiny_model(model)
     if kind == "geometry":
-        from ..models import as_model
-
         latent = model if model is None or isinstance(model, (LatentFormat, int)) else as_model(model).latent_format
         latent = latent if latent is not None else 8
         check_geometry(cls(**options), latent, atol=getattr(cls, "round_trip_atol", 1e-5))
@@ -403,15 +396,13 @@ def check_plugin_class(kind: str, cls: type, options: Mapping[str, Any] | None =
 
 @contextlib.contextmanager
 def isolated_plugins(*plugins: Any, entry_points: bool = True) -> Iterator[Any]:
-    """Swap in a fresh process-wide plugin manager (so :func:`jointdiff.plugins.create` sees
+    """Swap in a fresh process-wide plugin manager (so :func:`jointdiff.core.registry.create` sees
     only what this test loads) and restore the previous one afterwards.
 
     ``entry_points``: load the installed ``jointdiff`` entry points (honouring
     ``JOINTDIFF_PLUGINS``); ``plugins``: modules or objects with hook implementations to add.
-    Yields the :class:`jointdiff.plugins.PluginManager`.
+    Yields the :class:`jointdiff.core.registry.PluginManager`.
     """
-    from .. import plugins as plugin_module
-
     manager = plugin_module.PluginManager()
     if entry_points:
         manager.load_entry_points()
@@ -517,7 +508,7 @@ class SynchronizerConformance:
 
 class FamilyConformance:
     """Mix into a ``Test...`` class and define :meth:`make_model` (a
-    :class:`~jointdiff.families.base.ModelFamily` bound to a small pipeline on the CPU in
+    :class:`~jointdiff.core.family.ModelFamily` bound to a small pipeline on the CPU in
     float32, e.g. of random tiny weights); pytest then runs every model-family check as its
     own test. ``make_model`` is called once per test: cache it if building is slow."""
 

@@ -1,12 +1,12 @@
 """Model-family conformance checks: what the engine, fusion and plugins rely on a
-:class:`~jointdiff.families.base.ModelFamily` to do.
+:class:`~jointdiff.core.family.ModelFamily` to do.
 
 Every check takes a family bound to a (tiny, random-weight) pipeline on the CPU in float32
 and raises ``AssertionError`` naming the family and what is wrong. They are cheap: windows
 of a few latent cells, two-step schedules, batches of one or two. Checks never change the
 model's weights or the pipeline's own scheduler (they step a copy).
 
-Tensor conventions follow :mod:`jointdiff.families.base`: window latents ``(N, C, h, w)``
+Tensor conventions follow :mod:`jointdiff.core.family`: window latents ``(N, C, h, w)``
 float32 in the canvas latent space, pixels ``(N, 3, f·h, f·w)``.
 """
 
@@ -17,8 +17,8 @@ from typing import Any, Sequence, get_args
 
 import torch
 
-from ..families.base import Embeddings, GuidanceMode, LatentFormat, ModelFamily
-from .geometry import _close, fail
+from jointdiff.core.family import Embeddings, GuidanceMode, LatentFormat, ModelFamily
+from jointdiff.testing.geometry import _close, fail
 
 GUIDANCE_MODES = get_args(GuidanceMode)
 BATCH_ATOL = 1e-4
@@ -99,7 +99,7 @@ def check_family_facts(model: ModelFamily) -> None:
     a non-negative default guidance scale."""
     cls = type(model)
     if not isinstance(model, ModelFamily):
-        fail(f"{cls.__name__} is not a jointdiff.families.base.ModelFamily")
+        fail(f"{cls.__name__} is not a jointdiff.core.family.ModelFamily")
     name = getattr(cls, "name", None)
     if not isinstance(name, str) or not name:
         fail(f"{cls.__name__}.name must be a non-empty string, got {name!r}")

@@ -10,9 +10,9 @@ from typing import Any, Callable
 import torch
 from PIL import Image
 
-from ..families.base import LatentFormat
-from ..tiling import TiledGeometry
-from ..geometry import Geometry
+from jointdiff.core.family import LatentFormat
+from jointdiff.core.geometry import Geometry
+from jointdiff.core.tiling import TiledGeometry
 
 LATENT_CHANNELS = 4
 

@@ -4,17 +4,17 @@ jointdiff promises that a job's canvas is the same (to float rounding) whatever 
 ``view_batch_size``, whatever order the window batches run in, on any number of ranks, and
 after an interruption and resume. The engine keeps the promise for its own noise (keyed per
 window and step) and state (per window in checkpoints); a plugin keeps it by drawing noise
-from :meth:`~jointdiff.context.StepState.generator_for` keyed by what the noise belongs to,
+from :meth:`~jointdiff.core.context.StepState.generator_for` keyed by what the noise belongs to,
 by never depending on the batch it is called with beyond the windows in it, and by
 exposing state that outlives a step with ``state_dict()`` / ``load_state_dict()``.
 
 These checks run a small job several ways and compare the canvases. Every check takes a
 *job factory*: ``job_factory(view_batch_size) -> JointDiffusion``, returning a fresh engine
-with fresh plugin instances on a tiny model (e.g. ``jointdiff.models.load_model("tiny")``),
+with fresh plugin instances on a tiny model (e.g. ``jointdiff.models.loading.load_model("tiny")``),
 tiny canvases and few steps::
 
     from jointdiff import JointDiffusion
-    from jointdiff.plugins import create
+    from jointdiff.core.registry import create
     from jointdiff.testing.invariance import check_invariance
 
     def job(view_batch_size):
@@ -25,7 +25,10 @@ tiny canvases and few steps::
 
 Checks raise ``AssertionError`` naming the property, the two runs and the largest
 difference. Tolerances: ``|a - b| <= atol + rtol·|b|`` per element; the defaults allow the
-float rounding of a model evaluated on batches of another size (a few 1e-5 relative).
+float rounding of a model evaluated on batches of another size: CPU convolution libraries
+(oneDNN) pick kernels by batch size, and on some processors float32 canvases then differ by a
+few 1e-4 after two or three steps. A batching bug (noise drawn from a stream the batches share,
+state leaking between batches) differs by far more.
 Invariance over ranks needs a process group; ``tests/test_distributed.py`` of jointdiff
 shows the pattern (``torch.multiprocessing.spawn`` with gloo on the CPU).
 """
@@ -39,10 +42,12 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
 
-from .geometry import fail
+from jointdiff.engine.distributed import Checkpoint
+from jointdiff.engine.loop import StopJob
+from jointdiff.testing.geometry import fail
 
 if TYPE_CHECKING:
-    from ..engine import JointDiffusion
+    from jointdiff.engine.loop import JointDiffusion
 
 JobFactory = Callable[[int], "JointDiffusion"]
 """``job_factory(view_batch_size) -> JointDiffusion``: a fresh engine and fresh plugins."""
@@ -99,7 +104,7 @@ def batch_order(job: JointDiffusion, order: str) -> Iterator[JointDiffusion]:
 
 def check_batch_size_invariance(
     job_factory: JobFactory, sizes: Sequence[int] = (1, 2, 64), steps: int = 2, seed: int = 0,
-    rtol: float = 1e-4, atol: float = 1e-4,
+    rtol: float = 1e-3, atol: float = 1e-3,
 ) -> torch.Tensor:
     """The canvas is the same for every ``view_batch_size`` in ``sizes`` (one window per
     batch, pairs, all windows at once). Catches noise or state tied to batches rather than
@@ -137,14 +142,11 @@ def check_resume_invariance(
     rtol: float = 1e-5, atol: float = 1e-5,
 ) -> torch.Tensor:
     """A job stopped after each step in ``stop_after`` (a step-end callback raising
-    :class:`~jointdiff.engine.StopJob`, checkpoint every step) and resumed by a fresh job
+    :class:`~jointdiff.engine.loop.StopJob`, checkpoint every step) and resumed by a fresh job
     (fresh plugins: their state must come from the checkpoint; ``resume_view_batch_size``:
     resumed with other batches) ends with the uninterrupted canvas; the finished job removes
     its checkpoint. Catches plugin state lost on resume and streams of noise that restart.
     Returns the uninterrupted canvas."""
-    from ..distributed import Checkpoint
-    from ..engine import StopJob
-
     expected = run_latents(job_factory(view_batch_size), steps, seed)
     with contextlib.ExitStack() as stack:
         folder = Path(directory) if directory is not None else Path(stack.enter_context(tempfile.TemporaryDirectory()))

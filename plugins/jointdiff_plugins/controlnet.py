@@ -31,16 +31,16 @@ from typing import TYPE_CHECKING, Any, Literal, Sequence
 import pydantic
 
 from jointdiff import hookimpl
-from jointdiff.conditioner import Conditioner
-from jointdiff.errors import ConfigError, ModelLoadError
-from jointdiff.options import PluginOptions
+from jointdiff.core.conditioner import Conditioner
+from jointdiff.core.options import PluginOptions
+from jointdiff.utils.errors import ConfigError, ModelLoadError
 
 if TYPE_CHECKING:
     import torch
 
 TINY = "tiny"
 """``model = "tiny"``: a random-weight ControlNet built from the job's own UNet
-(:func:`jointdiff.tiny.tiny_controlnet`), for tests, smoke runs and benchmarks."""
+(:func:`jointdiff.models.tiny.tiny_controlnet`), for tests, smoke runs and benchmarks."""
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 SPEC_FIELDS = ("model", "image", "conditioning_scale", "guidance_start", "guidance_end",
                "preprocess", "canny_low", "canny_high")
@@ -252,9 +252,9 @@ def step_index(timestep: torch.Tensor, context) -> tuple[int | None, int]:
 def load_controlnet(model: Any, context, where: str = "controlnet") -> Any:
     """A diffusers ControlNet of the job's model family on the job's device and dtype,
     checked against the family's ControlNet classes and, for UNets, the UNet's config."""
+    import diffusers
     import numpy as np
     import torch
-    import diffusers
 
     family = context.model
     if not family.controlnet_classes:
@@ -351,9 +351,9 @@ def _as_tensor(item: Any, spec: ControlSpec, where: str) -> torch.Tensor:
 def canny(image: torch.Tensor, low: int, high: int) -> torch.Tensor:
     """Canny edges (OpenCV) of an image ``(C, H, W)`` in [0, 1] (C = 1 or 3): ``(1, H, W)``
     with values 0 or 1, as the edge maps ControlNet's Canny model was trained on."""
+    import cv2
     import numpy as np
     import torch
-    import cv2
 
     if image.shape[0] not in (1, 3):
         raise ConfigError(f"canny preprocessing takes a 1- or 3-channel image, got {image.shape[0]} channels")

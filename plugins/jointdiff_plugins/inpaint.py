@@ -4,7 +4,7 @@ An inpainting model (Stable Diffusion inpainting's 9-channel UNet, Rombach et al
 FLUX.1 Fill) takes, besides the noisy latents, the VAE latents of the image with the region
 to repaint blanked out and the mask, joined to the latents along channels. This conditioner
 computes that condition once for the whole canvas with the job's model family
-(:meth:`~jointdiff.families.base.ModelFamily.inpaint_condition`) and gives every window its
+(:meth:`~jointdiff.core.family.ModelFamily.inpaint_condition`) and gives every window its
 own part of it, cut by the geometry exactly as the latents are (the condition is at latent
 resolution), so every window of the joint diffusion (MultiDiffusion, Bar-Tal et al. 2023)
 sees the known image around what it repaints (ControlSync's ``c^(i) = ψ_{c→i}(c)``, Lee et
@@ -36,9 +36,9 @@ from typing import TYPE_CHECKING, Any, Sequence
 import pydantic
 
 from jointdiff import hookimpl
-from jointdiff.conditioner import Conditioner
-from jointdiff.errors import ConfigError
-from jointdiff.options import PluginOptions
+from jointdiff.core.conditioner import Conditioner
+from jointdiff.core.options import PluginOptions
+from jointdiff.utils.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch

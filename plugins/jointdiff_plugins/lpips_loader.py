@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from jointdiff.errors import ConfigError, ModelLoadError
+from jointdiff.utils.errors import ConfigError, ModelLoadError
 
 if TYPE_CHECKING:
     import torch
@@ -55,7 +55,7 @@ def load_lpips(net: str = "vgg", *, random_backbone: bool = False) -> torch.nn.M
     """An ``lpips.LPIPS`` module (eval mode, frozen, on the CPU).
 
     The backbone weights come from the torch hub cache, or are downloaded by torchvision.
-    When neither works, raises :class:`~jointdiff.errors.ModelLoadError` saying where to put
+    When neither works, raises :class:`~jointdiff.utils.errors.ModelLoadError` saying where to put
     the file. ``random_backbone=True`` builds the backbone from a fixed seed instead (lpips'
     ``pnet_rand``): fine for tests of code paths and gradients, meaningless as a metric.
     """

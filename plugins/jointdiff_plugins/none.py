@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from jointdiff import hookimpl
-from jointdiff.synchronizer import Synchronizer
+from jointdiff.core.synchronizer import Synchronizer
 
 
 class NoSynchronizer(Synchronizer):

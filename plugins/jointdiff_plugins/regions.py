@@ -20,7 +20,7 @@ uniformly random RGB colour, drawn per window and step from a bank of ``bootstra
 colours; ``ε`` is the canvas's *initial* noise cut out for the window; the background prompt
 is never bootstrapped. Its reference default is 20 of 50 steps.
 
-Randomness is keyed (:meth:`~jointdiff.context.JobContext.generator_for`): the bank from
+Randomness is keyed (:meth:`~jointdiff.core.context.JobContext.generator_for`): the bank from
 ``("regions/colours",)`` and ``("regions/colour_latent", k)``, the pick of window ``w`` of
 branch ``r`` at step ``i`` from ``("regions/bootstrap", i, w, r)``. Results therefore do not
 depend on batching, batch order, ranks or resume, and the conditioner keeps no state
@@ -30,7 +30,7 @@ Masks are defined on the canvas in pixel coordinates (origin top-left, ``x`` rig
 down): rectangles ``[left, top, right, bottom]`` (right/bottom exclusive), polygons of
 ``[x, y]`` points, or grayscale mask images of the canvas's size. They are drawn at pixel
 resolution, optionally feathered (Gaussian blur, standard deviation ``feather_px``), then
-area-averaged to latent resolution (:mod:`jointdiff.masks`). On a 360° canvas (an
+area-averaged to latent resolution (:mod:`jointdiff.core.masks`). On a 360° canvas (an
 equirectangular sheet) the coordinates are equirectangular pixels.
 """
 
@@ -42,10 +42,10 @@ from typing import TYPE_CHECKING, Any
 import pydantic
 
 from jointdiff import hookimpl
-from jointdiff.conditioner import Conditioner, Prompt, encode_text
-from jointdiff.errors import ConfigError
-from jointdiff.masks import area_downsample, feather, image_mask, polygon_mask, rectangle_mask
-from jointdiff.options import PluginOptions
+from jointdiff.core.conditioner import Conditioner, Prompt, encode_text
+from jointdiff.core.masks import area_downsample, feather, image_mask, polygon_mask, rectangle_mask
+from jointdiff.core.options import PluginOptions
+from jointdiff.utils.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch

@@ -3,9 +3,9 @@
 The canvas covers the whole sphere, as an equirectangular latent ``(1, C, H, 2H)`` or as six
 cube faces ``(6, C, N, N)``; the windows are *perspective views* (square field of view
 ``fov_deg`` at a yaw and pitch), resampled from the canvas and fused back by the core base
-:class:`jointdiff.sphere_base.SphereGeometry` (which recommends SyncTweedies' x̂0 fusion).
-Angles and axes: :mod:`jointdiff.spherical`; face order, orientation and names:
-:mod:`jointdiff.cube`.
+:class:`jointdiff.surfaces.sphere_base.SphereGeometry` (which recommends SyncTweedies' x̂0 fusion).
+Angles and axes: :mod:`jointdiff.surfaces.spherical`; face order, orientation and names:
+:mod:`jointdiff.surfaces.cube`.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING
 import pydantic
 
 from jointdiff import hookimpl
-from jointdiff.errors import ConfigError
-from jointdiff.geometry import DecodeFn, EncodeFn, decode_wrapped, encode_wrapped
-from jointdiff.sphere_base import SphereGeometry, SphereOptions
+from jointdiff.core.geometry import DecodeFn, EncodeFn, decode_wrapped, encode_wrapped
+from jointdiff.surfaces.sphere_base import SphereGeometry, SphereOptions
+from jointdiff.utils.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
@@ -84,31 +84,37 @@ class EquirectGeometry(SphereGeometry):
         return (1, *self._size)
 
     def canvas_directions(self, scale: int) -> torch.Tensor:
-        from jointdiff import spherical
+        from jointdiff.surfaces import (
+            spherical,  # lazy: jointdiff.surfaces.spherical needs torch; importing jointdiff_plugins.sphere must not
+        )
 
         height, width = self._size
         return spherical.equirect_directions((scale * height, scale * width))[None]
 
     def padded_canvas(self, canvas: torch.Tensor) -> torch.Tensor:
-        from jointdiff import spherical
+        from jointdiff.surfaces import (
+            spherical,  # lazy: jointdiff.surfaces.spherical needs torch; importing jointdiff_plugins.sphere must not
+        )
 
         return spherical.pad_equirect(canvas)
 
     def canvas_grid(self, directions: torch.Tensor, scale: int) -> torch.Tensor:
-        from jointdiff import spherical
+        from jointdiff.surfaces import (
+            spherical,  # lazy: jointdiff.surfaces.spherical needs torch; importing jointdiff_plugins.sphere must not
+        )
 
         height, width = self._size
         return spherical.equirect_grid(spherical.directions_to_equirect_uv(directions), (scale * height, scale * width))
 
     def decode(self, canvas: torch.Tensor, decode: DecodeFn) -> torch.Tensor:
         """Decode with ``decode_padding_latent`` columns of circular context on both sides
-        (:func:`jointdiff.geometry.decode_wrapped`), so the VAE's zero padding leaves no
+        (:func:`jointdiff.core.geometry.decode_wrapped`), so the VAE's zero padding leaves no
         seam at yaw ±180°."""
         return decode_wrapped(canvas, decode, (False, True), self.decode_padding_latent, self.latent_scale)
 
     def encode(self, pixels: torch.Tensor, encode: EncodeFn) -> torch.Tensor:
         """Encode with ``decode_padding_latent`` columns of circular context on both sides,
-        cropped off the latents (:func:`jointdiff.geometry.encode_wrapped`)."""
+        cropped off the latents (:func:`jointdiff.core.geometry.encode_wrapped`)."""
         return encode_wrapped(pixels, encode, self.wraps(), self.decode_padding_latent, self.latent_scale)
 
     def wraps(self) -> tuple[bool, bool]:
@@ -118,7 +124,7 @@ class EquirectGeometry(SphereGeometry):
 
 class CubemapGeometry(SphereGeometry):
     """Six cube faces ``(6, C, N, N)`` in the order, orientation and names of
-    :mod:`jointdiff.cube` (+X −X +Y −Y +Z −Z, +Z at yaw 0). Windows: the six faces (90°
+    :mod:`jointdiff.surfaces.cube` (+X −X +Y −Y +Z −Z, +Z at yaw 0). Windows: the six faces (90°
     views; exact copies when the face is one window), the 12 edge midpoints
     (``edge_views``) and the 8 corners (``corner_views``), all resampled through the sphere.
     Decoded face by face with a border of the neighbouring faces, blended so the cube's
@@ -159,26 +165,34 @@ class CubemapGeometry(SphereGeometry):
         return (6, self._n, self._n)
 
     def canvas_directions(self, scale: int) -> torch.Tensor:
-        from jointdiff import spherical
+        from jointdiff.surfaces import (
+            spherical,  # lazy: jointdiff.surfaces.spherical needs torch; importing jointdiff_plugins.sphere must not
+        )
 
         return spherical.cube_directions(scale * self._n)
 
     def padded_canvas(self, canvas: torch.Tensor) -> torch.Tensor:
-        from jointdiff import spherical
+        from jointdiff.surfaces import (
+            spherical,  # lazy: jointdiff.surfaces.spherical needs torch; importing jointdiff_plugins.sphere must not
+        )
 
         return spherical.pad_cube(canvas)
 
     def canvas_grid(self, directions: torch.Tensor, scale: int) -> torch.Tensor:
-        from jointdiff import spherical
+        from jointdiff.surfaces import (
+            spherical,  # lazy: jointdiff.surfaces.spherical needs torch; importing jointdiff_plugins.sphere must not
+        )
 
         face, uv = spherical.directions_to_cube(directions)
         return spherical.cube_grid(face, uv, scale * self._n)
 
     def decode(self, canvas: torch.Tensor, decode: DecodeFn) -> torch.Tensor:
         """Decode the faces, each grown by ``decode_padding_latent`` cells of its neighbours,
-        and blend the overlaps (:func:`jointdiff.cube.decode_padded_faces`). Returns
+        and blend the overlaps (:func:`jointdiff.surfaces.cube.decode_padded_faces`). Returns
         ``(6, 3, f*N, f*N)``."""
-        from jointdiff import cube
+        from jointdiff.surfaces import (
+            cube,  # lazy: jointdiff.surfaces.cube needs torch; importing jointdiff_plugins.sphere must not
+        )
 
         return cube.decode_padded_faces(canvas, decode, self.decode_padding_latent, self.latent_scale)
 

@@ -19,7 +19,7 @@ multiplied by the VAE's ``scaling_factor``); images ``(B, 3, f·h, f·w)`` in [-
 Schedulers. The method is defined with DDIM, for which ``x̂0`` here equals DDIM's
 ``pred_original_sample`` (ε- or v-prediction, ``clip_sample`` honoured; dynamic thresholding
 is refused). Other diffusers schedulers work as an extension: ``x̂0`` is
-:meth:`~jointdiff.denoiser.Denoiser.predicted_x0`, Tweedie's estimate from the scheduler's
+:meth:`~jointdiff.engine.denoiser.Denoiser.predicted_x0`, Tweedie's estimate from the scheduler's
 ``ᾱ_t`` applied to the variance-preserving sample ``scale_model_input(x_t)``; the gradient is
 taken with respect to the scheduler's own latent (for σ-parameterised schedulers such as
 Euler it is ``√(1+σ²)`` times larger), so the same ``w`` is a different step size there.
@@ -29,7 +29,7 @@ Cost per synchronized step, for ``N`` windows: the anchor's guided UNet forward 
 one decoder forward and backward and one LPIPS forward and backward, batched in micro-batches;
 the denoising step afterwards is the engine's usual guided forward for the ``N − 1`` others:
 the anchor is not moved, so its denoising step reuses the output of its anchor forward
-(:meth:`~jointdiff.context.StepState.remember_output`; not under ``autocast``). A step whose
+(:meth:`~jointdiff.core.context.StepState.remember_output`; not under ``autocast``). A step whose
 weight ``w · decay^i`` is zero, or that is not synchronized, costs nothing extra.
 """
 
@@ -41,11 +41,10 @@ from typing import TYPE_CHECKING, Any, Iterator, Literal, Sequence
 import pydantic
 
 from jointdiff import hookimpl
-from jointdiff.errors import ConfigError, ModelLoadError, NonFiniteLatentsError
-from jointdiff.options import PluginOptions
-from jointdiff.synchronizer import Synchronizer
-
-from .lpips_loader import AnchorDistance, load_lpips
+from jointdiff.core.options import PluginOptions
+from jointdiff.core.synchronizer import Synchronizer
+from jointdiff.utils.errors import ConfigError, ModelLoadError, NonFiniteLatentsError
+from jointdiff_plugins.lpips_loader import AnchorDistance, load_lpips
 
 if TYPE_CHECKING:
     import torch
@@ -237,6 +236,33 @@ class SyncDiffusion(Synchronizer):
     def anchor_windows(self) -> tuple[int, ...]:
         """The anchor (after :meth:`setup`): it gets no gradient pass."""
         return (self.anchor_id,)
+
+    def evaluations_per_step(self, windows: int, branches: int, rows: int) -> dict[str, int]:
+        """Rows of one synchronized step (:func:`jointdiff_plugins.syncdiffusion_cost.rows_per_step`)."""
+        from jointdiff_plugins.syncdiffusion_cost import rows_per_step  # lazy: the cost module needs torch
+
+        return rows_per_step(windows, branches, rows, bool(self.reuse_region_moves))
+
+    def price_per_row(self, model: Any, window: tuple[int, int]) -> tuple[dict[str, float], list[str]]:
+        """The loss decoder's and LPIPS's FLOPs per row (:mod:`jointdiff_plugins.syncdiffusion_cost`)."""
+        from jointdiff_plugins.syncdiffusion_cost import price_per_row  # lazy: the cost module needs torch
+
+        taesd = None
+        if self.options.decoder != "vae":
+            taesd = getattr(self, "_decoder", None)
+            path = self.options.taesd_path or model.tiny_autoencoder
+            if taesd is None and path:
+                import torch  # lazy: plugin registration stays free of torch
+
+                try:
+                    taesd = _load_taesd(path, torch.float32).to(model.device)
+                except Exception:  # priced as "not loadable here"
+                    taesd = None
+        return price_per_row(model, window, self.options, taesd)
+
+    def reuses_anchor_output(self) -> bool:
+        """The anchor's denoising step takes its output from the anchor pass (not under autocast)."""
+        return bool(self.reuse_anchor_output) and self.options.autocast == "none"
 
     def begin_step(self, state) -> None:
         # The anchor is prepared by the first batch of the step, with the step's scheduler

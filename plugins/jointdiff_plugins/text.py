@@ -5,8 +5,8 @@ from __future__ import annotations
 import pydantic
 
 from jointdiff import hookimpl
-from jointdiff.conditioner import Conditioner, Prompt, encode_text
-from jointdiff.options import PluginOptions
+from jointdiff.core.conditioner import Conditioner, Prompt, encode_text
+from jointdiff.core.options import PluginOptions
 
 
 class TextConditioner(Conditioner):

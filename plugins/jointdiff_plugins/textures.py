@@ -4,18 +4,18 @@ conditioner.
 A *torus* canvas wraps in both directions: windows run across the right edge into the left
 one and across the bottom into the top, so the MultiDiffusion fusion (Bar-Tal et al. 2023,
 Eq. 5) never sees an edge and the texture repeats without a seam; the final VAE decode gets
-circular context too (:meth:`jointdiff.tiling.TiledGeometry.decode`).
+circular context too (:meth:`jointdiff.core.tiling.TiledGeometry.decode`).
 
 An *atlas* is several tori generated in one job: canvas ``(S, C, H, W)`` with one sheet per
 tile, windows that wrap within their own sheet, and one prompt per tile (``tile_text``). The
 tiles are independent unless a synchronizer couples them: SyncDiffusion (Lee et al. 2023)
 pulls every window, whatever its tile, toward one anchor window's appearance, so the tiles
 share lighting and palette. Packing into one image with a UV manifest is
-:mod:`jointdiff.textures`.
+:mod:`jointdiff.surfaces.textures`.
 
 A *cube texture* (``cube_texture``) covers the six faces of a cube or skybox: windows inside
 each face plus windows that straddle each of the 12 edges, seeing both faces unfolded flat
-(face order and orientation: :mod:`jointdiff.cube`), so the texture continues across edges.
+(face order and orientation: :mod:`jointdiff.surfaces.cube`), so the texture continues across edges.
 
 Window and stride are in latent cells (as ``grid``: unset, the model's native window and
 ``window // 8``); tile and face sizes are in pixels.
@@ -28,13 +28,13 @@ from typing import TYPE_CHECKING, Sequence
 import pydantic
 
 from jointdiff import hookimpl
-from jointdiff.conditioner import Conditioner, Prompt, encode_text
-from jointdiff.errors import ConfigError
-from jointdiff.families.base import LatentFormat
-from jointdiff.geometry import DecodeFn, Geometry
-from jointdiff.options import PluginOptions
-from jointdiff.textures import AtlasLayout, TileSource
-from jointdiff.tiling import TiledGeometry, WindowOptions, axis_starts, resolve_window_stride
+from jointdiff.core.conditioner import Conditioner, Prompt, encode_text
+from jointdiff.core.family import LatentFormat
+from jointdiff.core.geometry import DecodeFn, Geometry
+from jointdiff.core.options import PluginOptions
+from jointdiff.core.tiling import TiledGeometry, WindowOptions, axis_starts, resolve_window_stride
+from jointdiff.surfaces.textures import AtlasLayout, TileSource
+from jointdiff.utils.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
@@ -70,7 +70,7 @@ class TorusGeometry(TiledGeometry):
         return (True, True)
 
     def setup(self, latent: LatentFormat | int) -> None:
-        """Windows of one tile (every tile has the same, :func:`jointdiff.tiling.axis_starts`
+        """Windows of one tile (every tile has the same, :func:`jointdiff.core.tiling.axis_starts`
         with both axes wrapped), repeated for each sheet. The windows must overlap: windows
         that only touch would leave their borders (the wrap edge among them) as seams."""
         super().setup(latent)  # checks the sizes against the latent format and the window
@@ -140,7 +140,7 @@ class AtlasGeometry(TorusGeometry):
         return self.options.tile_height_px, self.options.tile_width_px
 
     def layout(self) -> AtlasLayout:
-        """The atlas packing of the tiles (pixel and UV rectangles: :mod:`jointdiff.textures`)."""
+        """The atlas packing of the tiles (pixel and UV rectangles: :mod:`jointdiff.surfaces.textures`)."""
         o = self.options
         return AtlasLayout.for_tiles(o.tiles, (o.tile_height_px, o.tile_width_px), o.columns, o.gutter_px)
 
@@ -148,7 +148,7 @@ class AtlasGeometry(TorusGeometry):
 class CubeTextureGeometry(Geometry):
     """Six square faces, continuous across the cube's 12 edges (a cube texture or skybox).
 
-    Canvas ``(6, C, N, N)``, faces in :mod:`jointdiff.cube` order (+X, −X, +Y, −Y, +Z, −Z)
+    Canvas ``(6, C, N, N)``, faces in :mod:`jointdiff.surfaces.cube` order (+X, −X, +Y, −Y, +Z, −Z)
     and orientation. Windows are crops inside each face (as ``grid``) plus, for every edge,
     windows reaching ``k = stride, 2·stride, … < window`` cells past it onto the adjoining
     face, unfolded flat; each window is a gather of ``(face, row, col)`` cells.
@@ -196,7 +196,10 @@ class CubeTextureGeometry(Geometry):
         """``(face, top, left)`` of windows reaching past one side of ``face`` (negative or
         beyond the face), for each edge once (from the first face that has it)."""
         import torch
-        from jointdiff import cube
+
+        from jointdiff.surfaces import (
+            cube,  # lazy: jointdiff.surfaces.cube needs torch; importing jointdiff_plugins.textures must not
+        )
 
         n, w, stride = self._n, self._window_side, self._stride_side
         along, _ = axis_starts(n, w, stride, False, "face")
@@ -218,7 +221,10 @@ class CubeTextureGeometry(Geometry):
         """``(3, k*h, k*w)`` LongTensor: face, row and column of every cell of a window on a
         canvas ``k`` times the latent resolution (``k`` = 1 for latents)."""
         import torch
-        from jointdiff import cube
+
+        from jointdiff.surfaces import (
+            cube,  # lazy: jointdiff.surfaces.cube needs torch; importing jointdiff_plugins.textures must not
+        )
 
         face, top, left = self.window_specs[window_id]
         size = scale * self._window_side
@@ -270,8 +276,10 @@ class CubeTextureGeometry(Geometry):
     def decode(self, canvas: torch.Tensor, decode: DecodeFn) -> torch.Tensor:
         """Decode the faces, each with a border of its neighbours' latents, stacked into one
         tall image, and fuse the overlapping borders so no seam remains along the cube's
-        edges (:func:`jointdiff.cube.decode_padded_faces`). Returns ``(6, 3, f*N, f*N)``."""
-        from jointdiff import cube
+        edges (:func:`jointdiff.surfaces.cube.decode_padded_faces`). Returns ``(6, 3, f*N, f*N)``."""
+        from jointdiff.surfaces import (
+            cube,  # lazy: jointdiff.surfaces.cube needs torch; importing jointdiff_plugins.textures must not
+        )
 
         return cube.decode_padded_faces(canvas, decode, self.decode_padding_latent, self.latent_scale)
 

@@ -12,7 +12,7 @@ from typing import Literal
 import pydantic
 
 from jointdiff import hookimpl
-from jointdiff.tiling import TiledGeometry, WindowOptions  # noqa: F401 (WindowOptions: also importable from here)
+from jointdiff.core.tiling import TiledGeometry, WindowOptions  # noqa: F401 (WindowOptions: also importable from here)
 
 
 class StripGeometry(TiledGeometry):

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from jointdiff import JointDiffusion
-from jointdiff.errors import ConfigError
-from jointdiff.job import Job
-from jointdiff.plugins import create
+from jointdiff.utils.errors import ConfigError
+from jointdiff.jobs.spec import Job
+from jointdiff.core.registry import create
 from jointdiff.testing import GeometryConformance, isolated_plugins, tiny_pipeline
 from jointdiff_ring import RingGeometry, ring_warp
 
