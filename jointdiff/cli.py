@@ -1,4 +1,4 @@
-"""The ``jointdiff`` command line: ``run``, ``generate``, ``sky``, ``plugins`` and ``view``.
+"""The ``jointdiff`` command line: ``run``, ``generate``, ``sky``, ``plugins``, ``view`` and ``ui``.
 
 Errors a user can cause are printed as one line (``jointdiff: error: ...``, exit status 2),
 never as a traceback; outputs are written atomically, so a failed run leaves no file behind.
@@ -288,6 +288,22 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ui(args: argparse.Namespace) -> int:
+    """``ui``: the web app (jointdiff.ui) on 127.0.0.1, or on every interface with ``--listen``."""
+    try:
+        import jointdiff.ui as ui  # lazy: the web app needs gradio (the ui extra); importing jointdiff.cli must not
+    except ImportError as error:
+        raise ConfigError(f"jointdiff ui needs gradio ({error}); install it with: pip install 'jointdiff[ui]'") from None
+    host = "0.0.0.0" if args.listen else ui.LOCALHOST
+    if args.listen:
+        _note(f"--listen: the UI is reachable from other machines on port {args.port}; anyone who reaches it can run "
+              "jobs on this machine and read files under its --root folders")
+    print(f"jointdiff ui: http://{'127.0.0.1' if not args.listen else host}:{args.port}/ (jobs in {args.folder})", file=sys.stderr)
+    ui.start(args.folder, host=host, port=args.port, roots=args.root, max_upload_mb=args.max_upload_mb,
+             preview_every=args.preview_every)
+    return 0
+
+
 def cmd_view(args: argparse.Namespace) -> int:
     if args.output or not args.serve:
         print(write_viewer(args.pano, args.output or Path(args.pano).with_suffix(".html")))
@@ -455,6 +471,22 @@ def _add_view(sub: Any) -> None:
     view.set_defaults(func=cmd_view)
 
 
+def _add_ui(sub: Any) -> None:
+    ui = _subparser(sub, "ui", "a web UI: compose, preview, queue and browse jobs in the browser (needs jointdiff[ui])",
+                    "A web UI (Gradio): compose a job from the plugins' forms, estimate it, watch it form, cancel "
+                    "and resume it, and browse the history; jobs run one at a time per device.")
+    ui.add_argument("--folder", default="jointdiff-ui", metavar="DIR",
+                    help="where the job database, outputs, checkpoints and uploads are kept")
+    ui.add_argument("--port", type=int, default=7860, help="port to listen on")
+    ui.add_argument("--listen", action="store_true",
+                    help="listen on every network interface (default: 127.0.0.1 only); prints a warning")
+    ui.add_argument("--root", action="append", default=[], metavar="DIR",
+                    help="a folder whose files (models, LoRAs, images) jobs may name (repeat); the app's folder always is")
+    ui.add_argument("--max-upload-mb", type=float, default=20, help="largest upload accepted")
+    ui.add_argument("--preview-every", type=int, default=1, metavar="N", help="a preview every N steps")
+    ui.set_defaults(func=cmd_ui)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="jointdiff", description=DESCRIPTION, epilog=EXAMPLES, formatter_class=_TopHelpFormatter)
     parser.add_argument("--version", action="version", version=f"jointdiff {__version__}")
@@ -466,6 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     plugins = _subparser(sub, "plugins", "list discovered plugins and their options (types, defaults, allowed values)")
     plugins.set_defaults(func=cmd_plugins)
     _add_view(sub)
+    _add_ui(sub)
     return parser
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from jointdiff.image.output import save_result
-from jointdiff.jobs.spec import Job, check_before_loading, run_job
+from jointdiff.jobs.spec import Job, check_before_loading, load_job_model, run_job
 from jointdiff.models.loading import resolve_device
 from jointdiff.utils.errors import ConfigError, JointDiffError
 
@@ -81,7 +81,7 @@ class JobRecord:
 @dataclass
 class Live:
     """What a running job shows while it runs: steps done, ETA, the latest preview (any
-    object the queue's ``preview`` returned) and the estimate announced at its start."""
+    object the queue's ``preview`` returned), whether it was asked to stop."""
 
     step: int = 0
     steps: int = 0
@@ -90,7 +90,6 @@ class Live:
     eta_s: float | None = None
     preview: Any = None
     preview_step: int = -1
-    estimate: Any = None
     cancel: bool = False
 
 
@@ -120,6 +119,7 @@ class JobQueue:
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
         self._workers: dict[str, threading.Thread] = {}
+        self._models: dict[str, tuple[str, Any]] = {}
         self._closed = False
         self._db = sqlite3.connect(self.folder / "jobs.sqlite", check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
@@ -291,28 +291,32 @@ class JobQueue:
                   outputs=json.dumps(outputs))
 
     def _execute(self, job_id: int, record: JobRecord, live: Live) -> Any:
-        from jointdiff.cost import (
-            profiling,  # lazy: jointdiff.cost.profiling needs torch; importing jointdiff.jobs.queue must not
-        )
         from jointdiff.engine.result import (
             StopJob,  # lazy: jointdiff.engine needs torch; importing jointdiff.jobs.queue must not
         )
 
         job = Job.from_dict(record.job)
-        check_before_loading(job)
-        model: list[Any] = []
-
-        def started(estimate: Any, engine: Any) -> None:
-            live.estimate, live.steps = estimate, job.steps
-            model.append(engine.model)
+        live.steps = job.steps
+        model = self._model(record.device, job)
 
         def on_step(i: int, t: int, canvas: Any) -> None:
-            self._after_step(job_id, live, i, canvas, model[0] if model else None)
+            self._after_step(job_id, live, i, canvas, model)
             if live.cancel:
                 raise StopJob
 
-        with profiling.session(on_estimate=started, count=False):
-            return run_job(job, progress=False, callback=on_step)
+        return run_job(job, progress=False, callback=on_step, model=model)
+
+    def _model(self, device: str, job: Job) -> Any:
+        """The job's loaded model: kept per device and reused by the next job with the same
+        ``[model]`` table (one per device, so memory holds one model)."""
+        key = json.dumps(job.model.model_dump(mode="json"), sort_keys=True)
+        cached = self._models.get(device)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        self._models.pop(device, None)  # the old model goes before the new one loads
+        model = load_job_model(job)
+        self._models[device] = (key, model)
+        return model
 
     def _after_step(self, job_id: int, live: Live, i: int, canvas: Any, model: Any) -> None:
         """Progress with ETA (from the steps run in this process), the preview when due, the hooks."""

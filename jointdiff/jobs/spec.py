@@ -395,17 +395,14 @@ def check_before_loading(job: Job) -> None:
 # -- the job of a composed engine --------------------------------------------------------
 
 
-def run_job(job: Job, pipeline: Any = None, *, progress: bool = True, callback=None):
-    """Run a job: load the model (unless ``pipeline`` is given), generate, return the
-    :class:`~jointdiff.engine.loop.JointResult` (not yet saved; see :func:`jointdiff.image.output.save_result`)."""
-    from jointdiff.engine.loop import (
-        JointDiffusion,  # lazy: jointdiff.engine.loop needs torch; importing jointdiff.jobs.spec must not
-    )
-    geometry, conditioners, synchronizer = job.build_plugins()
+def load_job_model(job: Job, pipeline: Any = None):
+    """The job's model as its ``[model]`` table describes it (scheduler, LoRAs, dtype,
+    device, offloading), loaded from ``pipeline`` when given, else from ``model.id``. Jobs
+    with the same ``[model]`` table may share it (:func:`run_job`'s ``model``)."""
     if pipeline is None:
         check_before_loading(job)
     spec = job.model
-    model = load_model(
+    return load_model(
         pipeline if pipeline is not None else spec.id,
         family=spec.family,
         device=spec.device,
@@ -417,6 +414,19 @@ def run_job(job: Job, pipeline: Any = None, *, progress: bool = True, callback=N
         offload=spec.offload,
         options={"positions": spec.positions},
     )
+
+
+def run_job(job: Job, pipeline: Any = None, *, progress: bool = True, callback=None, model: Any = None):
+    """Run a job: load the model (unless ``pipeline`` is given), generate, return the
+    :class:`~jointdiff.engine.loop.JointResult` (not yet saved; see :func:`jointdiff.image.output.save_result`).
+    ``model``: the job's model already loaded by :func:`load_job_model` (for a job with the
+    same ``[model]`` table), used as it is."""
+    from jointdiff.engine.loop import (
+        JointDiffusion,  # lazy: jointdiff.engine.loop needs torch; importing jointdiff.jobs.spec must not
+    )
+    geometry, conditioners, synchronizer = job.build_plugins()
+    if model is None:
+        model = load_job_model(job, pipeline)
     init = None
     if job.init is not None:  # placed on the canvas of this model's latent format
         geometry.setup(model.latent_format)
