@@ -23,7 +23,7 @@ What it holds (plugin API :data:`PLUGIN_API_VERSION`, see ``docs/hooks.md``):
   :class:`SynchronizerConformance`, :class:`FamilyConformance`, :func:`check_invariance`,
   :func:`isolated_plugins`, :func:`tiny_pipeline`, :func:`tiny_model`, :func:`make_context`;
 - pricing a synchronizer's own networks for the cost estimate (imported on first use):
-  :func:`count_flops`, :func:`cached_flops`.
+  :func:`count_flops`, :func:`cached_flops`, :func:`decoder_unit` (a decoder's FLOPs per row).
 
 Importing this module loads neither torch nor diffusers, so a plugin that imports from it at
 module level keeps every job's validation fast.
@@ -61,6 +61,7 @@ _LAZY = {
     "check_invariance": "jointdiff.testing.invariance",
     "count_flops": "jointdiff.cost.profiling",
     "cached_flops": "jointdiff.cost.profiling",
+    "decoder_unit": "jointdiff.cost.profiling",
 }
 
 __all__ = [
