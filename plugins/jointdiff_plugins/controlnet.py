@@ -39,10 +39,7 @@ from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 import pydantic
 
-from jointdiff import hookimpl
-from jointdiff.core.conditioner import Conditioner, check_geometry_maps
-from jointdiff.core.options import PluginOptions
-from jointdiff.utils.errors import ConfigError, ModelLoadError
+from jointdiff.plugin import Conditioner, ConfigError, ModelLoadError, PluginOptions, check_geometry_maps, hookimpl
 
 if TYPE_CHECKING:
     import torch

@@ -31,10 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 import pydantic
 
-from jointdiff import hookimpl
-from jointdiff.core.conditioner import Conditioner, check_geometry_maps
-from jointdiff.core.options import PluginOptions
-from jointdiff.utils.errors import ConfigError
+from jointdiff.plugin import Conditioner, ConfigError, PluginOptions, check_geometry_maps, hookimpl
 from jointdiff_plugins.controlnet import _check_image, geometry_map_name, load_condition, load_window_maps
 
 if TYPE_CHECKING:
