@@ -24,6 +24,8 @@ from jointdiff.utils.files import check_writable, free_output
 from jointdiff.utils.version import VERSION as __version__
 
 EXIT_USAGE = 2
+MESH_SUFFIXES = (".glb", ".gltf", ".obj", ".ply", ".stl")
+"""``view`` shows these as meshes (only ``.glb`` is read; the others are told to convert)."""
 
 
 def parse_assignment(text: str) -> tuple[str, Any]:
@@ -286,7 +288,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def cmd_view(args: argparse.Namespace) -> int:
-    if Path(args.pano).suffix.lower() == ".glb":
+    if Path(args.pano).suffix.lower() in MESH_SUFFIXES:
         return _view_mesh(args)
     if args.output or not args.serve:
         print(write_viewer(args.pano, _plan_page(args.output or Path(args.pano).with_suffix(".html"), args.overwrite)))

@@ -125,6 +125,9 @@ def test_cli_view_glb_keeps_existing_pages_unless_overwrite(cube, tmp_path, caps
     assert main(["view", str(cube), "--serve"]) == 2
     err = capsys.readouterr().err
     assert "nope.glb" in err and "--serve" in err
+    cube.with_suffix(".obj").write_text("v 0 0 0\n")
+    assert main(["view", str(cube.with_suffix(".obj"))]) == 2  # a mesh, but not a .glb
+    assert "must be a binary glTF (.glb)" in capsys.readouterr().err
 
 
 # ---- in the browser ----------------------------------------------------------------------

@@ -72,6 +72,12 @@ def test_write_viewer_and_errors(tmp_path):
 def test_cli_view_writes_the_page_and_reports_errors_in_one_line(tmp_path, capsys):
     assert main(["view", str(FIXTURE), "--output", str(tmp_path / "v.html")]) == 0
     assert (tmp_path / "v.html").read_text(encoding="utf-8") == viewer.viewer_html(FIXTURE)
+    (tmp_path / "v.html").write_text("mine")
+    assert main(["view", str(FIXTURE), "--output", str(tmp_path / "v.html")]) == 0  # kept: the next free name
+    assert (tmp_path / "v.html").read_text() == "mine" and (tmp_path / "v-1.html").is_file()
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["view", str(FIXTURE), "--output", str(tmp_path / "v.html"), "--overwrite"]) == 0
+    assert (tmp_path / "v.html").read_text(encoding="utf-8") == viewer.viewer_html(FIXTURE)
     assert main(["view", str(tmp_path / "nope.png")]) == 2
     assert "nope.png" in capsys.readouterr().err
 
