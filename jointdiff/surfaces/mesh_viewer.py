@@ -25,7 +25,7 @@ import re
 import struct
 from pathlib import Path
 
-from jointdiff.surfaces.viewer import THREE_CORE, THREE_MODULE, _vendored
+from jointdiff.surfaces.viewer import THREE_CORE, THREE_MODULE, vendored_text
 from jointdiff.utils.errors import ConfigError
 from jointdiff.utils.files import write_text_atomic
 
@@ -150,7 +150,7 @@ def read_glb(glb_path: str | Path) -> bytes:
 def _script(name: str) -> str:
     """The vendored file ``name`` as an inert ``text/plain`` script the page links at load
     time; its imports must be those the page resolves (``three`` and the add-ons before it)."""
-    source = _vendored(name)
+    source = vendored_text(name)
     if "</script" in source.lower():
         raise ConfigError(f"the vendored {name} contains '</script' and cannot be inlined")
     if name in ADDONS:
@@ -172,7 +172,7 @@ def mesh_viewer_html(
     if not -89 <= elevation_deg <= 89:
         raise ConfigError(f"elevation_deg must be in -89..89, got {elevation_deg}")
     glb = base64.b64encode(read_glb(glb_path)).decode("ascii")
-    module = _vendored(THREE_MODULE)
+    module = vendored_text(THREE_MODULE)
     if f'"./{THREE_CORE}"' not in module:
         raise ConfigError(f"the vendored {THREE_MODULE} no longer imports ./{THREE_CORE}; update {__name__}")
     scripts = "\n".join(_script(name) for name in (THREE_CORE, THREE_MODULE, *ADDONS))

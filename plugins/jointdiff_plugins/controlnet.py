@@ -84,7 +84,7 @@ def geometry_map_name(value: Any) -> str | None:
     return None
 
 
-def _check_image(value: Any) -> Any:
+def check_image(value: Any) -> Any:
     """Paths must exist now (before any model loads); arrays and images are checked in setup.
     A geometry map name is checked against the job's geometry (:meth:`geometry_maps`)."""
     if geometry_map_name(value) is not None:
@@ -119,7 +119,7 @@ class ControlSpec(PluginOptions):
     @pydantic.field_validator("image")
     @classmethod
     def _image_exists(cls, value: Any) -> Any:
-        return _check_image(value)
+        return check_image(value)
 
     @pydantic.model_validator(mode="after")
     def _ordered(self):

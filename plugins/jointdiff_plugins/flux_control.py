@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal, Sequence
 import pydantic
 
 from jointdiff.plugin import Conditioner, ConfigError, PluginOptions, check_geometry_maps, hookimpl
-from jointdiff_plugins.controlnet import _check_image, geometry_map_name, load_condition, load_window_maps
+from jointdiff_plugins.controlnet import check_image, geometry_map_name, load_condition, load_window_maps
 
 if TYPE_CHECKING:
     import torch
@@ -60,7 +60,7 @@ class FluxControlConditioner(Conditioner):
         @pydantic.field_validator("image")
         @classmethod
         def _image_exists(cls, value: Any) -> Any:
-            return _check_image(value)
+            return check_image(value)
 
         @pydantic.model_validator(mode="after")
         def _ordered(self):
