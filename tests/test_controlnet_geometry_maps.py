@@ -17,6 +17,7 @@ import torch
 from jointdiff import JointDiffusion
 from jointdiff.core.registry import create
 from jointdiff.jobs.spec import Job
+from jointdiff.models.families.flow import pack_patches
 from jointdiff.models.tiny import tiny_controlnet
 from jointdiff.utils.errors import ConfigError
 from jointdiff_plugins.tiles import StripGeometry
@@ -79,9 +80,11 @@ def test_a_geometry_map_equals_the_same_map_given_as_an_image(tiny_pipeline, con
     """``image = name`` on the geometry that renders the crops of a canvas map gives the same
     latents as ``image = <that canvas map>`` (the file-based path: the geometry crops it)."""
     maps = canvas_maps()
-    from_geometry = run(tiny_pipeline, geometry(maps), create("conditioner", "controlnet", model=controlnet, image=name))
-    from_image = run(tiny_pipeline, geometry(maps), create("conditioner", "controlnet", model=controlnet, image=maps[name][0]))
-    without = run(tiny_pipeline, geometry(maps), create("conditioner", "controlnet", model=controlnet, image=maps[name][0] * 0))
+
+    def job(image):
+        return run(tiny_pipeline, geometry(maps), create("conditioner", "controlnet", model=controlnet, image=image))
+
+    from_geometry, from_image, without = job(name), job(maps[name][0]), job(maps[name][0] * 0)
     torch.testing.assert_close(from_geometry, from_image, rtol=0, atol=1e-6)
     assert (from_geometry - without).abs().max() > 1e-4  # the map did something
 
@@ -96,7 +99,8 @@ def test_the_controlnet_receives_each_windows_map(tiny_pipeline, controlnet, vie
         lambda module, args, kwargs: received.append(kwargs["controlnet_cond"].clone()), with_kwargs=True
     )
     try:
-        run(tiny_pipeline, shapes, create("conditioner", "controlnet", model=controlnet, image="depth"), view_batch_size)
+        control = create("conditioner", "controlnet", model=controlnet, image="depth")
+        run(tiny_pipeline, shapes, control, view_batch_size)
     finally:
         hook.remove()
     maps = shapes.window_map("depth", list(range(shapes.num_windows)), scale=8).expand(-1, 3, -1, -1)
@@ -156,3 +160,28 @@ def test_canny_of_a_geometry_map_is_taken_per_window(tiny_pipeline, controlnet):
     edges = torch.stack([canny(window, 100, 200) for window in maps]).expand(-1, 3, -1, -1)
     assert edges.sum() > 0
     assert torch.equal(received[0], edges.repeat(2, 1, 1, 1))
+
+
+def test_a_flux_controlnet_gets_the_latents_of_each_windows_map():
+    """FLUX ControlNets take VAE latents: with ``image = "depth"`` window k's ControlNet
+    condition is the family's latents of window k's own map (not a crop of canvas latents)."""
+    from jointdiff.models.families.flux import Flux, build_tiny_controlnet, build_tiny_pipeline
+
+    family, controlnet = Flux(build_tiny_pipeline(seed=0)), build_tiny_controlnet(seed=3)
+    shapes = geometry()
+    received = []
+    hook = controlnet.register_forward_pre_hook(
+        lambda module, args, kwargs: received.append(kwargs["controlnet_cond"].clone()), with_kwargs=True
+    )
+    text = create("conditioner", "text", prompt=PROMPT)
+    control = create("conditioner", "controlnet", model=controlnet, image="depth")
+    latents = torch.randn(1, 16, WINDOW, LENGTH_PX // 8, generator=torch.Generator().manual_seed(3))
+    try:
+        job = JointDiffusion(family, shapes, [text, control], view_batch_size=2)
+        job(1, latents=latents, progress=False, output_type="latent")
+    finally:
+        hook.remove()
+    maps = shapes.window_map("depth", [0, 1], scale=8).expand(-1, 3, -1, -1)
+    expected = torch.cat([family.control_condition(controlnet, window[None]) for window in maps])
+    assert len(received) == 1 and received[0].shape == (2, 64, 64)  # packed: 8×8 tokens of 4·16 features
+    torch.testing.assert_close(received[0], pack_patches(expected).to(received[0]), rtol=0, atol=1e-6)

@@ -142,4 +142,5 @@ def test_errors_name_the_model_and_the_conditioner(control):
     with pytest.raises(ConfigError, match="no such image file 'missing.png'"):
         create("conditioner", "flux_control", image="missing.png")
     with pytest.raises(ConfigError, match="image is 64×128 px .* canvas is 128×128 px"):
-        engine(control, one_window(), [create("conditioner", "flux_control", image=pixels[:, :, :64])], noise((1, 16, 16, 16), 1))
+        narrow = create("conditioner", "flux_control", image=pixels[:, :, :64])
+        engine(control, one_window(), [narrow], noise((1, 16, 16, 16), 1))

@@ -61,7 +61,8 @@ const blobUrl = (source) => URL.createObjectURL(new Blob([source], {{ type: "tex
 // The vendored modules import "three", "./three.core.min.js" and "../utils/*.js": point each
 // at a blob URL of its inlined copy.
 const urls = {{}};
-const link = (source, names) => names.reduce((s, [from, name]) => s.split(from).join(JSON.stringify(urls[name])), source);
+const link = (source, names) =>
+  names.reduce((s, [from, name]) => s.split(from).join(JSON.stringify(urls[name])), source);
 try {{
   urls.core = blobUrl(text("three.core.min.js"));
   urls.three = blobUrl(link(text("three.module.min.js"), [['"./{core_name}"', "core"]]));
@@ -90,7 +91,8 @@ try {{
   document.body.appendChild(renderer.domElement);
   const sphere = new THREE.Box3().setFromObject(gltf.scene).getBoundingSphere(new THREE.Sphere());
   const radius = sphere.radius > 0 ? sphere.radius : 1;
-  const camera = new THREE.PerspectiveCamera(VIEW.fov_deg, window.innerWidth / window.innerHeight, radius / 100, radius * 100);
+  const aspect = window.innerWidth / window.innerHeight;
+  const camera = new THREE.PerspectiveCamera(VIEW.fov_deg, aspect, radius / 100, radius * 100);
   const distance = 1.15 * radius / Math.sin(THREE.MathUtils.degToRad(VIEW.fov_deg) / 2);  // the sphere fits the height
   const az = THREE.MathUtils.degToRad(VIEW.azimuth_deg), el = THREE.MathUtils.degToRad(VIEW.elevation_deg);
   camera.position.set(Math.sin(az) * Math.cos(el), Math.sin(el), Math.cos(az) * Math.cos(el))
@@ -133,7 +135,9 @@ def read_glb(glb_path: str | Path) -> bytes:
     if not path.is_file():
         raise ConfigError(f"model {str(path)!r} does not exist")
     if path.suffix.lower() != ".glb":
-        raise ConfigError(f"model {str(path)!r} must be a binary glTF (.glb); convert a .gltf, .obj or .ply to .glb first")
+        raise ConfigError(
+            f"model {str(path)!r} must be a binary glTF (.glb); convert a .gltf, .obj or .ply to .glb first"
+        )
     data = path.read_bytes()
     if len(data) < 20 or data[:4] != GLB_MAGIC:
         raise ConfigError(f"model {str(path)!r} is not a binary glTF file (no 'glTF' header)")
@@ -157,7 +161,9 @@ def _script(name: str) -> str:
         known = {"three", *(f"../utils/{addon}" for addon in ADDONS[: ADDONS.index(name)])}
         unknown = set(re.findall(r"^(?:import|\}) .*from '([^']+)';", source, flags=re.M)) - known
         if unknown:
-            raise ConfigError(f"the vendored {name} imports {sorted(unknown)}, which the page does not link; update {__name__}")
+            raise ConfigError(
+                f"the vendored {name} imports {sorted(unknown)}, which the page does not link; update {__name__}"
+            )
     return f'<script type="text/plain" id="{name}">{source}</script>'
 
 
@@ -199,10 +205,10 @@ def write_mesh_viewer(glb_path: str | Path, html_path: str | Path, *, overwrite:
     if not html_path.parent.is_dir():
         raise ConfigError(f"output folder {str(html_path.parent)!r} does not exist")
     if html_path.exists() and not overwrite:
-        raise ConfigError(f"html_path {str(html_path)!r} exists; pass overwrite=True (--overwrite) to replace it")
+        raise ConfigError(f"html_path {str(html_path)!r} exists; pass overwrite=True to replace it")
     page = mesh_viewer_html(glb_path, **view)
     try:
         write_text_atomic(page, html_path, overwrite=overwrite)
     except FileExistsError:
-        raise ConfigError(f"html_path {str(html_path)!r} exists; pass overwrite=True (--overwrite) to replace it") from None
+        raise ConfigError(f"html_path {str(html_path)!r} exists; pass overwrite=True to replace it") from None
     return html_path

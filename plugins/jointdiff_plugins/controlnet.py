@@ -368,7 +368,8 @@ def load_window_maps(spec: ControlSpec, context, channels: int, where: str = "co
     maps = torch.cat(maps)
     if maps.shape[1] not in (1, channels):
         raise ConfigError(
-            f"{where}: the geometry's {name!r} map has {maps.shape[1]} channels; the ControlNet takes {channels} (or 1, repeated)"
+            f"{where}: the geometry's {name!r} map has {maps.shape[1]} channels; "
+            f"the model takes {channels} (or 1, repeated)"
         )
     if spec.preprocess == "canny":
         maps = torch.stack([canny(window, spec.canny_low, spec.canny_high) for window in maps])

@@ -45,7 +45,9 @@ class Flux(FlowMatchFamily):
     when the transformer has ``guidance_embeds`` (dev), ``none`` otherwise (schnell)."""
 
     name = "flux"
-    pipeline_classes = ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline", "FluxFillPipeline", "FluxControlPipeline")
+    pipeline_classes = (
+        "FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline", "FluxFillPipeline", "FluxControlPipeline",
+    )
     latent = LatentFormat(channels=16, scale_factor=8, patch=PATCH, native_window=128, min_window=8, max_window=512)
     guidance = "distilled"
     guidance_modes = frozenset({"distilled", "none"})
