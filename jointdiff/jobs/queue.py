@@ -291,9 +291,8 @@ class JobQueue:
                   outputs=json.dumps(outputs))
 
     def _execute(self, job_id: int, record: JobRecord, live: Live) -> Any:
-        from jointdiff.engine.result import (
-            StopJob,  # lazy: jointdiff.engine needs torch; importing jointdiff.jobs.queue must not
-        )
+        # lazy: loads torch; jointdiff.jobs.queue must import without it
+        from jointdiff.engine.result import StopJob
 
         job = Job.from_dict(record.job)
         live.steps = job.steps
