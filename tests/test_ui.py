@@ -135,6 +135,23 @@ def test_sd_preview_is_the_linear_map_and_fitted_maps_predict_the_vae():
     assert (fitted - truth).square().mean() < (constant - truth).square().mean()
 
 
+def test_a_local_tiny_autoencoder_decodes_the_preview(tmp_path):
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(0)
+    blocks = dict(encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
+                  num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1), latent_channels=4)
+    AutoencoderTiny(**blocks).save_pretrained(tmp_path / "taesd")
+    model = load_model("tiny", device="cpu")
+    canvas = torch.randn(1, 4, 12, 24, generator=torch.Generator().manual_seed(2))
+    shown = preview.Previewer(taesd={"sd": str(tmp_path / "taesd")})(model, canvas)
+    decoder = AutoencoderTiny.from_pretrained(tmp_path / "taesd")
+    with torch.no_grad():
+        expected = preview.to_image(decoder.decode(model.to_vae_latents(canvas)).sample)
+    assert shown.size == expected.size == (192 * 2, 96 * 2)  # 8 pixels per cell, enlarged twice
+    np.testing.assert_array_equal(np.asarray(shown), np.asarray(expected))
+
+
 # ---- in the browser --------------------------------------------------------------------------
 
 

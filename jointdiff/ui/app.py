@@ -218,11 +218,15 @@ def build_app(queue: JobQueue, settings: Settings) -> gr.Blocks:
         history = gr.Dataframe(headers=HISTORY_HEADERS, label="queue and history (newest first; select a row)",
                                interactive=False, elem_id="history")
         gallery = gr.Gallery(label="gallery", columns=6, elem_id="gallery", object_fit="contain", height=240)
-        _wire(app, form, queue, settings, locals())
+        parts = dict(state=state, dropped=dropped, upload=upload, uploaded=uploaded, general=general, run=run,
+                     estimate=estimate, job_id=job_id, cancel=cancel, resume=resume, load=load,
+                     estimate_out=estimate_out, status=status, preview=preview, results=results, viewer=viewer,
+                     downloads=downloads, history=history, gallery=gallery)
+        _wire(form, queue, settings, parts)
     return app
 
 
-def _wire(app: gr.Blocks, form: Form, queue: JobQueue, settings: Settings, ui: dict[str, Any]) -> None:
+def _wire(form: Form, queue: JobQueue, settings: Settings, ui: dict[str, Any]) -> None:
     """Connect the buttons, the drop zone, the history and the timer to their handlers."""
     state, job_id, general = ui["state"], ui["job_id"], ui["general"]
     errors = [*form.error_outputs, general]

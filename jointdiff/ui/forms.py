@@ -57,11 +57,13 @@ def _field(section: str, name: str, info: Any) -> FormField:
     default = None if required else info.get_default(call_default_factory=True)
     kind, choices = _kind(annotation)
     minimum = maximum = None
+    symbols = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+    parts = []
     for item in info.metadata:
         minimum = _first(getattr(item, "ge", None), getattr(item, "gt", None), minimum)
         maximum = _first(getattr(item, "le", None), getattr(item, "lt", None), maximum)
-    bounds = ", ".join(part for part in (f">= {minimum}" if minimum is not None else "",
-                                         f"<= {maximum}" if maximum is not None else "") if part)
+        parts += [f"{symbol} {getattr(item, attr)}" for attr, symbol in symbols.items() if getattr(item, attr, None) is not None]
+    bounds = ", ".join(parts)
     described = type_name(info.annotation) + (f" [{bounds}]" if bounds else "") + (f": {info.description}" if info.description else "")
     return FormField(section, name, kind, default, required, optional, choices, minimum, maximum, described)
 

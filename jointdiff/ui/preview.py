@@ -8,8 +8,9 @@ encodes, so a small linear map per latent channel gives a recognisable picture a
   upscaling", 2022), applied to the scaled latents the denoiser sees;
 - **every other family**: a map fitted once per loaded model by least squares from random
   latents to the VAE's decoded colours, average-pooled to one colour per latent cell;
-- **a tiny autoencoder** (TAESD, diffusers ``AutoencoderTiny``), when ``taesd`` names one
-  that loads offline: a real decode at a fraction of the VAE's cost.
+- **a tiny autoencoder** (TAESD, diffusers ``AutoencoderTiny``): the family's own
+  (``ModelFamily.tiny_autoencoder``) or one named in ``taesd``, when it loads without a
+  download (a local folder or the local hub cache): a real decode at a fraction of the VAE's cost.
 
 Tensors: canvas latents ``(S, C, H, W)`` (S sheets: 1, or 6 cube faces); previews are PIL
 images of ``(H, W)`` cells per sheet (×8 with TAESD), sheets side by side.
@@ -42,8 +43,8 @@ _FITTED: weakref.WeakKeyDictionary[Any, tuple[torch.Tensor, torch.Tensor]] = wea
 
 class Previewer:
     """``previewer(model, canvas) -> PIL image`` for :class:`jointdiff.jobs.queue.JobQueue`.
-    ``taesd``: family name → AutoencoderTiny folder or hub id (loaded offline only; a model
-    whose TAESD does not load falls back to the linear map)."""
+    ``taesd``: family name → AutoencoderTiny folder or hub id, in place of the family's own
+    (loaded offline only; a model whose TAESD does not load falls back to the linear map)."""
 
     def __init__(self, taesd: dict[str, str] | None = None) -> None:
         self.taesd = dict(taesd or {})
@@ -60,7 +61,7 @@ class Previewer:
         return to_image(rgb)
 
     def _tiny_decoder(self, model: Any) -> Any:
-        path = self.taesd.get(model.name)
+        path = self.taesd.get(model.name) or getattr(model, "tiny_autoencoder", None)
         if path is None:
             return None
         if path not in self._decoders:
@@ -75,7 +76,7 @@ def load_tiny_decoder(path: str, device: torch.device) -> Any:
 
     try:
         return AutoencoderTiny.from_pretrained(path, local_files_only=True).to(device).eval()
-    except (OSError, ValueError):
+    except Exception:  # not cached, or not an AutoencoderTiny: the linear preview serves instead
         return None
 
 
