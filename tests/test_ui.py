@@ -12,7 +12,6 @@ Debian ``chromium`` package (``scripts/install-browser.sh``) and the ``playwrigh
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import threading
 import urllib.parse
@@ -34,6 +33,7 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
 WAIT_MS = 60_000
+UPLOAD_CAP_MB = 1
 PREVIEW_SEED, CANCEL_SEED, QUEUE_SEED = 101, 202, 303
 GATES: dict[int, threading.Event] = {}
 """Jobs with these seeds wait after step 0 until the event is set or the job is cancelled (once)."""
@@ -178,7 +178,7 @@ def server(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("ui")
     port = _free_port()
-    app, queue = start(folder, port=port, block=False)
+    app, queue = start(folder, port=port, block=False, max_upload_mb=UPLOAD_CAP_MB)
     queue.step_hooks.append(_gate)
     yield f"http://127.0.0.1:{port}/", queue
     for event in GATES.values():
@@ -336,3 +336,31 @@ def test_two_pages_queue_two_jobs_and_both_finish(browser, server):
     finally:
         for context in contexts:
             context.close()
+
+
+def test_estimate_shows_what_the_engine_announces(page, server):
+    from jointdiff.ui.estimate import estimate_text
+
+    compose(page, 9)
+    page.click("#estimate")
+    box = page.locator("#estimate-text textarea")
+    page.wait_for_function("el => el.value.includes('windows:')", arg=box.element_handle())
+    job = tiny_job(seed=9, prompt="a watercolor fox")
+    assert box.input_value() == estimate_text(Job.from_dict(job))
+
+
+def test_uploads_are_capped_and_kept_under_the_app_folder(page, server, tmp_path):
+    url, queue = server
+    small, large = tmp_path / "small.png", tmp_path / "large.bin"
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(small)
+    large.write_bytes(os.urandom(int(UPLOAD_CAP_MB * 1024 * 1024) + 4096))
+    uploaded = page.locator("#uploaded-path textarea, #uploaded-path input").first
+    page.set_input_files("#upload-input input[type=file]", str(large))
+    page.wait_for_selector("text=/exceed|too large|maximum/i")  # Gradio refuses it in the page
+    assert uploaded.input_value() == ""
+    page.set_input_files("#upload-input input[type=file]", str(small))
+    page.wait_for_function("el => el.value !== ''", arg=uploaded.element_handle())
+    stored = Path(uploaded.input_value())
+    assert stored.resolve().is_relative_to((queue.folder / "uploads").resolve())
+    assert stored.read_bytes() == small.read_bytes()
+    assert not [p for p in (queue.folder / "uploads").rglob("*") if p.is_file() and p.stat().st_size > len(large.read_bytes()) - 8192]
