@@ -47,8 +47,10 @@ def test_jobs_run_in_submission_order_one_at_a_time(queue):
         gate.wait(10)  # the first job holds the device until all three are queued
 
     queue.step_hooks.append(hook)
-    ids = [queue.submit(tiny_job(seed=s)) for s in range(3)]
-    assert [queue.position(i) for i in ids[1:]] == [1, 2]
+    ids = [queue.submit(tiny_job(seed=0))]
+    queue.wait(ids[0], until=frozenset({"running"}))
+    ids += [queue.submit(tiny_job(seed=s)) for s in (1, 2)]
+    assert [queue.position(i) for i in ids] == [None, 1, 2]
     gate.set()
     records = [queue.wait(i) for i in ids]
     assert [r.status for r in records] == ["done"] * 3

@@ -165,7 +165,9 @@ def _gate(queue, job_id: int, step: int) -> None:
     event = GATES.get(queue.get(job_id).job["seed"])
     if event is None or step != 0:
         return
-    while not (event.is_set() or queue.cancel_requested(job_id)):
+    for _ in range(WAIT_MS // 50):  # a failed test must not hold the device for the next ones
+        if event.is_set() or queue.cancel_requested(job_id):
+            break
         event.wait(0.05)
     GATES.pop(queue.get(job_id).job["seed"], None)  # once: a rerun of the job goes through
 
@@ -223,7 +225,11 @@ def compose(page, seed: int, steps: int = 2, prompt: str = "a watercolor fox", l
 
 def status_of(page, status: str) -> int:
     """Wait until the page's job has ``status``; its id."""
-    element = page.wait_for_selector(f'#status-text[data-status="{status}"]')
+    try:
+        element = page.wait_for_selector(f'#status-text[data-status="{status}"]')
+    except Exception:
+        shown = page.locator("#status").inner_text(), page.locator("#error-general").inner_text()
+        raise AssertionError(f"the page never showed {status!r}; it shows {shown}") from None
     return int(element.get_attribute("data-job"))
 
 
@@ -334,6 +340,7 @@ def test_two_pages_queue_two_jobs_and_both_finish(browser, server):
         assert (status_of(first, "done"), status_of(second, "done")) == (one, two)
         assert queue.get(one).started < queue.get(two).started
     finally:
+        GATES.pop(QUEUE_SEED, threading.Event()).set()
         for context in contexts:
             context.close()
 
@@ -364,3 +371,24 @@ def test_uploads_are_capped_and_kept_under_the_app_folder(page, server, tmp_path
     assert stored.resolve().is_relative_to((queue.folder / "uploads").resolve())
     assert stored.read_bytes() == small.read_bytes()
     assert not [p for p in (queue.folder / "uploads").rglob("*") if p.is_file() and p.stat().st_size > len(large.read_bytes()) - 8192]
+
+
+def test_a_failing_job_shows_its_one_line_error_and_the_server_goes_on(page, server, monkeypatch):
+    from jointdiff.jobs import queue as queue_module
+
+    url, queue = server
+    real = queue_module.run_job
+
+    def out_of_memory_for_seed_13(job, **kwargs):
+        if job.seed == 13:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB\nsecond line")
+        return real(job, **kwargs)
+
+    monkeypatch.setattr(queue_module, "run_job", out_of_memory_for_seed_13)
+    compose(page, 13)
+    page.click("#run")
+    failed = status_of(page, "failed")
+    assert page.locator("#status .jd-error-text").inner_text().strip() == "⚠ RuntimeError: CUDA out of memory. Tried to allocate 20.00 GiB"
+    field(page, "job", "seed").fill("14")
+    page.click("#run")
+    page.wait_for_selector(f'#status-text[data-job="{failed + 1}"][data-status="done"]')

@@ -52,8 +52,7 @@ class Form:
         for kind in PLUGIN_KINDS:
             for name in self.plugins[kind]:
                 self.fields += forms.fields_of(f"{kind}/{name}", registry.entries[kind][name].cls.Options)
-        self.sections = list(dict.fromkeys(f.section for f in self.fields)) + [f"{k}/{n}" for k in PLUGIN_KINDS for n in self.plugins[k]]
-        self.sections = list(dict.fromkeys(self.sections))
+        self.sections = ["model", "job", *(f"{kind}/{name}" for kind in PLUGIN_KINDS for name in self.plugins[kind])]
         self.inputs: dict[str, Any] = {}
         self.groups: dict[str, Any] = {}
         self.errors: dict[str, Any] = {}
@@ -188,7 +187,8 @@ def build_app(queue: JobQueue, settings: Settings) -> gr.Blocks:
     the queue, history and gallery below. Each browser page follows its own current job."""
     form = Form()
     with gr.Blocks(title="jointdiff") as app:
-        state = gr.State({"job": None})
+        state = gr.State({"job": None})  # the job this page follows: written by Run, Cancel, Resume, a history row
+        seen = gr.State({})  # what this page last showed: written by the timer only, so the two never race
         with gr.Row():
             with gr.Column(scale=1):
                 dropped = gr.File(label="Drop a jointdiff PNG here to load its job", file_types=[".png"],
@@ -218,7 +218,7 @@ def build_app(queue: JobQueue, settings: Settings) -> gr.Blocks:
         history = gr.Dataframe(headers=HISTORY_HEADERS, label="queue and history (newest first; select a row)",
                                interactive=False, elem_id="history")
         gallery = gr.Gallery(label="gallery", columns=6, elem_id="gallery", object_fit="contain", height=240)
-        parts = dict(state=state, dropped=dropped, upload=upload, uploaded=uploaded, general=general, run=run,
+        parts = dict(state=state, seen=seen, dropped=dropped, upload=upload, uploaded=uploaded, general=general, run=run,
                      estimate=estimate, job_id=job_id, cancel=cancel, resume=resume, load=load,
                      estimate_out=estimate_out, status=status, preview=preview, results=results, viewer=viewer,
                      downloads=downloads, history=history, gallery=gallery)
@@ -281,8 +281,9 @@ def _wire(form: Form, queue: JobQueue, settings: Settings, ui: dict[str, Any]) -
     ui["dropped"].upload(load_png, ui["dropped"], [*form.components, general])
     ui["upload"].upload(lambda path: path or "", ui["upload"], ui["uploaded"])
     ui["history"].select(_select_row, None, [state, job_id])
-    outputs = [state, ui["status"], ui["preview"], ui["results"], ui["viewer"], ui["downloads"], ui["history"], ui["gallery"]]
-    gr.Timer(TICK_S).tick(lambda page: _tick(queue, page), state, outputs, concurrency_limit=None, show_progress="hidden")
+    outputs = [ui["seen"], ui["status"], ui["preview"], ui["results"], ui["viewer"], ui["downloads"], ui["history"], ui["gallery"]]
+    gr.Timer(TICK_S).tick(lambda followed, seen: _tick(queue, (followed or {}).get("job"), seen), [state, ui["seen"]], outputs,
+                          concurrency_limit=None, show_progress="hidden")
 
 
 def _select_row(event: gr.SelectData) -> list[Any]:
@@ -291,9 +292,10 @@ def _select_row(event: gr.SelectData) -> list[Any]:
     return [{"job": number}, number]
 
 
-def _tick(queue: JobQueue, page: dict[str, Any]) -> list[Any]:
-    """What changed since the page's last tick: its job's status, preview and results, the history."""
-    page = dict(page or {"job": None})
+def _tick(queue: JobQueue, job: int | None, seen: dict[str, Any]) -> list[Any]:
+    """What changed since the page's last tick (``seen``): the followed ``job``'s status,
+    preview and results, the history and gallery."""
+    page = dict(seen or {})
     history = queue.history()
     signature = [(r.id, r.status, r.step, queue.position(r.id)) for r in history]
     table = gr.skip() if page.get("history") == signature else [_history_row(queue, r) for r in history]
@@ -301,9 +303,9 @@ def _tick(queue: JobQueue, page: dict[str, Any]) -> list[Any]:
     if page.get("history") is None or [s[:2] for s in page["history"]] != [s[:2] for s in signature]:
         gallery = [(r.outputs[0], f"#{r.id} {r.prompt}") for r in history if r.status == "done" and r.outputs]
     page["history"] = signature
-    if page.get("job") is None:
+    if job is None:
         return [page, "No job yet.", gr.skip(), gr.skip(), gr.skip(), gr.skip(), table, gallery]
-    record = queue.get(page["job"])
+    record = queue.get(job)
     live = queue.live.get(record.id)
     preview = gr.skip()
     if live is not None and live.preview is not None and page.get("preview") != (record.id, live.preview_step):
