@@ -282,7 +282,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     from jointdiff.jobs.manifest import BadJobsError  # lazy: with the batch runner
 
     sources, address = list(args.sources), args.ray
-    if address is not None and address and Path(address).exists():  # `--ray jobs/`: the folder is a SOURCE
+    if address and Path(address).exists():  # `--ray jobs/`: the folder is a SOURCE
         sources, address = [address, *sources], ""
     if address is not None:
         from jointdiff.jobs.ray_batch import require_ray  # lazy: Ray is an optional extra

@@ -195,20 +195,22 @@ def plan_batch(items: Sequence[BatchJob], *, overwrite: bool = False, checkpoint
     checkpoint; ConfigError naming every output of another job unless ``overwrite``."""
     if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or checkpoint_every < 1):
         raise ConfigError(f"checkpoint_every must be a positive integer or None, got {checkpoint_every!r}")
-    planned, taken, checked = [], [], set()
+    planned, taken = [], []
+    folders: set[Path] = set()
+    models: set[str] = set()
     for item in items:
         fingerprint = job_fingerprint(item.job)
         state = output_state(item.job.output, fingerprint)
         if state == "other" and not overwrite:
             taken.append(f"{item.where}: {item.job.output!r}")
         folder = Path(item.job.output).absolute().parent
-        if folder not in checked:
+        if folder not in folders:
             folder.mkdir(parents=True, exist_ok=True)
             check_writable(item.job.output)
-            checked.add(folder)
-        if check_devices and state != "finished" and model_key(item.job.model) not in checked:
+            folders.add(folder)
+        if check_devices and state != "finished" and model_key(item.job.model) not in models:
             check_before_loading(item.job)
-            checked.add(model_key(item.job.model))
+            models.add(model_key(item.job.model))
         job = _with_checkpoint(item.job, fingerprint, checkpoint_every)
         planned.append(PlannedJob(BatchJob(job, item.where), fingerprint, item.job.to_dict(), state == "finished"))
     if taken:
@@ -318,6 +320,15 @@ class Progress:
         self.bar.close()
 
 
+def remove_empty_checkpoint_folders(planned: Sequence[PlannedJob]) -> None:
+    """The batch's checkpoint folders that hold nothing any more (every job finished)."""
+    for folder in {Path(p.job.output).absolute().parent / CHECKPOINT_FOLDER for p in planned}:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (an unfinished job's checkpoint), or absent
+            pass
+
+
 def default_summary(planned: Sequence[PlannedJob]) -> Path:
     """``batch-summary`` in the folder all outputs share."""
     folders = [str(Path(p.job.output).absolute().parent) for p in planned] or [os.getcwd()]
@@ -360,6 +371,7 @@ def run_batch(
             bar.update(records[i])
     finally:
         bar.close()
+        remove_empty_checkpoint_folders(planned)
         result = BatchSummary(records, cache.loads - loads, time.perf_counter() - start)
         result.write(summary if summary is not None else default_summary(planned))
     return result

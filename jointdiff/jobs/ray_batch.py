@@ -31,6 +31,7 @@ from jointdiff.jobs.batch import (
     StepCallback,
     default_summary,
     prepare,
+    remove_empty_checkpoint_folders,
     run_attempt,
 )
 from jointdiff.jobs.cache import ModelCache, model_key
@@ -101,6 +102,7 @@ def run_ray_batch(
             ray.kill(actor)
         if started:
             ray.shutdown()
+        remove_empty_checkpoint_folders(planned)
         result = BatchSummary(records, loads, time.perf_counter() - start)
         result.write(summary if summary is not None else default_summary(planned))
     return result
