@@ -15,6 +15,9 @@ from typing import Any, Sequence
 from jointdiff.core.options import describe_options
 from jointdiff.core.registry import get_registry
 from jointdiff.image.output import changed_inputs, save_result
+from jointdiff.jobs.batch import run_batch
+from jointdiff.jobs.manifest import BadJobsError
+from jointdiff.jobs.ray_batch import require_ray, run_ray_batch
 from jointdiff.jobs.spec import Job, check_before_loading, read_job_file, resolve_paths, run_job, tomllib
 from jointdiff.jobs.toml_writer import dump_job_toml
 from jointdiff.surfaces.viewer import serve_viewer, write_viewer
@@ -278,15 +281,10 @@ def _save_job(job: Job, path: str, overwrite: bool) -> None:
 def cmd_batch(args: argparse.Namespace) -> int:
     """``batch``: many jobs with models loaded once, here or on a Ray cluster (docs/batch.md).
     Exit status 0 when every job is done or skipped, 1 when some failed, 2 for bad jobs."""
-    from jointdiff.jobs import batch  # lazy: jointdiff.jobs.batch needs PIL and tqdm; the CLI's job validation must not
-    from jointdiff.jobs.manifest import BadJobsError  # lazy: with the batch runner
-
     sources, address = list(args.sources), args.ray
     if address and Path(address).exists():  # `--ray jobs/`: the folder is a SOURCE
         sources, address = [address, *sources], ""
     if address is not None:
-        from jointdiff.jobs.ray_batch import require_ray  # lazy: Ray is an optional extra
-
         require_ray()
     if not sources:
         raise ConfigError("batch: no SOURCE given; name job files, folders of them, or a manifest (.csv, .jsonl)")
@@ -297,10 +295,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
     }
     try:
         if address is None:
-            summary = batch.run_batch(sources, **options)
+            summary = run_batch(sources, **options)
         else:
-            from jointdiff.jobs.ray_batch import run_ray_batch  # lazy: Ray is an optional extra
-
             summary = run_ray_batch(sources, address=address or None, workers=args.workers, **options)
     except BadJobsError as error:
         for problem in error.problems[:50]:

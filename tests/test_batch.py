@@ -90,8 +90,9 @@ def test_rerun_of_a_finished_batch_calls_no_model(tmp_path, monkeypatch):
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("*.png")} == written
     # A changed row is a different job: its output is made by another job and is refused.
     _, changed = write_batch(tmp_path, [{**ROWS[0], "prompt": "a green sky"}])
-    with pytest.raises(ConfigError, match=r"1 output\(s\) exist and were made by another job.*--overwrite"):
+    with pytest.raises(BadJobsError, match=r"red.png' exists and was made by another job.*--overwrite replaces it"):
         run_batch([changed], base=base, progress=False)
+    assert [r.status for r in run_batch([changed], base=base, overwrite=True, progress=False).records] == ["done"]
 
 
 def test_interrupted_batch_resumes_from_checkpoints(tmp_path):

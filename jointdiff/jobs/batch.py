@@ -38,7 +38,7 @@ from PIL import Image
 
 from jointdiff.image.output import BATCH_KEY, input_files, save_result
 from jointdiff.jobs.cache import ModelCache, model_key, release_memory
-from jointdiff.jobs.manifest import BatchJob, collect_jobs
+from jointdiff.jobs.manifest import BadJobsError, BatchJob, collect_jobs
 from jointdiff.jobs.spec import CheckpointSpec, Job, check_before_loading, run_job
 from jointdiff.utils.errors import ConfigError, JointDiffError
 from jointdiff.utils.files import check_writable, output_paths
@@ -192,7 +192,8 @@ def output_state(output: str | Path, fingerprint: str) -> str:
 def plan_batch(items: Sequence[BatchJob], *, overwrite: bool = False, checkpoint_every: int | None = 10,
                check_devices: bool = True) -> list[PlannedJob]:
     """Fingerprint every job, find finished outputs, create output folders, give each job a
-    checkpoint; ConfigError naming every output of another job unless ``overwrite``."""
+    checkpoint; :class:`~jointdiff.jobs.manifest.BadJobsError` naming every output made by
+    another job unless ``overwrite``."""
     if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or checkpoint_every < 1):
         raise ConfigError(f"checkpoint_every must be a positive integer or None, got {checkpoint_every!r}")
     planned, taken = [], []
@@ -202,7 +203,8 @@ def plan_batch(items: Sequence[BatchJob], *, overwrite: bool = False, checkpoint
         fingerprint = job_fingerprint(item.job)
         state = output_state(item.job.output, fingerprint)
         if state == "other" and not overwrite:
-            taken.append(f"{item.where}: {item.job.output!r}")
+            taken.append(f"{item.where}: output {item.job.output!r} exists and was made by another job (or not by a "
+                         "batch); --overwrite replaces it")
         folder = Path(item.job.output).absolute().parent
         if folder not in folders:
             folder.mkdir(parents=True, exist_ok=True)
@@ -214,10 +216,7 @@ def plan_batch(items: Sequence[BatchJob], *, overwrite: bool = False, checkpoint
         job = _with_checkpoint(item.job, fingerprint, checkpoint_every)
         planned.append(PlannedJob(BatchJob(job, item.where), fingerprint, item.job.to_dict(), state == "finished"))
     if taken:
-        raise ConfigError(
-            f"{len(taken)} output(s) exist and were made by another job (or not by a batch), e.g. {taken[0]}; "
-            "--overwrite replaces them (nothing was run)"
-        )
+        raise BadJobsError(taken)
     return planned
 
 

@@ -117,6 +117,8 @@ def start_workers(workers: int | None = None, max_models: int = 1, step_callback
     count = workers if workers is not None else (gpus or int(resources.get("CPU", 1)))
     if not isinstance(count, int) or count < 1:
         raise ConfigError(f"workers must be a positive integer, got {workers!r}")
+    if gpus and count > gpus:  # each worker holds a GPU: the others would wait for one forever
+        raise ConfigError(f"workers = {count} but the cluster has {gpus} GPU(s); give at most {gpus} (one per GPU)")
     options = {"num_gpus": 1, "num_cpus": 0} if gpus else {"num_cpus": 1}
     actor_class = ray.remote(max_restarts=0, max_task_retries=0, **options)(BatchWorker)
     return [actor_class.remote(f"worker-{i}", max_models, step_callback) for i in range(count)]
