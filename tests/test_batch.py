@@ -89,6 +89,7 @@ def test_rerun_of_a_finished_batch_calls_no_model(tmp_path, monkeypatch):
     assert cache.loads == 0 and calls == [] and summary.model_loads == 0
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("*.png")} == written
     # A changed row is a different job: its output is made by another job and is refused.
+    monkeypatch.undo()
     _, changed = write_batch(tmp_path, [{**ROWS[0], "prompt": "a green sky"}])
     with pytest.raises(BadJobsError, match=r"red.png' exists and was made by another job.*--overwrite replaces it"):
         run_batch([changed], base=base, progress=False)
