@@ -77,7 +77,7 @@ def test_outputs_equal_separate_runs_with_one_load_per_model(tmp_path):
     assert sum(row["model_load_s"] > 0 for row in rows) == 2
 
 
-def test_rerun_of_a_finished_batch_calls_no_model(tmp_path, monkeypatch):
+def test_rerun_of_a_finished_batch_calls_no_model(tmp_path, monkeypatch, capsys):
     base, manifest = write_batch(tmp_path, ROWS[:2])
     run_batch([manifest], base=base, progress=False)
     written = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("*.png")}
@@ -88,6 +88,8 @@ def test_rerun_of_a_finished_batch_calls_no_model(tmp_path, monkeypatch):
     assert [r.status for r in summary.records] == ["skipped", "skipped"]
     assert cache.loads == 0 and calls == [] and summary.model_loads == 0
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("*.png")} == written
+    assert main(["batch", str(manifest), "--base", str(base), "-q"]) == 0 and calls == []
+    assert capsys.readouterr().out.startswith("2 jobs: 0 done, 2 skipped, 0 failed, 0 pending;")
     # A changed row is a different job: its output is made by another job and is refused.
     monkeypatch.undo()
     _, changed = write_batch(tmp_path, [{**ROWS[0], "prompt": "a green sky"}])
@@ -175,6 +177,26 @@ def test_csv_cells_keep_text_where_the_job_has_text(tmp_path):
     assert job_fingerprint(jobs[0].job) != job_fingerprint(jobs[1].job)
     moved = Job.from_dict({**jobs[0].job.to_dict(), "output": str(tmp_path / "elsewhere.png"), "view_batch_size": 1})
     assert job_fingerprint(moved) == job_fingerprint(jobs[0].job)  # where it is written does not make another image
+
+
+def test_sources_job_files_folders_and_every_problem_at_once(tmp_path):
+    base, _ = write_batch(tmp_path, [])
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    (jobs / "b.toml").write_text(BASE.format(steps=2).replace("out/sky.png", "b.png"))
+    (jobs / "a.json").write_text(json.dumps({**Job.from_toml(base).to_dict(), "output": "a.png", "seed": 4}))
+    (jobs / "notes.txt").write_text("not a job")
+    found = collect_jobs([jobs, base])
+    assert [Path(j.where).name for j in found] == ["a.json", "b.toml", "base.toml"]
+    assert [Path(j.job.output) for j in found] == [jobs / "a.png", jobs / "b.png", tmp_path / "out/sky.png"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BadJobsError) as caught:
+        collect_jobs([tmp_path / "missing.toml", tmp_path / "empty", tmp_path / "rows.jsonl"])
+    assert caught.value.problems == [
+        f"manifest {str(tmp_path / 'rows.jsonl')!r} needs a base job (--base JOB.toml): its rows are changes to it",
+        f"{str(tmp_path / 'missing.toml')!r} does not exist",
+        f"folder {str(tmp_path / 'empty')!r} holds no job files (.toml, .json)",
+    ]
 
 
 def test_model_cache_is_least_recently_used_and_bounded():
