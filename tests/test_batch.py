@@ -84,8 +84,10 @@ def test_rerun_of_a_finished_batch_calls_no_model(tmp_path, monkeypatch, capsys)
     calls = []
     monkeypatch.setattr(batch_module, "run_job", lambda *a, **k: calls.append(a))
     cache = ModelCache()
+    first = [json.loads(line) for line in (tmp_path / "out/batch-summary.jsonl").read_text().splitlines()]
     summary = run_batch([manifest], base=base, cache=cache, progress=False)
     assert [r.status for r in summary.records] == ["skipped", "skipped"]
+    assert [r.seconds for r in summary.records] == [row["seconds"] for row in first]  # the timings of the run that made them
     assert cache.loads == 0 and calls == [] and summary.model_loads == 0
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("*.png")} == written
     assert main(["batch", str(manifest), "--base", str(base), "-q"]) == 0 and calls == []

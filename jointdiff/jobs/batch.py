@@ -122,8 +122,11 @@ class BatchSummary:
         return "\n".join(lines + [f"summary: {p}" for p in self.files])
 
     def write(self, stem: str | Path) -> list[Path]:
-        """Write ``STEM.csv`` and ``STEM.jsonl`` atomically; returns their paths."""
+        """Write ``STEM.csv`` and ``STEM.jsonl`` atomically; returns their paths. A ``skipped``
+        job keeps the timings, attempts and worker of the run that made it, from the
+        ``STEM.jsonl`` being replaced, so a batch run in several goes has one full summary."""
         stem = Path(stem)
+        self._carry_over(stem.with_suffix(".jsonl"))
         rows = [r.row() for r in self.records]
         table = io.StringIO()
         writer = csv.DictWriter(table, SUMMARY_COLUMNS, lineterminator="\n")
@@ -132,6 +135,20 @@ class BatchSummary:
         lines = "".join(json.dumps(row) + "\n" for row in rows)
         self.files = [_write_text(stem.with_suffix(".csv"), table.getvalue()), _write_text(stem.with_suffix(".jsonl"), lines)]
         return self.files
+
+
+    def _carry_over(self, previous: Path) -> None:
+        try:
+            rows = [json.loads(line) for line in previous.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, ValueError):
+            return
+        made = {row.get("output"): row for row in rows if isinstance(row, dict) and row.get("status") in ("done", "skipped")}
+        for record in self.records:
+            row = made.get(record.output)
+            if record.status == "skipped" and row is not None:
+                for key in ("seconds", "model_load_s", "gpu_s", "cpu_s", "attempts", "worker"):
+                    if isinstance(row.get(key), type(getattr(record, key))):
+                        setattr(record, key, row[key])
 
 
 # -- fingerprints and finished outputs -----------------------------------------------------
