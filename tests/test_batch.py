@@ -15,7 +15,7 @@ from PIL import Image
 
 from jointdiff.cli import main
 from jointdiff.jobs import batch as batch_module
-from jointdiff.jobs.batch import job_fingerprint, run_batch
+from jointdiff.jobs.batch import job_fingerprint, run_batch, run_one
 from jointdiff.jobs.cache import ModelCache
 from jointdiff.jobs.manifest import BadJobsError, collect_jobs
 from jointdiff.jobs.spec import Job, run_job
@@ -91,6 +91,8 @@ def test_rerun_of_a_finished_batch_calls_no_model(tmp_path, monkeypatch, capsys)
     assert cache.loads == 0 and calls == [] and summary.model_loads == 0
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("*.png")} == written
     assert main(["batch", str(manifest), "--base", str(base), "-q"]) == 0 and calls == []
+    one = collect_jobs([manifest], base=base)[0].job
+    assert run_one(one, cache).status == "skipped" and calls == [] and cache.loads == 0
     assert capsys.readouterr().out.startswith("2 jobs: 0 done, 2 skipped, 0 failed, 0 pending;")
     # A changed row is a different job: its output is made by another job and is refused.
     monkeypatch.undo()

@@ -291,6 +291,16 @@ def run_attempt(planned: PlannedJob, cache: ModelCache, worker: str = "local",
     return record
 
 
+def run_one(job: Job, cache: ModelCache, *, checkpoint_every: int | None = 10, overwrite: bool = False,
+            step_callback: StepCallback | None = None, worker: str = "local") -> JobRecord:
+    """One job as a batch runs it, for a caller with its own queue (a web UI, a service): on
+    ``cache``'s models, skipped when its output is finished, checkpointed, saved atomically
+    with its fingerprint. One attempt; the record says how it went (``retry``: whether
+    another attempt may help)."""
+    [planned] = plan_batch([BatchJob(job, job.output)], overwrite=overwrite, checkpoint_every=checkpoint_every)
+    return run_attempt(planned, cache, worker, step_callback)
+
+
 def _save(result: Any, planned: PlannedJob) -> None:
     result.metadata["job"] = planned.embedded
     result.metadata["batch"] = {"fingerprint": planned.fingerprint, "images": len(result.images)}
