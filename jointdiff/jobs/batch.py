@@ -44,7 +44,9 @@ from jointdiff.utils.errors import ConfigError, JointDiffError
 from jointdiff.utils.files import check_writable, output_paths
 
 CHECKPOINT_FOLDER = ".jointdiff-checkpoints"
-SUMMARY_COLUMNS = ("output", "status", "seconds", "model_load_s", "gpu_s", "cpu_s", "attempts", "worker", "where", "error")
+SUMMARY_COLUMNS = (
+    "output", "status", "seconds", "model_load_s", "gpu_s", "cpu_s", "attempts", "worker", "where", "error",
+)
 StepCallback = Callable[[str, int], None]
 """``callback(output, step)`` after every denoising step of every job (in the worker)."""
 
@@ -85,7 +87,7 @@ class JobRecord:
 
     def row(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)
-        return {key: round(values[key], 3) if isinstance(values[key], float) else values[key] for key in SUMMARY_COLUMNS}
+        return {k: round(values[k], 3) if isinstance(values[k], float) else values[k] for k in SUMMARY_COLUMNS}
 
 
 @dataclass
@@ -133,7 +135,9 @@ class BatchSummary:
         writer.writeheader()
         writer.writerows(rows)
         lines = "".join(json.dumps(row) + "\n" for row in rows)
-        self.files = [_write_text(stem.with_suffix(".csv"), table.getvalue()), _write_text(stem.with_suffix(".jsonl"), lines)]
+        self.files = [
+            _write_text(stem.with_suffix(".csv"), table.getvalue()), _write_text(stem.with_suffix(".jsonl"), lines),
+        ]
         return self.files
 
 
@@ -142,7 +146,9 @@ class BatchSummary:
             rows = [json.loads(line) for line in previous.read_text(encoding="utf-8").splitlines() if line.strip()]
         except (OSError, ValueError):
             return
-        made = {row.get("output"): row for row in rows if isinstance(row, dict) and row.get("status") in ("done", "skipped")}
+        made = {
+            row.get("output"): row for row in rows if isinstance(row, dict) and row.get("status") in ("done", "skipped")
+        }
         for record in self.records:
             row = made.get(record.output)
             if record.status == "skipped" and row is not None:
@@ -242,7 +248,8 @@ def _with_checkpoint(job: Job, fingerprint: str, every: int | None) -> Job:
         return job
     output = Path(job.output)
     path = output.parent / CHECKPOINT_FOLDER / f"{output.stem}.{fingerprint[:16]}.ckpt"
-    return job.model_copy(update={"checkpoint": CheckpointSpec(path=str(path), every=every, resume=True, overwrite=True)})
+    checkpoint = CheckpointSpec(path=str(path), every=every, resume=True, overwrite=True)
+    return job.model_copy(update={"checkpoint": checkpoint})
 
 
 def run_order(planned: Sequence[PlannedJob]) -> list[int]:
@@ -403,7 +410,8 @@ def run_batch(
     return result
 
 
-def _with_retries(planned: PlannedJob, cache: ModelCache, retries: int, step_callback: StepCallback | None) -> JobRecord:
+def _with_retries(planned: PlannedJob, cache: ModelCache, retries: int,
+                  step_callback: StepCallback | None) -> JobRecord:
     record = run_attempt(planned, cache, step_callback=step_callback)
     attempts = 1
     while record.status == "failed" and record.retry and attempts <= retries:

@@ -182,7 +182,10 @@ def _column_keys(column: str, data: dict[str, Any]) -> list[str]:
     keys = column.split(".")
     if keys[0] not in Job.model_fields or not all(keys):
         known = sorted([*Job.model_fields, *PROMPT_SHORTHANDS])
-        raise ConfigError(f"column {column!r} is unknown: give a job field ({', '.join(known)}) or a dotted path such as 'geometry.width_px'")
+        raise ConfigError(
+            f"column {column!r} is unknown: give a job field ({', '.join(known)}) or a dotted path such as "
+            "'geometry.width_px'"
+        )
     return keys
 
 
@@ -198,15 +201,19 @@ def _parent(data: dict[str, Any], keys: list[str], column: str) -> Any:
     for depth, key in enumerate(keys[:-1]):
         if isinstance(node, list):
             if not key.isdigit() or int(key) >= len(node):
-                raise ConfigError(f"column {column!r}: the base job's {'.'.join(keys[:depth])} has {len(node)} entries, no {key!r}")
+                raise ConfigError(_no_entry(column, keys[:depth], len(node), key))
             node = node[int(key)]
         elif isinstance(node, dict):
             node = node.setdefault(key, {})
         else:
             raise ConfigError(f"column {column!r}: {'.'.join(keys[:depth])} is a value, not a table")
     if isinstance(node, list) and (not keys[-1].isdigit() or int(keys[-1]) >= len(node)):
-        raise ConfigError(f"column {column!r}: the base job's {'.'.join(keys[:-1])} has {len(node)} entries, no {keys[-1]!r}")
+        raise ConfigError(_no_entry(column, keys[:-1], len(node), keys[-1]))
     return node
+
+
+def _no_entry(column: str, keys: list[str], count: int, key: str) -> str:
+    return f"column {column!r}: the base job's {'.'.join(keys)} has {count} entries, no {key!r}"
 
 
 def _typed(text: Any, current: Any) -> Any:

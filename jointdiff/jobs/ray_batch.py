@@ -87,7 +87,10 @@ def run_ray_batch(
     started = not ray.is_initialized() and len(queue) > 0
     if started:
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
-    pool = list(actors) if actors is not None else (start_workers(workers, max_models, step_callback) if len(queue) else [])
+    if actors is not None:
+        pool = list(actors)
+    else:
+        pool = start_workers(workers, max_models, step_callback) if len(queue) else []
     dead: set[Any] = set()
     loads = 0
     try:
@@ -108,7 +111,8 @@ def run_ray_batch(
     return result
 
 
-def start_workers(workers: int | None = None, max_models: int = 1, step_callback: StepCallback | None = None) -> list[Any]:
+def start_workers(workers: int | None = None, max_models: int = 1,
+                  step_callback: StepCallback | None = None) -> list[Any]:
     """``workers`` :class:`BatchWorker` actors on the running Ray cluster (None: one per GPU,
     each holding it, or one per CPU without GPUs), each with a cache of ``max_models``."""
     ray = require_ray()
@@ -204,7 +208,8 @@ def _result(ray: Any, ref: Any, actor: Any, planned: PlannedJob, dead: set[Any])
     except ray.exceptions.RayActorError as error:
         dead.add(actor)
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        return JobRecord(planned.job.output, "failed", where=planned.item.where, error=f"worker died: {reason}", retry=True)
+        return JobRecord(planned.job.output, "failed", where=planned.item.where, error=f"worker died: {reason}",
+                         retry=True)
     except ray.exceptions.RayError as error:
         return JobRecord(planned.job.output, "failed", where=planned.item.where,
                          error=f"{type(error).__name__}: {str(error).splitlines()[0]}", retry=True)
