@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from jointdiff.image.output import save_result
-from jointdiff.jobs.spec import Job, check_before_loading, load_job_model, run_job
+from jointdiff.jobs.cache import ModelCache
+from jointdiff.jobs.spec import Job, check_before_loading, run_job
 from jointdiff.models.loading import resolve_device
 from jointdiff.utils.errors import ConfigError, JointDiffError
 
@@ -119,7 +120,7 @@ class JobQueue:
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
         self._workers: dict[str, threading.Thread] = {}
-        self._models: dict[str, tuple[str, Any]] = {}
+        self._models: dict[str, ModelCache] = {}
         self._closed = False
         self._db = sqlite3.connect(self.folder / "jobs.sqlite", check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
@@ -306,16 +307,11 @@ class JobQueue:
         return run_job(job, progress=False, callback=on_step, model=model)
 
     def _model(self, device: str, job: Job) -> Any:
-        """The job's loaded model: kept per device and reused by the next job with the same
-        ``[model]`` table (one per device, so memory holds one model)."""
-        key = json.dumps(job.model.model_dump(mode="json"), sort_keys=True)
-        cached = self._models.get(device)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        self._models.pop(device, None)  # the old model goes before the new one loads
-        model = load_job_model(job)
-        self._models[device] = (key, model)
-        return model
+        """The job's loaded model, from this device's :class:`ModelCache` (one model per
+        device: the next job with the same ``[model]`` table reuses it)."""
+        check_before_loading(job)
+        cache = self._models.setdefault(device, ModelCache(max_models=1))
+        return cache.get(job.model)
 
     def _after_step(self, job_id: int, live: Live, i: int, canvas: Any, model: Any) -> None:
         """Progress with ETA (from the steps run in this process), the preview when due, the hooks."""

@@ -395,13 +395,9 @@ def check_before_loading(job: Job) -> None:
 # -- the job of a composed engine --------------------------------------------------------
 
 
-def load_job_model(job: Job, pipeline: Any = None):
-    """The job's model as its ``[model]`` table describes it (scheduler, LoRAs, dtype,
-    device, offloading), loaded from ``pipeline`` when given, else from ``model.id``. Jobs
-    with the same ``[model]`` table may share it (:func:`run_job`'s ``model``)."""
-    if pipeline is None:
-        check_before_loading(job)
-    spec = job.model
+def load_job_model(spec: ModelSpec, pipeline: Any = None):
+    """The :class:`~jointdiff.core.family.ModelFamily` of a job's ``[model]`` table: loaded from
+    ``spec.id`` (or bound to ``pipeline``), with its scheduler, LoRAs, device and dtype."""
     return load_model(
         pipeline if pipeline is not None else spec.id,
         family=spec.family,
@@ -417,15 +413,16 @@ def load_job_model(job: Job, pipeline: Any = None):
 
 
 def run_job(job: Job, pipeline: Any = None, *, progress: bool = True, callback=None, model: Any = None):
-    """Run a job: load the model (unless ``pipeline`` is given), generate, return the
-    :class:`~jointdiff.engine.loop.JointResult` (not yet saved; see :func:`jointdiff.image.output.save_result`).
-    ``model``: the job's model already loaded by :func:`load_job_model` (for a job with the
-    same ``[model]`` table), used as it is."""
+    """Run a job: load the model (unless ``pipeline`` or an already loaded ``model``, as
+    :func:`load_job_model` returns it, is given), generate, return the
+    :class:`~jointdiff.engine.loop.JointResult` (not yet saved; see :func:`jointdiff.image.output.save_result`)."""
     # lazy: loads torch; jointdiff.jobs.spec must import without it
     from jointdiff.engine.loop import JointDiffusion
     geometry, conditioners, synchronizer = job.build_plugins()
     if model is None:
-        model = load_job_model(job, pipeline)
+        if pipeline is None:
+            check_before_loading(job)
+        model = load_job_model(job.model, pipeline)
     init = None
     if job.init is not None:  # placed on the canvas of this model's latent format
         geometry.setup(model.latent_format)
