@@ -9,4 +9,5 @@ if [ -z "${JOINTDIFF_SKIP_BROWSER:-}" ]; then
 fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 workers=$(.venv/bin/python -c "import os; print(min(2, os.cpu_count() or 1))")
-exec .venv/bin/python -m pytest -n "$workers" -q "$@"
+# loadgroup: tests marked xdist_group (the web UI's) share one process, so one app and one browser.
+exec .venv/bin/python -m pytest -n "$workers" --dist loadgroup -q "$@"

@@ -29,6 +29,8 @@ from jointdiff.models.loading import load_model
 from jointdiff.ui import forms, preview, safety
 from jointdiff.utils.errors import ConfigError
 
+pytestmark = pytest.mark.xdist_group("ui")  # with --dist loadgroup (scripts/test.sh): one app and browser in all
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
@@ -174,8 +176,10 @@ def _gate(queue, job_id: int, step: int) -> None:
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory):
-    if os.environ.get("JOINTDIFF_SKIP_BROWSER") or not Path(CHROMIUM).exists():
-        pytest.skip("no Chromium (scripts/install-browser.sh); JOINTDIFF_SKIP_BROWSER set")
+    if os.environ.get("JOINTDIFF_SKIP_BROWSER") == "1":
+        pytest.skip("JOINTDIFF_SKIP_BROWSER=1")
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: run scripts/install-browser.sh (or set JOINTDIFF_SKIP_BROWSER=1)")
     from jointdiff.ui import start
 
     folder = tmp_path_factory.mktemp("ui")
@@ -190,17 +194,20 @@ def server(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def browser(server):
-    playwright_api = pytest.importorskip("playwright.sync_api")
-    with playwright_api.sync_playwright() as playwright:
+def chromium(server):
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("playwright is not installed: pip install playwright (or set JOINTDIFF_SKIP_BROWSER=1)")
+    with sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield chromium
         chromium.close()
 
 
 @pytest.fixture
-def page(browser, server):
-    context = browser.new_context(viewport={"width": 1280, "height": 1400})
+def page(chromium, server):
+    context = chromium.new_context(viewport={"width": 1280, "height": 1400})
     page = context.new_page()
     page.set_default_timeout(WAIT_MS)
     page.goto(server[0])
@@ -319,10 +326,10 @@ def test_a_bad_option_shows_the_cli_message_next_to_its_plugin_before_anything_r
     assert len(queue.history()) == before
 
 
-def test_two_pages_queue_two_jobs_and_both_finish(browser, server):
+def test_two_pages_queue_two_jobs_and_both_finish(chromium, server):
     url, queue = server
     GATES[QUEUE_SEED] = threading.Event()
-    contexts = [browser.new_context(viewport={"width": 1280, "height": 1400}) for _ in range(2)]  # two users
+    contexts = [chromium.new_context(viewport={"width": 1280, "height": 1400}) for _ in range(2)]  # two users
     first, second = (c.new_page() for c in contexts)
     try:
         for tab in (first, second):
