@@ -8,9 +8,11 @@ and keeps it, and :meth:`JobQueue.resume` queues the job again to continue from 
 checkpoint's fingerprint makes the continued run equal to an uninterrupted one). A job that
 was running when the process ended is recorded as ``interrupted`` and resumes the same way.
 
-The queue drives :func:`jointdiff.jobs.spec.run_job`; anything that submits jobs (the web UI,
-a batch runner) shares it. SQLite (the standard library's ``sqlite3``) is the store because it
-is one file, needs no server, and serialises writers across threads and processes.
+The queue drives :func:`jointdiff.jobs.spec.run_job` with models from a
+:class:`~jointdiff.jobs.cache.ModelCache` per device (the next job with the same ``[model]``
+table reuses the loaded model); anything that submits jobs (the web UI, a script) shares it.
+SQLite (the standard library's ``sqlite3``) is the store because it is one file, needs no
+server and survives a crash mid-write; one process at a time serves a folder's queue.
 """
 
 from __future__ import annotations
