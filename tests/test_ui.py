@@ -399,3 +399,22 @@ def test_a_failing_job_shows_its_one_line_error_and_the_server_goes_on(page, ser
     field(page, "job", "seed").fill("14")
     page.click("#run")
     page.wait_for_selector(f'#status-text[data-job="{failed + 1}"][data-status="done"]')
+
+
+def test_equirect_results_open_in_the_inline_360_viewer(tmp_path):
+    import html
+
+    from jointdiff.jobs.queue import JobRecord
+    from jointdiff.surfaces.viewer import viewer_html
+    from jointdiff.ui.app import _viewer
+
+    pano = tmp_path / "sky.png"
+    Image.new("RGB", (64, 32), (20, 40, 200)).save(pano)
+
+    def record(geometry: str) -> JobRecord:
+        return JobRecord(1, 1, "cpu", {"geometry": {"name": geometry}}, "done", 0.0, 0.0, 1.0, 1.0, 2, 2, [str(pano)], None)
+
+    frame = _viewer(record("equirect"))
+    assert frame.startswith('<iframe id="viewer-frame" srcdoc="')
+    assert html.unescape(frame.split('srcdoc="', 1)[1].split('" style=', 1)[0]) == viewer_html(pano)
+    assert _viewer(record("strip")) == ""
