@@ -418,3 +418,16 @@ def test_equirect_results_open_in_the_inline_360_viewer(tmp_path):
     assert frame.startswith('<iframe id="viewer-frame" srcdoc="')
     assert html.unescape(frame.split('srcdoc="', 1)[1].split('" style=', 1)[0]) == viewer_html(pano)
     assert _viewer(record("strip")) == ""
+
+
+def test_a_cube_map_from_the_history_shows_its_six_faces(page, server):
+    url, queue = server
+    job = {**tiny_job(steps=1, prompt="a cube sky"), "geometry": {"name": "cubemap", "face_px": 64, "window_latent": 8}}
+    record = queue.wait(queue.submit(job))
+    assert len(record.outputs) == 6
+    page.reload()
+    page.locator("#job-id input").fill(str(record.id))  # its number typed: the page follows it
+    page.wait_for_selector(f'#status-text[data-job="{record.id}"][data-status="done"]')
+    page.wait_for_function("() => document.querySelectorAll('#results img').length === 6")
+    sizes = page.eval_on_selector_all("#results img", "els => els.map(e => [e.naturalWidth, e.naturalHeight])")
+    assert sizes == [[64, 64]] * 6

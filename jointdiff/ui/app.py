@@ -281,6 +281,7 @@ def _wire(form: Form, queue: JobQueue, settings: Settings, ui: dict[str, Any]) -
     ui["dropped"].upload(load_png, ui["dropped"], [*form.components, general])
     ui["upload"].upload(lambda path: path or "", ui["upload"], ui["uploaded"])
     ui["history"].select(_select_row, None, [state, job_id])
+    ui["job_id"].input(lambda n: {"job": int(n) if n else None}, job_id, state)  # type a job's number to follow it
     outputs = [ui["seen"], ui["status"], ui["preview"], ui["results"], ui["viewer"], ui["downloads"], ui["history"], ui["gallery"]]
     gr.Timer(TICK_S).tick(lambda followed, seen: _tick(queue, (followed or {}).get("job"), seen), [state, ui["seen"]], outputs,
                           concurrency_limit=None, show_progress="hidden")
