@@ -564,7 +564,9 @@ class JointDiffusion:
         else:
             with run.timer.phase("decode"):
                 pixels = self.geometry.decode(run.canvas, self._final_decode())
-            result = JointResult(self.geometry.to_images(pixels), run.canvas, pixels, metadata)
+            images = self.geometry.to_images(pixels)
+            result = JointResult(images, run.canvas, pixels, metadata,
+                                 companions=lambda path: self.geometry.write_companions(images, path))
         if checkpoint is not None and finished:
             remove_checkpoint(checkpoint, run.comm)
         return result
