@@ -1,0 +1,274 @@
+"""The ``mesh`` geometry: ray-cast maps against an analytic ray caster and trimesh's numpy
+caster, the adjoint identity, round trips, the conformance kit, bad meshes, whole tiny jobs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import trimesh
+from PIL import Image
+
+from jointdiff import create
+from jointdiff.image.output import JOB_KEY
+from jointdiff.surfaces.mesh import asset as mesh_asset
+from jointdiff.surfaces.mesh import raster, sampling
+from jointdiff.surfaces.mesh.cameras import Camera, camera_rays
+from jointdiff.testing import geometry as kit
+from jointdiff.utils.errors import ConfigError
+
+SMALL = {"window_latent": 8, "texture_latent": 16, "texture_px": 64}
+FOUR_VIEWS = [(10.0, 20.0, 3.0, 40.0), (15.0, 110.0, 3.0, 40.0), (-10.0, 200.0, 3.0, 40.0), (40.0, 290.0, 3.0, 40.0)]
+
+
+@pytest.fixture(scope="module")
+def meshes(tmp_path_factory):
+    """A cube (xatlas-unwrapped), a UV sphere with UVs, and a two-material OBJ."""
+    folder = tmp_path_factory.mktemp("meshes")
+    trimesh.creation.box().export(folder / "cube.obj")
+    sphere = trimesh.creation.uv_sphere(radius=1.0, count=[12, 12])
+    sphere.export(folder / "sphere.ply")
+    left = trimesh.creation.box(extents=(1, 1, 1))
+    left.apply_translation((-0.6, 0, 0))
+    right = trimesh.creation.icosphere(1, radius=0.5)
+    right.apply_translation((0.6, 0, 0))
+    scene = trimesh.Scene()
+    for name, part in (("wood", left), ("metal", right)):
+        uv = np.random.default_rng(0).random((len(part.vertices), 2))
+        part.visual = trimesh.visual.TextureVisuals(uv=uv, material=trimesh.visual.material.SimpleMaterial(name=name))
+        scene.add_geometry(part, geom_name=name)
+    scene.export(folder / "two.glb")
+    return folder
+
+
+def geometry(path, **options):
+    g = create("geometry", "mesh", path=str(path), **{**SMALL, **options})
+    g.setup(8)
+    return g
+
+
+# -- rasterization vs independent ray casters ------------------------------------------------
+
+
+def analytic_cube_hits(camera: Camera, size: int, half: float):
+    """First hits of the pixel rays on the axis-aligned cube ``[-half, half]^3`` (slab method):
+    the hit face's outward axis (0..5 = +x −x +y −y +z −z, -1: none) and the depth along the view axis."""
+    origins, directions = camera_rays(camera, size)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t1, t2 = (-half - origins) / directions, (half - origins) / directions
+    near = np.minimum(t1, t2).max(1)
+    far = np.maximum(t1, t2).min(1)
+    hit = (near <= far) & (near > 0)
+    axis = np.minimum(t1, t2).argmax(1)
+    sign = np.where(np.take_along_axis(directions, axis[:, None], 1)[:, 0] < 0, 0, 1)
+    side = np.where(hit, 2 * axis + sign, -1)
+    points = origins + np.where(hit, near, 0)[:, None] * directions
+    depth = (points - camera.position) @ -camera.axes()[:, 2]
+    return side.reshape(size, size), np.where(hit, depth, 0).reshape(size, size)
+
+
+@pytest.mark.parametrize("ortho", [None, 1.2])
+def test_cube_maps_match_analytic_ray_casting(meshes, ortho):
+    asset = mesh_asset.load_mesh(meshes / "cube.obj")
+    half = 0.5 * asset.scale
+    normals = np.array([[1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1]])
+    for el, az in ((0.0, 0.0), (25.0, 35.0), (-40.0, 200.0)):
+        camera = Camera(el, az, 3.0, 40.0, ortho)
+        maps = raster.rasterize(asset, camera, 48)
+        side, depth = analytic_cube_hits(camera, 48, half)
+        ours = np.where(maps.mask, (np.abs(maps.normal @ normals.T - 1) < 1e-6).argmax(-1), -1)
+        assert (ours == side).mean() >= 0.99
+        both = maps.mask & (side >= 0)
+        assert np.abs(maps.depth[both] - depth[both]).max() <= 1e-4 * 2 * half * 3**0.5
+        directions = camera_rays(camera, 48)[1].reshape(48, 48, 3)
+        expected_cos = -normals[side[both]] * directions[both]
+        np.testing.assert_allclose(maps.cos[both], expected_cos.sum(-1), atol=1e-9)
+
+
+@pytest.mark.parametrize("name", ["sphere.ply", "two.glb"])
+def test_maps_match_trimesh_numpy_ray_caster(meshes, name):
+    asset = mesh_asset.load_mesh(meshes / name)
+    reference = trimesh.Trimesh(asset.vertices, asset.faces, process=False)
+    camera = Camera(17.0, 33.0, 3.0, 40.0)
+    size, texture = 32, 64
+    maps = raster.rasterize(asset, camera, size, backend="auto")
+    origins, directions = camera_rays(camera, size)
+    caster = trimesh.ray.ray_triangle.RayMeshIntersector(reference)
+    first = caster.intersects_first(origins, directions).reshape(size, size)
+    assert (first == maps.face).mean() >= 0.99
+    same = (first == maps.face) & maps.mask
+    located, index_ray, _ = caster.intersects_location(origins, directions, multiple_hits=False)
+    truth = np.zeros((size * size, 3))
+    truth[index_ray] = located
+    truth = truth.reshape(size, size, 3)[same]
+    depth = (truth - camera.position) @ -camera.axes()[:, 2]
+    assert np.abs(maps.depth[same] - depth).max() <= 1e-4 * 2
+    bary = trimesh.triangles.points_to_barycentric(asset.vertices[asset.faces[maps.face[same]]], truth)
+    uv = np.einsum("nk,nkc->nc", bary, asset.corner_uv[maps.face[same]])
+    assert np.abs(maps.uv[same] - uv).max() * texture <= 1.0
+
+
+# -- extract / insert ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["cube.obj", "two.glb"])
+def test_adjoint_identity_on_seen_texels(meshes, name):
+    g = geometry(meshes / name)
+    seen = g.seen_texels()[:, None]
+    generator = torch.Generator().manual_seed(0)
+    texture = torch.randn(*seen.shape[:1], 3, *seen.shape[2:], generator=generator, dtype=torch.float64) * seen
+    ids = [3, 0, 7]
+    views = torch.randn(len(ids), 3, 8, 8, generator=generator, dtype=torch.float64)
+    inserted = torch.zeros_like(texture)
+    g.insert(inserted, views, ids)
+    left = (g.extract(texture, ids) * views).sum()
+    right = (texture * inserted).sum()
+    torch.testing.assert_close(left, right, rtol=1e-10, atol=1e-10)
+
+
+def test_conformance_kit_where_it_applies(meshes):
+    g = geometry(meshes / "two.glb")
+    assert g.canvas_shape_latent == (2, 16, 16) and g.num_windows == 10
+    for check in (kit.check_geometry_shapes, kit.check_geometry_batching, kit.check_geometry_insert_is_linear,
+                  kit.check_geometry_coverage, kit.check_geometry_origins, kit.check_options_round_trip):
+        check(g)
+
+
+def test_round_trip_of_a_known_texture_where_seen(meshes):
+    """A smooth texture rendered into the views and fused back (SyncMVD's weighted mean)
+    equals itself on texels the views see well; decoding views and baking them in pixel
+    space returns the texture at texture_px."""
+    g = geometry(meshes / "cube.obj", cameras=None)
+    texture = g.smooth_test_canvas(3)
+    ids = list(range(g.num_windows))
+    weights = g.window_weights(ids).double()
+    numerator, denominator = torch.zeros_like(texture), torch.zeros(texture.shape[0], 1, *texture.shape[2:], dtype=torch.float64)
+    g.insert(numerator, g.extract(texture, ids) * weights, ids)
+    g.insert(denominator, weights, ids)
+    fused = numerator / denominator
+    well = (denominator[:, 0] > 0.5 * denominator.max()) & g.seen_texels()
+    assert int(well.sum()) > 20
+    spread = float(texture.max() - texture.min())
+    assert float((fused - texture).abs().permute(1, 0, 2, 3)[:, well].max()) < 0.05 * spread
+    # pixel-space bake: views of an 8x texture, baked back at texture_px = 8 * texture_latent / 2
+    fine = torch.nn.functional.interpolate(texture, scale_factor=8, mode="bilinear", align_corners=False)
+    views_px = g.extract(fine, ids).float()
+    baked = g.bake(views_px)
+    target = torch.nn.functional.interpolate(texture, size=(64, 64), mode="bilinear", align_corners=False)
+    inside = torch.from_numpy(g.texel_maps()[0].face >= 0)
+    error = (baked.double() - target).abs()[0][:, inside]
+    assert float(error.median()) < 0.02 * spread and float(error.quantile(0.95)) < 0.1 * spread
+
+
+def test_background_pixels_weigh_nothing_and_maps_follow_the_contract(meshes):
+    g = geometry(meshes / "sphere.ply")
+    ids = [0, 8]
+    mask = g.window_map("mask", ids)
+    weights = g.window_weights(ids)
+    assert bool((weights[mask == 0] == 0).all()) and bool((weights[mask == 1] > 0).all())
+    torch.testing.assert_close(g.window_coverage(ids), mask)
+    depth = g.window_map("depth", ids, scale=2)
+    assert depth.shape == (2, 1, 16, 16) and float(depth.max()) == 1.0 and bool((depth[g.window_map("mask", ids, 2) == 0] == 0).all())
+    normal = g.window_map("normal", [0])
+    centre = normal[0, :, 3:5, 3:5].mean((1, 2))
+    torch.testing.assert_close(centre, torch.tensor([0.5, 0.5, 1.0]), atol=0.08, rtol=0)  # faces the camera
+    with pytest.raises(ConfigError, match="no per-window map 'canny'"):
+        g.window_map("canny", ids)
+
+
+# -- bad meshes, one line each --------------------------------------------------------------
+
+
+def test_bad_meshes_are_refused_in_one_line(tmp_path, meshes):
+    (tmp_path / "points.ply").write_bytes(trimesh.PointCloud(np.random.default_rng(0).random((10, 3))).export(file_type="ply"))
+    flat = trimesh.Trimesh([[0, 0, 0], [1, 0, 0], [2, 0, 0]], [[0, 1, 2]], process=False)
+    flat.export(tmp_path / "flat.ply")
+    (tmp_path / "nomtl.obj").write_text("mtllib gone.mtl\nv 0 0 0\nv 1 0 0\nv 0 1 0\nf 1 2 3\n")
+    (tmp_path / "notex.mtl").write_text("newmtl a\nmap_Kd missing.png\n")
+    (tmp_path / "notex.obj").write_text("mtllib notex.mtl\nusemtl a\nv 0 0 0\nv 1 0 0\nv 0 1 0\nf 1 2 3\n")
+    cases = {
+        tmp_path / "none.obj": "is not a file",
+        tmp_path / "points.ply": "has no faces",
+        tmp_path / "flat.ply": "only degenerate",
+        tmp_path / "nomtl.obj": "missing: gone.mtl",
+        tmp_path / "notex.obj": "missing: missing.png",
+    }
+    for path, message in cases.items():
+        with pytest.raises(ConfigError, match=message) as error:
+            create("geometry", "mesh", path=str(path))
+        assert "\n" not in str(error.value) and "path" in str(error.value)
+    with pytest.raises(ConfigError, match="over max_faces = 10"):
+        create("geometry", "mesh", path=str(meshes / "cube.obj"), max_faces=10)
+    with pytest.raises(ConfigError, match="not sha256 = 'abc'"):
+        create("geometry", "mesh", path=str(meshes / "cube.obj"), sha256="abc")
+    with pytest.raises(ConfigError, match="unwrapping with xatlas failed"):
+        mesh_asset.unwrap(np.zeros((3, 3)), np.array([[0, 1, 5]]), "x.obj")
+
+
+def test_unwrapped_cube_has_uvs_in_the_unit_square_and_is_normalized(meshes):
+    asset = mesh_asset.load_mesh(meshes / "cube.obj")
+    assert asset.unwrapped and asset.num_sheets == 1
+    assert asset.corner_uv.min() >= 0 and asset.corner_uv.max() <= 1
+    np.testing.assert_allclose(np.linalg.norm(asset.vertices, axis=1).max(), 1.0)
+    kept = mesh_asset.load_mesh(meshes / "cube.obj", normalize=False)
+    np.testing.assert_allclose(np.abs(kept.vertices).max(), 0.5)
+    np.testing.assert_allclose(asset.to_source(asset.vertices), kept.vertices, atol=1e-12)
+
+
+# -- whole jobs ------------------------------------------------------------------------------
+
+
+def run_texture(model, mesh, tmp_path, steps=2, **options):
+    from jointdiff.jobs.spec import Job, run_job
+
+    job = Job.from_dict({
+        "model": {"id": model, "device": "cpu", "dtype": "float32"},
+        "geometry": {"name": "mesh", "path": str(mesh), "cameras": FOUR_VIEWS, **SMALL, **options},
+        "conditioners": [{"name": "text", "prompt": "a wooden crate"}],
+        "synchronizer": {"name": "none"},
+        "steps": steps, "seed": 3, "view_batch_size": 2, "output": str(tmp_path / "crate.png"),
+    })
+    return job, run_job(job, progress=False)
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-flux"])
+def test_whole_job_writes_texture_glb_obj_and_turntable(meshes, tmp_path, model):
+    job, result = run_texture(model, meshes / "two.glb", tmp_path)
+    written = result.save(tmp_path / "crate.png")
+    names = sorted(p.name for p in written)
+    assert {"crate_0.png", "crate_1.png", "crate.glb", "crate.obj", "crate.mtl", "crate_turntable.png"} <= set(names)
+    with Image.open(tmp_path / "crate_0.png") as image:
+        assert image.size == (64, 64)
+        embedded = json.loads(image.text[JOB_KEY])
+    assert embedded["geometry"]["sha256"] == mesh_asset.file_sha256(meshes / "two.glb")
+    loaded = trimesh.load(tmp_path / "crate.glb")
+    assert len(loaded.geometry) == 2
+    for part in loaded.geometry.values():
+        assert part.visual.material.baseColorTexture.size == (64, 64)
+
+
+def test_batch_size_and_resume_do_not_change_the_texture(meshes, tmp_path):
+    from jointdiff.engine.loop import StopJob
+    from jointdiff.jobs.spec import Job, run_job
+
+    job, expected = run_texture("tiny", meshes / "cube.obj", tmp_path, steps=3)
+    other = run_job(Job.from_dict({**job.to_dict(), "view_batch_size": 3}), progress=False)
+    torch.testing.assert_close(other.latents, expected.latents, rtol=1e-4, atol=1e-4)  # oneDNN: kernels by batch size
+    checkpointed = Job.from_dict({**job.to_dict(), "checkpoint": {"path": str(tmp_path / "c.ckpt"), "every": 1}})
+
+    def stop(i, t, canvas):
+        if i == 1:
+            raise StopJob()
+
+    run_job(checkpointed, progress=False, callback=stop)
+    resumed = run_job(checkpointed, progress=False)
+    torch.testing.assert_close(resumed.latents, expected.latents, rtol=1e-4, atol=1e-4)
+
+
+def test_shifted_windows_are_refused(meshes):
+    from jointdiff.engine.shifted import check_windows_option
+
+    with pytest.raises(ConfigError, match="geometry 'mesh' cannot shift"):
+        check_windows_option("shifted", geometry(meshes / "cube.obj"), None)
