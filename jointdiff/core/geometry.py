@@ -117,6 +117,11 @@ class Geometry(Configurable, ABC):
         canvas covers every window pixel (the default)."""
         return None
 
+    def setup_work(self) -> dict[str, int]:
+        """Work done once per job outside the model, by kind (e.g. ``{"rays": ...}``), for the
+        cost estimate (:class:`jointdiff.cost.budget.Estimate`); after :meth:`setup`. None by default."""
+        return {}
+
     def write_companions(self, images: list[Image.Image], path: Path) -> list[Path]:
         """Files written next to the saved output images (``path``: the first image's), e.g.
         a textured mesh; returns their paths. None by default."""

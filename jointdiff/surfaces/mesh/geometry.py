@@ -24,7 +24,6 @@ that registers this class stays light to import.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Sequence
 
@@ -225,6 +224,9 @@ class MeshGeometry(Geometry):
 
         views = self.extract(canvas, range(self.num_windows))
         pixels = torch.cat([decode(views[i : i + 1]).float() for i in range(len(views))])
+        if pixels.is_meta:  # the cost estimate counts the decoder calls (jointdiff.cost.budget)
+            side = self.options.texture_px
+            return torch.empty(self.asset.num_sheets, pixels.shape[1], side, side, device="meta")
         return self.bake(pixels)
 
     def texel_maps(self) -> list:
@@ -257,6 +259,14 @@ class MeshGeometry(Geometry):
         vertices = self.asset.vertices
         return float(np.linalg.norm(vertices.max(0) - vertices.min(0)))
 
+    def setup_work(self) -> dict[str, int]:
+        """Rays cast once per job (views at the latent and pixel sizes, texels of the bake)
+        and the bake's texel × view look-ups, for the cost estimate."""
+        side, views = self._side, self.num_windows
+        texels = self.asset.num_sheets * self.options.texture_px**2
+        pixel_side = side * self.latent_scale
+        return {"rays": views * (side**2 + pixel_side**2) + texels, "bake_samples": views * texels}
+
     def write_companions(self, images: list[Image.Image], path: Path) -> list[Path]:
         """Next to the saved textures (``path``: the first): ``<stem>.glb``, ``<stem>.obj``
         (+ MTL and its PNGs) and ``<stem>_turntable.png``."""
@@ -280,9 +290,3 @@ class MeshGeometry(Geometry):
         c = torch.randn(sheets, channels, 4, 1, 1, generator=g, dtype=torch.float64)
         return c[:, :, 0] + c[:, :, 1] * x + c[:, :, 2] * y + c[:, :, 3] * x * y
 
-
-def estimate_raster_rays(geometry: MeshGeometry, latent_scale: int) -> int:
-    """Rays cast per job: views at the latent and pixel sizes, and the texels of the bake."""
-    side = geometry.window_size_latent[0]
-    views = geometry.num_windows * (side**2) * (1 + latent_scale**2)
-    return int(views + geometry.asset.num_sheets * geometry.options.texture_px**2) if math.isfinite(views) else 0
