@@ -17,12 +17,15 @@ from jointdiff.core.registry import get_registry
 from jointdiff.image.output import changed_inputs, save_result
 from jointdiff.jobs.spec import Job, check_before_loading, read_job_file, resolve_paths, run_job, tomllib
 from jointdiff.jobs.toml_writer import dump_job_toml
+from jointdiff.surfaces.mesh_viewer import write_mesh_viewer
 from jointdiff.surfaces.viewer import serve_viewer, write_viewer
 from jointdiff.utils.errors import ConfigError, JointDiffError
 from jointdiff.utils.files import check_writable, free_output
 from jointdiff.utils.version import VERSION as __version__
 
 EXIT_USAGE = 2
+MESH_SUFFIXES = (".glb", ".gltf", ".obj", ".ply", ".stl")
+"""``view`` shows these as meshes (only ``.glb`` is read; the others are told to convert)."""
 
 
 def parse_assignment(text: str) -> tuple[str, Any]:
@@ -143,11 +146,8 @@ def _check_output(job: Job, overwrite: bool, comm: Any) -> Path:
 def _execute(job: Job, quiet: bool, overwrite: bool, timeout_s: float | None = None, target: Path | None = None) -> int:
     """Run ``job`` and save it. Under ``torchrun`` (``WORLD_SIZE`` > 1) the ranks share the
     job's windows (see :mod:`jointdiff.engine.distributed`); rank 0 alone shows progress and writes."""
-    from jointdiff.engine.distributed import (  # lazy: jointdiff.engine.distributed needs torch; importing jointdiff.cli must not
-        init_from_env,
-        local_device,
-        shutdown,
-    )
+    # lazy: loads torch; jointdiff.cli must import without it
+    from jointdiff.engine.distributed import init_from_env, local_device, shutdown
     comm = init_from_env(timeout_s)
     main_rank = comm is None or comm.rank == 0
     try:
@@ -200,10 +200,8 @@ def _estimate_only(job: Job) -> int:
     """``--estimate``: load the model (the FLOPs are counted on its networks), print the job's
     estimate (:meth:`JointDiffusion.estimate`) and whether the limits refuse it; nothing is
     denoised or written."""
-    from jointdiff.cost import (
-        budget,  # lazy: jointdiff.cost.budget needs torch; importing jointdiff.cli must not
-        profiling,  # lazy: jointdiff.cost.profiling needs torch; importing jointdiff.cli must not
-    )
+    # lazy: loads torch; jointdiff.cli must import without it
+    from jointdiff.cost import budget, profiling
     def show(estimate: Any, engine: Any) -> None:
         print(estimate.summary())
         try:
@@ -225,7 +223,8 @@ def _profiled(profile: bool, execute: Any) -> int:
     """``--profile``: the estimate (on stderr) before the job, where the time went after."""
     if not profile:
         return execute()
-    from jointdiff.cost import profiling  # lazy: jointdiff.cost.profiling needs torch; importing jointdiff.cli must not
+    # lazy: loads torch; jointdiff.cli must import without it
+    from jointdiff.cost import profiling
 
     def show(estimate: Any, engine: Any) -> None:
         print(f"jointdiff: estimate:\n{estimate.summary()}", file=sys.stderr)
@@ -302,8 +301,10 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def cmd_view(args: argparse.Namespace) -> int:
+    if Path(args.pano).suffix.lower() in MESH_SUFFIXES:
+        return _view_mesh(args)
     if args.output or not args.serve:
-        print(write_viewer(args.pano, args.output or Path(args.pano).with_suffix(".html")))
+        print(write_viewer(args.pano, _plan_page(args.output or Path(args.pano).with_suffix(".html"), args.overwrite)))
     if args.serve:
         try:
             serve_viewer(args.pano, args.port)
@@ -459,6 +460,7 @@ def _add_sky(sub: Any) -> None:
     sky.set_defaults(func=cmd_sky)
 
 
+<<<<<<< HEAD
 def _add_texture(sub: Any) -> None:
     texture = _subparser(
         sub, "texture", "texture a 3D mesh (OBJ, glTF/GLB, PLY): texture PNGs, GLB, OBJ + MTL, turntable",
@@ -475,13 +477,32 @@ def _add_texture(sub: Any) -> None:
                          help="another mesh option, value read as TOML (repeat: -g window_latent=64)")
     _add_job_options(texture, "texture.png")
     texture.set_defaults(func=cmd_texture)
+=======
+def _view_mesh(args: argparse.Namespace) -> int:
+    """``view MODEL.glb``: the textured mesh's orbit viewer page next to the model (or ``--output``)."""
+    if args.serve:
+        raise ConfigError(f"view: --serve shows panoramas only; open the page written for {args.pano!r} in a browser")
+    target = _plan_page(args.output or Path(args.pano).with_suffix(".html"), args.overwrite)
+    print(write_mesh_viewer(args.pano, target, overwrite=args.overwrite))
+    return 0
+
+
+def _plan_page(path: str | Path, overwrite: bool) -> Path:
+    """Where a viewer page goes: ``path``, or unless ``overwrite`` the next free name when a
+    file is there (said on stderr), as for images."""
+    target = Path(path) if overwrite else free_output(path, 1)
+    if target != Path(path):
+        _note(f"{str(path)!r} exists; writing {str(target)!r} instead (--overwrite replaces it)")
+    return target
+>>>>>>> main
 
 
 def _add_view(sub: Any) -> None:
-    view = _subparser(sub, "view", "show a 360° panorama in a self-contained HTML viewer")
-    view.add_argument("pano", help="equirectangular image (PNG, JPEG or WebP)")
-    view.add_argument("--output", "-o", metavar="PAGE.html", help="page to write; unset: PANO with .html")
-    view.add_argument("--serve", action="store_true", help="serve the page on http://127.0.0.1:PORT/")
+    view = _subparser(sub, "view", "show a 360° panorama or a textured mesh (.glb) in a self-contained HTML viewer")
+    view.add_argument("pano", metavar="PANO|MODEL.glb", help="equirectangular image (PNG, JPEG or WebP) or binary glTF model")
+    view.add_argument("--output", "-o", metavar="PAGE.html", help="page to write; unset: the input with .html")
+    view.add_argument("--overwrite", action="store_true", help="replace an existing page (else: the next free name)")
+    view.add_argument("--serve", action="store_true", help="serve the panorama's page on http://127.0.0.1:PORT/")
     view.add_argument("--port", type=int, default=8360, help="port of --serve")
     view.set_defaults(func=cmd_view)
 

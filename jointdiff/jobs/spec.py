@@ -35,7 +35,7 @@ from typing import Any, Literal, Mapping
 
 import pydantic
 
-from jointdiff.core.conditioner import Conditioner
+from jointdiff.core.conditioner import Conditioner, check_geometry_maps
 from jointdiff.core.family import SD_LATENT
 from jointdiff.core.options import format_validation_error
 from jointdiff.core.registry import create
@@ -189,6 +189,7 @@ class Job(_Strict):
                 raise ConfigError(f"job: model.{error}") from None
         _check_one_prompt(self.conditioners, conditioners)
         _check_fast_modes(self, geometry)
+        check_geometry_maps(geometry, conditioners)
         geometry.setup(family.latent if family is not None else SD_LATENT)
         if family is not None and family.guidance_modes is not None and "cfg" not in family.guidance_modes:
             for spec, conditioner in zip(self.conditioners, conditioners):
@@ -205,12 +206,11 @@ def _check_fast_modes(job: Job, geometry: Any) -> None:
     (docs/fast-modes.md), before any model loads: ConfigError naming the option."""
     if job.windows == "overlap" and job.fusion != "x0_renoise":
         return  # nothing to check; returning first keeps validation free of torch (fewstep, shifted import it)
-    from jointdiff.engine.fewstep import (
-        check_fewstep,  # lazy: jointdiff.engine.fewstep needs torch; importing jointdiff.jobs.spec must not
-    )
-    from jointdiff.engine.shifted import (
-        check_windows_option,  # lazy: jointdiff.engine.shifted needs torch; importing jointdiff.jobs.spec must not
-    )
+    # lazy: loads torch; jointdiff.jobs.spec must import without it
+    from jointdiff.engine.fewstep import check_fewstep
+
+    # lazy: loads torch; jointdiff.jobs.spec must import without it
+    from jointdiff.engine.shifted import check_windows_option
 
     try:
         check_windows_option(job.windows, geometry, job.fusion)
@@ -398,9 +398,8 @@ def check_before_loading(job: Job) -> None:
 def run_job(job: Job, pipeline: Any = None, *, progress: bool = True, callback=None):
     """Run a job: load the model (unless ``pipeline`` is given), generate, return the
     :class:`~jointdiff.engine.loop.JointResult` (not yet saved; see :func:`jointdiff.image.output.save_result`)."""
-    from jointdiff.engine.loop import (
-        JointDiffusion,  # lazy: jointdiff.engine.loop needs torch; importing jointdiff.jobs.spec must not
-    )
+    # lazy: loads torch; jointdiff.jobs.spec must import without it
+    from jointdiff.engine.loop import JointDiffusion
     geometry, conditioners, synchronizer = job.build_plugins()
     if pipeline is None:
         check_before_loading(job)
@@ -428,9 +427,8 @@ def run_job(job: Job, pipeline: Any = None, *, progress: bool = True, callback=N
     )
     checkpoint = None
     if job.checkpoint is not None:
-        from jointdiff.engine.distributed import (
-            Checkpoint,  # lazy: jointdiff.engine.distributed needs torch; importing jointdiff.jobs.spec must not
-        )
+        # lazy: loads torch; jointdiff.jobs.spec must import without it
+        from jointdiff.engine.distributed import Checkpoint
 
         spec = job.checkpoint
         checkpoint = Checkpoint(spec.path, spec.every, spec.resume, overwrite=spec.overwrite)

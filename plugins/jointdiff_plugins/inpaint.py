@@ -35,10 +35,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import pydantic
 
-from jointdiff import hookimpl
-from jointdiff.core.conditioner import Conditioner
-from jointdiff.core.options import PluginOptions
-from jointdiff.utils.errors import ConfigError
+from jointdiff.plugin import Conditioner, ConfigError, PluginOptions, hookimpl
 
 if TYPE_CHECKING:
     import torch

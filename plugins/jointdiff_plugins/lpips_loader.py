@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from jointdiff.utils.errors import ConfigError, ModelLoadError
+from jointdiff.plugin import ConfigError, ModelLoadError
 
 if TYPE_CHECKING:
     import torch
