@@ -460,7 +460,6 @@ def _add_sky(sub: Any) -> None:
     sky.set_defaults(func=cmd_sky)
 
 
-<<<<<<< HEAD
 def _add_texture(sub: Any) -> None:
     texture = _subparser(
         sub, "texture", "texture a 3D mesh (OBJ, glTF/GLB, PLY): texture PNGs, GLB, OBJ + MTL, turntable",
@@ -477,7 +476,8 @@ def _add_texture(sub: Any) -> None:
                          help="another mesh option, value read as TOML (repeat: -g window_latent=64)")
     _add_job_options(texture, "texture.png")
     texture.set_defaults(func=cmd_texture)
-=======
+
+
 def _view_mesh(args: argparse.Namespace) -> int:
     """``view MODEL.glb``: the textured mesh's orbit viewer page next to the model (or ``--output``)."""
     if args.serve:
@@ -494,7 +494,6 @@ def _plan_page(path: str | Path, overwrite: bool) -> Path:
     if target != Path(path):
         _note(f"{str(path)!r} exists; writing {str(target)!r} instead (--overwrite replaces it)")
     return target
->>>>>>> main
 
 
 def _add_view(sub: Any) -> None:

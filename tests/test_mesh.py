@@ -238,7 +238,9 @@ def test_whole_job_writes_texture_glb_obj_and_turntable(meshes, tmp_path, model)
     job, result = run_texture(model, meshes / "two.glb", tmp_path)
     written = result.save(tmp_path / "crate.png")
     names = sorted(p.name for p in written)
-    assert {"crate_0.png", "crate_1.png", "crate.glb", "crate.obj", "crate.mtl", "crate_turntable.png"} <= set(names)
+    assert {"crate_0.png", "crate_1.png", "crate.glb", "crate.obj", "crate.mtl", "crate_turntable.png", "crate.html",
+            "crate_wood.png", "crate_metal.png"} <= set(names)
+    assert "crate.glb" in (tmp_path / "crate.html").read_text() or (tmp_path / "crate.html").stat().st_size > 10_000
     with Image.open(tmp_path / "crate_0.png") as image:
         assert image.size == (64, 64)
         embedded = json.loads(image.text[JOB_KEY])

@@ -5,7 +5,7 @@ trimesh inside its methods)."""
 
 from __future__ import annotations
 
-from jointdiff import hookimpl
+from jointdiff.plugin import hookimpl
 from jointdiff.surfaces.mesh.geometry import MeshGeometry
 
 

@@ -122,11 +122,12 @@ def _parts(loaded, path: Path) -> list[trimesh.Trimesh]:
 
 
 def _merge_by_material(parts: list[trimesh.Trimesh]) -> list[trimesh.Trimesh]:
-    """Parts that share a material (by name) become one sheet; order of first appearance."""
+    """Parts that share a material (by name; unnamed: the part's node name) become one
+    sheet, in order of first appearance."""
     groups: dict[str, list[trimesh.Trimesh]] = {}
     for index, part in enumerate(parts):
         material = getattr(getattr(part, "visual", None), "material", None)
-        name = getattr(material, "name", None) or f"material_{index}"
+        name = getattr(material, "name", None) or part.metadata.get("name") or f"material_{index}"
         groups.setdefault(str(name), []).append(part)
     merged = []
     for name, group in groups.items():

@@ -17,14 +17,16 @@ from PIL import Image
 from jointdiff.surfaces.mesh.asset import MeshAsset
 from jointdiff.surfaces.mesh.cameras import Camera
 from jointdiff.surfaces.mesh.raster import Backend, rasterize_views
+from jointdiff.surfaces.mesh_viewer import write_mesh_viewer
 
 
-def textured_scene(asset: MeshAsset, textures: list[Image.Image]) -> trimesh.Scene:
-    """A scene of one mesh per material, each with its texture as PBR base colour."""
+def textured_scene(asset: MeshAsset, textures: list[Image.Image], prefix: str = "") -> trimesh.Scene:
+    """A scene of one mesh per material, each with its texture as PBR base colour; material
+    names start with ``prefix`` (the OBJ exporter names texture files after them)."""
     scene = trimesh.Scene()
     for sheet, image in enumerate(textures):
         vertices, faces, uv = asset.sheet_mesh(sheet)
-        material = trimesh.visual.material.PBRMaterial(name=asset.sheet_names[sheet], baseColorTexture=image,
+        material = trimesh.visual.material.PBRMaterial(name=prefix + asset.sheet_names[sheet], baseColorTexture=image,
                                                        metallicFactor=0.0, roughnessFactor=1.0)
         visual = trimesh.visual.TextureVisuals(uv=uv, material=material)
         mesh = trimesh.Trimesh(asset.to_source(vertices), faces, visual=visual, process=False)
@@ -33,8 +35,9 @@ def textured_scene(asset: MeshAsset, textures: list[Image.Image]) -> trimesh.Sce
 
 
 def export_textured(asset: MeshAsset, textures: list[Image.Image], stem: str | Path) -> dict[str, Path]:
-    """Write ``<stem>.glb`` and ``<stem>.obj`` (+ its ``.mtl`` and the texture PNGs it
-    names, trimesh's names). Returns the paths by kind."""
+    """Write ``<stem>.glb``, ``<stem>.obj`` (+ ``<stem>.mtl`` and the texture PNGs it names,
+    ``<stem>_<material>.png``) and the offline viewer page ``<stem>.html`` of the GLB
+    (:mod:`jointdiff.surfaces.mesh_viewer`). Returns the paths by kind."""
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
@@ -42,7 +45,7 @@ def export_textured(asset: MeshAsset, textures: list[Image.Image], stem: str | P
     paths["glb"] = stem.with_suffix(".glb")
     paths["glb"].write_bytes(scene.export(file_type="glb"))
     paths["obj"] = stem.with_suffix(".obj")
-    files = trimesh.exchange.obj.export_obj(scene, include_texture=True, return_texture=True,
+    files = trimesh.exchange.obj.export_obj(textured_scene(asset, textures, f"{stem.name}_"), include_texture=True, return_texture=True,
                                              mtl_name=stem.with_suffix(".mtl").name)
     text, extras = files
     paths["obj"].write_text(text)
@@ -50,6 +53,7 @@ def export_textured(asset: MeshAsset, textures: list[Image.Image], stem: str | P
         if name != paths["obj"].name:
             (stem.parent / name).write_bytes(data)
             paths[name] = stem.parent / name
+    paths["page"] = write_mesh_viewer(paths["glb"], stem.with_suffix(".html"), overwrite=True)
     return paths
 
 
