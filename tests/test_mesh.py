@@ -274,3 +274,74 @@ def test_shifted_windows_are_refused(meshes):
 
     with pytest.raises(ConfigError, match="geometry 'mesh' cannot shift"):
         check_windows_option("shifted", geometry(meshes / "cube.obj"), None)
+
+
+def window_zero_inputs(pipeline, mesh, cameras, fuse_until):
+    """The denoiser's input of window 0 at every step (one window per call, window 0 first)."""
+    from jointdiff import JointDiffusion
+
+    shape = create("geometry", "mesh", path=str(mesh), cameras=cameras, fuse_until=fuse_until, **SMALL)
+    text = create("conditioner", "text", prompt="a crate", guidance_scale=1.0)
+    seen = []
+    hook = pipeline.unet.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
+    try:
+        JointDiffusion(pipeline, shape, [text], view_batch_size=1)(num_inference_steps=3, seed=0, progress=False,
+                                                                  output_type="latent")
+    finally:
+        hook.remove()
+    return seen[:: len(cameras)]
+
+
+def test_views_step_alone_after_fuse_until(tiny_pipeline, meshes):
+    """fuse_until = 0: window 0 follows the same path whatever the other views; 1: the other
+    views change it from the second step on (their x̂0 is fused into its own)."""
+    mesh = meshes / "cube.obj"
+    alone = {f: window_zero_inputs(tiny_pipeline, mesh, FOUR_VIEWS[:1], f) for f in (0.0, 1.0)}
+    together = {f: window_zero_inputs(tiny_pipeline, mesh, FOUR_VIEWS, f) for f in (0.0, 1.0)}
+    for got, expected in zip(together[0.0], alone[0.0]):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(together[1.0][0], alone[1.0][0], rtol=1e-5, atol=1e-5)  # the same start
+    assert not torch.allclose(together[1.0][2], alone[1.0][2], atol=1e-3)
+
+
+def test_texture_command_reproduces_from_its_png_and_refuses_a_changed_mesh(meshes, tmp_path, capsys):
+    from jointdiff.cli import main
+
+    mesh = tmp_path / "box.obj"
+    mesh.write_bytes((meshes / "cube.obj").read_bytes())
+    common = ["--steps", "1", "--texture-px", "64", "-g", "window_latent=8", "-g", "texture_latent=16",
+              "-g", f"cameras={json.dumps([list(c) for c in FOUR_VIEWS])}", "--device", "cpu", "--quiet"]
+    assert main(["texture", str(mesh), "a crate", *common, "-o", str(tmp_path / "t.png")]) == 0
+    assert {"t.png", "t.glb", "t.obj", "t.html", "t_turntable.png"} <= {p.name for p in tmp_path.iterdir()}
+    assert main(["run", str(tmp_path / "t.png"), "--output", str(tmp_path / "again.png"), "--quiet"]) == 0
+    with Image.open(tmp_path / "t.png") as first, Image.open(tmp_path / "again.png") as again:
+        assert first.tobytes() == again.tobytes()
+    capsys.readouterr()
+    mesh.write_text(mesh.read_text() + "\n# edited\n")
+    assert main(["run", str(tmp_path / "t.png"), "--output", str(tmp_path / "third.png"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the file changed" in err[0]
+
+
+def test_estimate_counts_rays_bake_and_view_decodes(tiny_pipeline, meshes):
+    from jointdiff import JointDiffusion
+
+    shape = create("geometry", "mesh", path=str(meshes / "two.glb"), cameras=FOUR_VIEWS, **SMALL)
+    text = create("conditioner", "text", prompt="a crate")
+    estimate = JointDiffusion(tiny_pipeline, shape, [text]).estimate(2, flops=False)
+    views, side, pixel_side, texels = 4, 8, 64, 2 * 64 * 64
+    assert estimate.geometry_work == {"rays": views * (side**2 + pixel_side**2) + texels, "bake_samples": views * texels}
+    assert estimate.evaluations.total()["decoder.forward"] == views
+
+
+def test_depth_controlnet_on_a_mesh_job(meshes, tmp_path):
+    from jointdiff.jobs.spec import Job, run_job
+
+    job = Job.from_dict({
+        "model": {"id": "tiny", "device": "cpu", "dtype": "float32"},
+        "geometry": {"name": "mesh", "path": str(meshes / "sphere.ply"), "cameras": FOUR_VIEWS[:2], **SMALL},
+        "conditioners": [{"name": "text", "prompt": "a ball"}, {"name": "controlnet", "model": "tiny", "image": "depth"}],
+        "steps": 1, "output": str(tmp_path / "ball.png"),
+    })
+    result = run_job(job, progress=False)
+    assert result.images[0].size == (64, 64) and bool(torch.isfinite(result.latents).all())
