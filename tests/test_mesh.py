@@ -345,3 +345,17 @@ def test_depth_controlnet_on_a_mesh_job(meshes, tmp_path):
     })
     result = run_job(job, progress=False)
     assert result.images[0].size == (64, 64) and bool(torch.isfinite(result.latents).all())
+
+
+def test_syncdiffusion_acts_on_mesh_views(tiny_pipeline, meshes):
+    from jointdiff import JointDiffusion
+
+    def run(synchronizer):
+        shape = create("geometry", "mesh", path=str(meshes / "cube.obj"), cameras=FOUR_VIEWS[:3], **SMALL)
+        text = create("conditioner", "text", prompt="a crate")
+        job = JointDiffusion(tiny_pipeline, shape, [text], synchronizer)
+        return job(num_inference_steps=2, seed=0, progress=False, output_type="latent").latents
+
+    sync = create("synchronizer", "syncdiffusion", lpips_random_backbone=True, net="alex", w=20.0, until_step=1)
+    synced, plain = run(sync), run(None)
+    assert bool(torch.isfinite(synced).all()) and not torch.allclose(synced, plain)  # the gradient step acted
