@@ -203,6 +203,8 @@ def test_bad_meshes_are_refused_in_one_line(tmp_path, meshes):
         create("geometry", "mesh", path=str(meshes / "cube.obj"), max_faces=10)
     with pytest.raises(ConfigError, match="not sha256 = 'abc'"):
         create("geometry", "mesh", path=str(meshes / "cube.obj"), sha256="abc")
+    with pytest.raises(ConfigError, match="cameras: no view sees sheet 0 of the latent texture \\(material 'metal'\\)"):
+        geometry(meshes / "two.glb", cameras=[(0.0, -90.0, 3.0, 40.0)], projection="orthographic", ortho_half_height=0.3)
     with pytest.raises(ConfigError, match="unwrapping with xatlas failed"):
         mesh_asset.unwrap(np.zeros((3, 3)), np.array([[0, 1, 5]]), "x.obj")
 

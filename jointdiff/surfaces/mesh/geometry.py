@@ -97,12 +97,16 @@ class MeshGeometry(Geometry):
         return [cameras.Camera(el, az, d, fov, half) for el, az, d, fov in self.options.cameras]
 
     def setup(self, latent: LatentFormat | int) -> None:
-        """Views for the model's latent format; the per-scale maps are computed on first use."""
+        """Views for the model's latent format, and their maps at the latent size (kept while
+        the view side is unchanged): ConfigError now when a material is seen by no view."""
         super().setup(latent)
-        self._side = self.window_side(self.options.window_latent, "window_latent")
-        self._cameras = self.cameras()
-        self._scales: dict[tuple[int, str], dict[str, Any]] = {}
-        self._view_maps: dict[int, list] = {}
+        side = self.window_side(self.options.window_latent, "window_latent")
+        if side != getattr(self, "_side", None):
+            self._side = side
+            self._cameras = self.cameras()
+            self._scales: dict[tuple[int, str], dict[str, Any]] = {}
+            self._view_maps: dict[int, list] = {}
+        self._state(1, "cpu")
 
     @property
     def canvas_shape_latent(self) -> tuple[int, int, int]:
@@ -142,7 +146,8 @@ class MeshGeometry(Geometry):
             weights = mask * cos**self.options.cos_power
             reach = torch.zeros(sheets, 1, scale * side, scale * side, dtype=torch.float64)
             sampling.splat(reach, weights.double(), taps)
-            index = sampling.fill_index((reach[:, 0] > 0).numpy(), "latent texture" if scale == 1 else "texture")
+            what = "latent texture" if scale == 1 else "texture"
+            index = sampling.fill_index((reach[:, 0] > 0).numpy(), what, self.asset.sheet_names)
             self._scales[key] = {"taps": taps.to(device), "mask": mask.to(device), "weights": weights.to(device),
                                  "fill": torch.from_numpy(index).to(device), "seen": (reach[:, 0] > 0).to(device)}
         return self._scales[key]
@@ -250,7 +255,7 @@ class MeshGeometry(Geometry):
         tolerance = 0.01 * self._scene_size()
         texture, seen = sampling.bake(views_px, self._cameras, self.view_maps(scale), self.texel_maps(),
                                       self.options.cos_power, tolerance)
-        index = torch.from_numpy(sampling.fill_index(seen.numpy(), "baked texture"))
+        index = torch.from_numpy(sampling.fill_index(seen.numpy(), "baked texture", self.asset.sheet_names))
         return sampling.apply_fill(texture, index).to(views_px.device)
 
     def _scene_size(self) -> float:

@@ -83,7 +83,7 @@ def splat(target: torch.Tensor, views: torch.Tensor, taps: Taps) -> None:
                       contributions.reshape(-1, channels).to(target.dtype), accumulate=True)
 
 
-def fill_index(seen: np.ndarray, what: str = "texture") -> np.ndarray:
+def fill_index(seen: np.ndarray, what: str = "texture", names: list[str] | None = None) -> np.ndarray:
     """For a mask of seen texels ``(S, H, W)``, the flat index ``(S·H·W,)`` of the nearest seen
     texel of the same sheet for every texel (itself when seen). ConfigError when a sheet has none."""
     from scipy import ndimage
@@ -92,7 +92,8 @@ def fill_index(seen: np.ndarray, what: str = "texture") -> np.ndarray:
     index = np.empty(seen.shape, dtype=np.int64)
     for s in range(sheets):
         if not seen[s].any():
-            raise ConfigError(f"mesh: no view sees sheet {s} of the {what} (material {s}): add cameras that see it")
+            name = names[s] if names else str(s)
+            raise ConfigError(f"mesh: cameras: no view sees sheet {s} of the {what} (material {name!r}): add cameras that see it")
         rows, cols = ndimage.distance_transform_edt(~seen[s], return_distances=False, return_indices=True)
         index[s] = s * height * width + rows * width + cols
     return index.reshape(-1)
