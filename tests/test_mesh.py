@@ -361,3 +361,16 @@ def test_syncdiffusion_acts_on_mesh_views(tiny_pipeline, meshes):
     sync = create("synchronizer", "syncdiffusion", lpips_random_backbone=True, net="alex", w=20.0, until_step=1)
     synced, plain = run(sync), run(None)
     assert bool(torch.isfinite(synced).all()) and not torch.allclose(synced, plain)  # the gradient step acted
+
+
+@pytest.mark.parametrize("model", ["tiny-sd3", "tiny-flux2"])
+def test_other_families_texture_a_mesh(meshes, model):
+    """Flow-matching families with 16- and 128-channel latents (FLUX.2: patch 2, as FlexPainter)."""
+    from jointdiff import JointDiffusion
+    from jointdiff.models.loading import load_model
+
+    shape = create("geometry", "mesh", path=str(meshes / "cube.obj"), cameras=FOUR_VIEWS[:2],
+                   **{**SMALL, "window_latent": 16})
+    text = create("conditioner", "text", prompt="a crate")
+    result = JointDiffusion(load_model(model, device="cpu"), shape, [text])(num_inference_steps=1, seed=0, progress=False)
+    assert result.images[0].size == (64, 64) and bool(torch.isfinite(result.pixels).all())
