@@ -14,7 +14,7 @@ from PIL import Image
 from jointdiff import create
 from jointdiff.image.output import JOB_KEY
 from jointdiff.surfaces.mesh import asset as mesh_asset
-from jointdiff.surfaces.mesh import raster, sampling
+from jointdiff.surfaces.mesh import raster
 from jointdiff.surfaces.mesh.cameras import Camera, camera_rays
 from jointdiff.testing import geometry as kit
 from jointdiff.utils.errors import ConfigError
