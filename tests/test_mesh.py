@@ -253,22 +253,18 @@ def test_whole_job_writes_texture_glb_obj_and_turntable(meshes, tmp_path, model)
         assert part.visual.material.baseColorTexture.size == (64, 64)
 
 
-def test_batch_size_and_resume_do_not_change_the_texture(meshes, tmp_path):
-    from jointdiff.engine.loop import StopJob
-    from jointdiff.jobs.spec import Job, run_job
+def test_batch_size_order_and_resume_do_not_change_the_texture(tiny_pipeline, meshes):
+    """jointdiff's invariance kit: view batch sizes, batch order, resume (with other batches);
+    fuse_until = 0.5 so that a resumed job crosses the step where fusion stops."""
+    from jointdiff import JointDiffusion
+    from jointdiff.testing.invariance import check_invariance
 
-    job, expected = run_texture("tiny", meshes / "cube.obj", tmp_path, steps=3)
-    other = run_job(Job.from_dict({**job.to_dict(), "view_batch_size": 3}), progress=False)
-    torch.testing.assert_close(other.latents, expected.latents, rtol=1e-4, atol=1e-4)  # oneDNN: kernels by batch size
-    checkpointed = Job.from_dict({**job.to_dict(), "checkpoint": {"path": str(tmp_path / "c.ckpt"), "every": 1}})
+    def job(view_batch_size):
+        shape = create("geometry", "mesh", path=str(meshes / "cube.obj"), cameras=FOUR_VIEWS, fuse_until=0.5, **SMALL)
+        text = create("conditioner", "text", prompt="a crate")
+        return JointDiffusion(tiny_pipeline, shape, [text], view_batch_size=view_batch_size)
 
-    def stop(i, t, canvas):
-        if i == 1:
-            raise StopJob()
-
-    run_job(checkpointed, progress=False, callback=stop)
-    resumed = run_job(checkpointed, progress=False)
-    torch.testing.assert_close(resumed.latents, expected.latents, rtol=1e-4, atol=1e-4)
+    check_invariance(job, steps=4)
 
 
 def test_shifted_windows_are_refused(meshes):
