@@ -270,7 +270,7 @@ def test_batch_size_order_and_resume_do_not_change_the_texture(tiny_pipeline, me
 def test_shifted_windows_are_refused(meshes):
     from jointdiff.engine.shifted import check_windows_option
 
-    with pytest.raises(ConfigError, match="geometry 'mesh' cannot shift"):
+    with pytest.raises(ConfigError, match="geometry .mesh. cannot shift: its windows are views resampled or rendered"):
         check_windows_option("shifted", geometry(meshes / "cube.obj"), None)
 
 
