@@ -16,10 +16,13 @@ from jointdiff.image.output import JOB_KEY
 from jointdiff.surfaces.mesh import asset as mesh_asset
 from jointdiff.surfaces.mesh import raster
 from jointdiff.surfaces.mesh.cameras import Camera, camera_rays
+from jointdiff import testing as kit_mixins
+from jointdiff.surfaces.mesh.geometry import MeshGeometry
 from jointdiff.testing import geometry as kit
 from jointdiff.utils.errors import ConfigError
 
 SMALL = {"window_latent": 8, "texture_latent": 16, "texture_px": 64}
+MESH_EXAMPLE = MeshGeometry.example_options()
 FOUR_VIEWS = [(10.0, 20.0, 3.0, 40.0), (15.0, 110.0, 3.0, 40.0), (-10.0, 200.0, 3.0, 40.0), (40.0, 290.0, 3.0, 40.0)]
 
 
@@ -131,9 +134,41 @@ def test_adjoint_identity_on_seen_texels(meshes, name):
 def test_conformance_kit_where_it_applies(meshes):
     g = geometry(meshes / "two.glb")
     assert g.canvas_shape_latent == (2, 16, 16) and g.num_windows == 10
-    for check in (kit.check_geometry_shapes, kit.check_geometry_batching, kit.check_geometry_insert_is_linear,
-                  kit.check_geometry_coverage, kit.check_geometry_origins, kit.check_options_round_trip):
-        check(g)
+    assert set(g.conformance_exempt) == {"round_trip", "pixel_scale", "decode"}
+    kit.check_geometry(g, 8)
+    with pytest.raises(AssertionError, match="insert of ones at 8x vs the 1x|extract of a constant canvas at 8x"):
+        kit.check_geometry_pixel_scale(g)  # exempt for a reason: background pixels are 0
+
+
+class TestMeshConformance(kit_mixins.GeometryConformance):
+    """The conformance kit's mixin on the example cube (exempt checks skipped with their reason)."""
+
+    def make_geometry(self):
+        return create("geometry", "mesh", **MESH_EXAMPLE)
+
+
+def test_unknown_exemptions_are_refused(meshes):
+    g = geometry(meshes / "cube.obj")
+    g.conformance_exempt = {"decode": "why", "colour": "no such check"}
+    with pytest.raises(AssertionError, match=r"unknown checks \['colour'\]"):
+        kit.check_geometry(g, 8)
+
+
+def test_pixel_scale_views_follow_the_latent_views(meshes):
+    """The kit's pixel-scale property where the surface is: a constant texture renders as
+    that constant on surface pixels (0 elsewhere), and pooled k× views of a smooth texture
+    match the 1× views on pixels inside the surface."""
+    g = geometry(meshes / "sphere.ply")
+    ids = [0, 4, 9]
+    constant = g.extract(torch.full((1, 2, 128, 128), 0.75, dtype=torch.float64), ids)
+    mask = g.window_map("mask", ids, scale=8).double()
+    torch.testing.assert_close(constant, 0.75 * mask.expand_as(constant))
+    smooth = g.smooth_test_canvas(2)
+    fine = torch.nn.functional.interpolate(smooth, scale_factor=8, mode="bilinear", align_corners=False)
+    pooled = torch.nn.functional.avg_pool2d(g.extract(fine, ids), 8)
+    inside = torch.nn.functional.avg_pool2d(mask, 8) == 1
+    spread = float(smooth.max() - smooth.min())
+    assert float((pooled - g.extract(smooth, ids)).abs()[inside.expand_as(pooled)].max()) < 0.05 * spread
 
 
 def test_round_trip_of_a_known_texture_where_seen(meshes):

@@ -68,6 +68,15 @@ class MeshGeometry(Geometry):
     resamples = True
     preferred_fusion = "x0"
     window_maps = ("depth", "normal", "mask")
+    conformance_exempt = {
+        "round_trip": "unseen texels are copies of their nearest seen texel, not themselves; tests/test_mesh.py "
+        "checks the round trip on seen texels and the adjoint identity",
+        "pixel_scale": "view pixels that show no surface are 0, not the canvas's constant; tests/test_mesh.py "
+        "checks the maps at the pixel scale",
+        "decode": "the texture is baked from decoded views at texture_px, not decoded cell by cell; "
+        "tests/test_mesh.py checks the bake against a known texture",
+    }
+    """Checks of :func:`jointdiff.testing.geometry.check_geometry` that do not apply, and why."""
 
     def __init__(self, options: MeshOptions | dict[str, Any] | None = None, **kwargs: Any) -> None:
         super().__init__(options, **kwargs)
@@ -82,7 +91,9 @@ class MeshGeometry(Geometry):
 
     @classmethod
     def example_options(cls) -> dict:
-        return {"window_latent": 16, "texture_latent": 32, "texture_px": 128}
+        """A cube with a UV layout shipped with jointdiff, small views and textures."""
+        cube = Path(__file__).parents[1] / "assets" / "mesh" / "example_cube.obj"
+        return {"path": str(cube), "window_latent": 16, "texture_latent": 32, "texture_px": 128}
 
     @property
     def fuse_until(self) -> float:
@@ -180,10 +191,11 @@ class MeshGeometry(Geometry):
 
         scale = self._scale_of(target)
         state = self._state(scale, target.device)
-        # float64 sums: the result does not depend on how the windows are batched.
-        splatted = torch.zeros(target.shape, dtype=torch.float64, device=target.device)
-        sampling.splat(splatted, values.double(), state["taps"].select(window_ids))
-        target += sampling.apply_fill(splatted, state["fill"]).to(target.dtype)
+        # One window at a time, as one-window calls would: the sums do not depend on batching.
+        for b, window_id in enumerate(window_ids):
+            splatted = torch.zeros(target.shape, dtype=torch.float64, device=target.device)
+            sampling.splat(splatted, values[b : b + 1].double(), state["taps"].select([window_id]))
+            target += sampling.apply_fill(splatted, state["fill"]).to(target.dtype)
 
     def window_weights(self, window_ids: Sequence[int], device="cpu") -> torch.Tensor:
         """``(B, 1, h, w)``: ``|cos(view angle)|^cos_power`` on the surface, 0 elsewhere (SyncMVD)."""
