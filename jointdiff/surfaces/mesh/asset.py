@@ -13,6 +13,7 @@ every face. Bad meshes raise :class:`~jointdiff.utils.errors.ConfigError` in one
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -66,6 +67,14 @@ def file_sha256(path: str | os.PathLike) -> str:
         for block in iter(lambda: stream.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=4)
+def load_mesh_cached(path: str, sha256: str, normalize: bool, max_faces: int) -> MeshAsset:
+    """:func:`load_mesh`, kept for the last few files by content (``sha256``): a job builds
+    its geometry when it is validated and again when it runs, and unwrapping a large mesh
+    takes seconds. The asset is shared: callers must not modify it."""
+    return load_mesh(path, normalize, max_faces)
 
 
 def check_references(path: Path) -> None:

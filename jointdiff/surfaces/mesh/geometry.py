@@ -83,10 +83,12 @@ class MeshGeometry(Geometry):
         from jointdiff.surfaces.mesh import asset  # lazy: numpy and trimesh; importing the plugin must not
 
         path = Path(self.options.path).expanduser().absolute()
-        self.asset = asset.load_mesh(path, self.options.normalize, self.options.max_faces)
+        if not path.is_file():
+            raise ConfigError(f"mesh: path = {str(path)!r} is not a file")
         digest = asset.file_sha256(path)
         if self.options.sha256 is not None and self.options.sha256 != digest:
             raise ConfigError(f"mesh: path = {str(path)!r} has sha256 {digest}, not sha256 = {self.options.sha256!r} (the file changed)")
+        self.asset = asset.load_mesh_cached(str(path), digest, self.options.normalize, self.options.max_faces)
         self.options = self.options.model_copy(update={"path": str(path), "sha256": digest})
 
     @classmethod
