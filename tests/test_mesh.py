@@ -427,3 +427,30 @@ def test_exported_textured_mesh_loads_back_with_its_uvs_and_materials(meshes, tm
         a, b = order(vertices, uv), order(vertices_again, uv_again)
         np.testing.assert_allclose(uv_again[b], uv[a], atol=1e-6)
         np.testing.assert_allclose(vertices_again[b], vertices[a], atol=1e-6)
+
+
+def test_decode_bakes_the_views_own_final_latents_once(meshes):
+    """After a job hands over the views' own final latents, decode bakes those (as SyncMVD);
+    without them (a second decode, a job on several ranks) it renders the latent texture."""
+    g = geometry(meshes / "cube.obj", cameras=FOUR_VIEWS)
+    decoder = kit.local_decoder(8)
+    latents = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    canvas = torch.zeros(1, 4, 16, 16)
+    g.final_windows([2, 0], latents[[2, 0]])
+    g.final_windows([1, 3], latents[[1, 3]])
+    torch.testing.assert_close(g.decode(canvas, decoder), g.bake(decoder(latents)))
+    torch.testing.assert_close(g.decode(canvas, decoder), g.bake(decoder(g.extract(canvas, range(4)))))
+
+
+def test_a_finished_job_hands_every_view_to_the_geometry(tiny_pipeline, meshes, monkeypatch):
+    from jointdiff import JointDiffusion
+
+    shape = create("geometry", "mesh", path=str(meshes / "cube.obj"), cameras=FOUR_VIEWS, **SMALL)
+    handed = []
+    original = shape.final_windows
+    monkeypatch.setattr(shape, "final_windows", lambda ids, latents: (handed.append((list(ids), latents.shape)), original(ids, latents)))
+    text = create("conditioner", "text", prompt="a crate")
+    JointDiffusion(tiny_pipeline, shape, [text], view_batch_size=3)(num_inference_steps=1, seed=0, progress=False)
+    assert sorted(i for ids, _ in handed for i in ids) == [0, 1, 2, 3]
+    assert all(tuple(shape_[1:]) == (4, 8, 8) for _, shape_ in handed)
+    assert shape._final == {}  # used by the decode

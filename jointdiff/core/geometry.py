@@ -117,6 +117,12 @@ class Geometry(Configurable, ABC):
         canvas covers every window pixel (the default)."""
         return None
 
+    def final_windows(self, window_ids: Sequence[int], latents: torch.Tensor) -> None:
+        """After the last step of a job with ``x0`` fusion, in one process: the windows' own
+        final latents ``(B, C, h, w)``, before :meth:`decode`. A geometry whose output is made
+        from its windows (the ``mesh`` geometry bakes its texture from the decoded views, as
+        SyncMVD) keeps them; ignored by default."""
+
     def setup_work(self) -> dict[str, int]:
         """Work done once per job outside the model, by kind (e.g. ``{"rays": ...}``), for the
         cost estimate (:class:`jointdiff.cost.budget.Estimate`); after :meth:`setup`. None by default."""

@@ -132,6 +132,10 @@ class LatentFusion:
     def close(self) -> None:
         """The job's loop is over (e.g. give the geometry its own windows back)."""
 
+    def hand_over_windows(self) -> None:
+        """The job finished: show the geometry every window's own final latents
+        (:meth:`~jointdiff.core.geometry.Geometry.final_windows`) where this fusion keeps them."""
+
     def add(self, batch: WindowBatch, latents: torch.Tensor, output: torch.Tensor, t: torch.Tensor, denoiser: Denoiser) -> None:
         stepped = self._step(batch, output, t, latents)
         self.geometry.insert(self._fused, stepped * self.weights_of(batch), batch.window_ids)
@@ -223,6 +227,10 @@ class TweedieFusion(LatentFusion):
         self._pending.clear()
         self.canvas = fused_x0
         return fused_x0
+
+    def hand_over_windows(self) -> None:
+        for index, batch in self._batches.items():
+            self.geometry.final_windows(batch.window_ids, self.views[index])
 
     def _window_x0(self, batch: WindowBatch, fused_x0: torch.Tensor, own_x0: torch.Tensor) -> torch.Tensor:
         """The x̂0 a batch steps with ``(B, C, h, w)``: the fused canvas cut back out, its own

@@ -119,6 +119,7 @@ class MeshGeometry(Geometry):
             self._cameras = self.cameras()
             self._scales: dict[tuple[int, str], dict[str, Any]] = {}
             self._view_maps: dict[int, list] = {}
+        self._final: dict[int, torch.Tensor] = {}
         self._state(1, "cpu")
 
     @property
@@ -235,13 +236,23 @@ class MeshGeometry(Geometry):
                 out.append((np.where(view.mask[..., None], (local * flip + 1) / 2, 0.0)).transpose(2, 0, 1).astype(np.float32))
         return torch.from_numpy(np.stack(out))
 
+    def final_windows(self, window_ids: Sequence[int], latents: torch.Tensor) -> None:
+        """Keep the views' own final latents for :meth:`decode` (SyncMVD bakes those)."""
+        for b, window_id in enumerate(window_ids):
+            self._final[window_id] = latents[b].detach()
+
     def decode(self, canvas: torch.Tensor, decode: DecodeFn) -> torch.Tensor:
-        """Render the latent texture into the views, decode every view with the VAE and bake
-        the texture from the decoded views in pixel space (``texture_px``), filled and
-        island-padded: ``(S, 3, texture_px, texture_px)`` in [-1, 1]."""
+        """Decode every view with the VAE and bake the texture from the decoded views in pixel
+        space (``texture_px``), filled and island-padded: ``(S, 3, texture_px, texture_px)`` in
+        [-1, 1]. The views are their own final latents when the job handed them over
+        (:meth:`final_windows`, used once), else renderings of ``canvas``."""
         import torch
 
-        views = self.extract(canvas, range(self.num_windows))
+        final, self._final = self._final, {}
+        if len(final) == self.num_windows and not canvas.is_meta:
+            views = torch.stack([final[i] for i in range(self.num_windows)]).to(canvas.device, canvas.dtype)
+        else:
+            views = self.extract(canvas, range(self.num_windows))
         pixels = torch.cat([decode(views[i : i + 1]).float() for i in range(len(views))])
         if pixels.is_meta:  # the cost estimate counts the decoder calls (jointdiff.cost.budget)
             side = self.options.texture_px
