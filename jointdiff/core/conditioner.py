@@ -153,7 +153,8 @@ def check_geometry_maps(geometry: Any, conditioners: Sequence[Conditioner]) -> N
     Needs only the classes' options, so a job runs it before any model loads."""
     renders = tuple(getattr(geometry, "window_maps", ()))
     for conditioner in conditioners:
-        for name in conditioner.geometry_maps():
+        asks = getattr(conditioner, "geometry_maps", None)  # duck-typed conditioners ask for none
+        for name in asks() if callable(asks) else ():
             if name not in renders:
                 what = ", ".join(map(repr, renders)) if renders else "no per-window maps"
                 raise ConfigError(
