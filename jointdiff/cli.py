@@ -480,12 +480,29 @@ def _quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def _show_notes() -> None:
+    """jointdiff's own log records (what the image loader had to do, the LoRAs loaded) as
+    ``jointdiff: note:`` lines on stderr; stdout is kept for the paths written."""
+    import logging
+
+    class Notes(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            print(f"jointdiff: note: {record.getMessage()}", file=sys.stderr)  # the stderr of now
+
+    logger = logging.getLogger("jointdiff")
+    if not any(type(handler).__name__ == "Notes" for handler in logger.handlers):
+        logger.addHandler(Notes())
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = bool(args.debug or os.environ.get("JOINTDIFF_DEBUG"))
     if not debug:
         _quiet_libraries()
+    _show_notes()
     try:
         return args.func(args)
     except (JointDiffError, ValueError, TypeError, OSError, OverflowError) as error:

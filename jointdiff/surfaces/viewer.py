@@ -25,6 +25,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from jointdiff.utils import images
 from jointdiff.utils.errors import ConfigError
 
 THREE_CORE = "three.core.min.js"
@@ -122,20 +123,16 @@ def pano_data_url(pano_path: str | Path, max_width_px: int = MAX_TEXTURE_WIDTH_P
     """The panorama as a ``data:`` URL: the file's own bytes when it is a PNG, JPEG or WebP
     at most ``max_width_px`` wide, else re-encoded as PNG (downscaled to that width)."""
     path = Path(pano_path)
-    if not path.is_file():
-        raise ConfigError(f"panorama {str(path)!r} does not exist")
-    try:
-        with Image.open(path) as image:
-            image_format, width = image.format, image.width
-            if image_format in FORMAT_MIME and width <= max_width_px:
-                return f"data:{FORMAT_MIME[image_format]};base64,{base64.b64encode(path.read_bytes()).decode('ascii')}"
-            image = image.convert("RGB")
-            if width > max_width_px:
-                image = image.resize((max_width_px, max(1, round(image.height * max_width_px / width))), Image.LANCZOS)
-            buffer = io.BytesIO()
-            image.save(buffer, format="PNG")
-    except (OSError, SyntaxError) as error:
-        raise ConfigError(f"panorama {str(path)!r} is not a readable image ({error})") from None
+    opened = images.open_file(path, "panorama")
+    upright = opened.getexif().get(0x0112) in (None, 1)
+    if opened.format in FORMAT_MIME and opened.width <= max_width_px and upright and opened.mode in ("RGB", "RGBA", "L", "P"):
+        return f"data:{FORMAT_MIME[opened.format]};base64,{base64.b64encode(path.read_bytes()).decode('ascii')}"
+    # Browsers disagree on EXIF orientation in WebGL textures; 16-bit is not a texture format.
+    image = images.load_image(opened, "RGB", f"panorama {str(path)!r}")
+    if image.width > max_width_px:
+        image = image.resize((max_width_px, max(1, round(image.height * max_width_px / image.width))), Image.LANCZOS)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
     return f"data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode('ascii')}"
 
 

@@ -38,6 +38,7 @@ import pydantic
 from jointdiff import hookimpl
 from jointdiff.core.conditioner import Conditioner
 from jointdiff.core.options import PluginOptions
+from jointdiff.utils import images
 from jointdiff.utils.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -148,14 +149,11 @@ def _as_tensor(item: Any, option: str, channels: int) -> torch.Tensor:
     import torch
     from PIL import Image
 
-    if isinstance(item, (str, Path)):
-        with Image.open(Path(item).expanduser()) as opened:
-            item = opened.copy()
-    if isinstance(item, Image.Image):
-        item = item.convert("L" if channels == 1 else "RGB")
-    if isinstance(item, (Image.Image, np.ndarray)):
+    if isinstance(item, (str, Path, Image.Image)):
+        item = images.load_array(item, "L" if channels == 1 else "RGB", f"inpaint_model: {option}")
+    if isinstance(item, np.ndarray):
         array = np.asarray(item)
-        tensor = torch.from_numpy(array.astype(np.float32) / (255.0 if array.dtype == np.uint8 else 1.0))
+        tensor = torch.from_numpy(images.unit_array(array))
         tensor = tensor.permute(2, 0, 1) if tensor.ndim == 3 else tensor
     elif isinstance(item, torch.Tensor):
         tensor = item.detach().float().cpu()
