@@ -44,6 +44,7 @@ from jointdiff.image.output import PATH_KEYS, read_job_metadata
 from jointdiff.models.loading import (
     check_device_name,
     check_dtype_name,
+    check_family_fits,
     check_model_source,
     check_scheduler_name,
     known_family,
@@ -390,6 +391,7 @@ def check_before_loading(job: Job) -> None:
     :meth:`Job.from_dict`; the output by :func:`jointdiff.image.output.check_writable`.)"""
     resolve_device(job.model.device)
     check_model_source(job.model.id)
+    check_family_fits(job.model.id, job.model.family)
 
 
 # -- the job of a composed engine --------------------------------------------------------

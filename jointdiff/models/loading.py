@@ -199,14 +199,69 @@ def family_for_class_name(class_name: str | None) -> type | None:
 
 def known_family(model: Any, family: str | None = None) -> type | None:
     """The family of ``model`` when it can be known without loading anything (an explicit
-    ``family``, a tiny model name, a local folder's ``model_index.json``, a pipeline object)."""
+    ``family``, a tiny model name, a local folder's ``model_index.json``, a pipeline object).
+    A forced ``family`` that contradicts what the model shows is refused
+    (:func:`check_family_fits`)."""
     if family is not None:
+        check_family_fits(model, family)
         return family_class(family)
+    return detected_family(model)
+
+
+def detected_family(model: Any) -> type | None:
+    """The family ``model`` itself shows without loading (a tiny model name, a local folder's
+    ``model_index.json``, a pipeline object's class), or None."""
     if isinstance(model, str):
         return tiny_model_family(model) or family_of_folder(Path(model).expanduser())
     if isinstance(model, ModelFamily):
         return type(model)
     return family_for_class_name(type(model).__name__)
+
+
+def check_family_fits(model: Any, family: str | None) -> None:
+    """ConfigError when the forced ``family`` is not the family ``model`` shows before
+    loading (``--family flux`` on the SD model ``tiny``); names both. A single-file
+    checkpoint or a hub id shows nothing here; it is checked once loaded
+    (:func:`check_pipeline_fits`)."""
+    if family is None:
+        return
+    forced, detected = family_class(family), detected_family(model)
+    if detected is not None and detected is not forced:
+        what = f"model {model!r}" if isinstance(model, str) else f"the {type(model).__name__} given"
+        raise ConfigError(
+            f"family = {family!r} does not fit {what}, which is a {detected.name!r} model "
+            f"({detected.pipeline_classes[0]}): remove the family setting (it is detected) or use a {family!r} model"
+        )
+
+
+def check_pipeline_fits(pipeline: Any, cls: type, model: Any) -> None:
+    """ConfigError when a loaded ``pipeline`` is not of the (forced) family ``cls``: it is
+    another family's pipeline, or lacks a component ``cls``'s stock pipeline requires
+    (the parameters of its ``__init__`` without a default, e.g. ``transformer`` for FLUX)."""
+    import inspect
+
+    if cls.accepts(pipeline):
+        return
+    name, other = type(pipeline).__name__, family_for_class_name(type(pipeline).__name__)
+    where = f"model {model!r}" if isinstance(model, str) else f"the {name} given"
+    if other is not None:
+        raise ConfigError(
+            f"family = {cls.name!r} does not fit {where}: it loaded as a {name}, a {other.name!r} model; "
+            f"remove the family setting or set family = {other.name!r}"
+        )
+    import diffusers
+
+    stock = getattr(diffusers, cls.pipeline_classes[0], None)
+    if stock is None:
+        return
+    needed = [p.name for p in inspect.signature(stock.__init__).parameters.values()
+              if p.default is inspect.Parameter.empty and p.name != "self" and p.kind is p.POSITIONAL_OR_KEYWORD]
+    missing = [part for part in needed if part not in getattr(pipeline, "components", {})]
+    if missing:
+        raise ConfigError(
+            f"family = {cls.name!r} does not fit {where}: a {name} without {', '.join(missing)}, "
+            f"which {cls.pipeline_classes[0]} needs; set the family of this model"
+        )
 
 
 def as_model(model: Any, family: str | None = None, options: Any = None) -> ModelFamily:
@@ -215,6 +270,8 @@ def as_model(model: Any, family: str | None = None, options: Any = None) -> Mode
     if isinstance(model, ModelFamily):
         return model
     cls = known_family(model, family)
+    if cls is not None and family is not None:
+        check_pipeline_fits(model, cls, model)
     if cls is None:
         supported = ", ".join(f"{name} ({', '.join(c.pipeline_classes[:1])})" for name, c in sorted(family_classes().items()))
         raise ConfigError(
@@ -368,6 +425,8 @@ def load_model(
             except Exception as error:
                 raise ModelLoadError(_explain_load_failure(model, error)) from error
             _name(pipeline, model)
+        if family is not None:
+            check_pipeline_fits(pipeline, cls, model)
         bound = as_model(pipeline, family, options)
     pipeline = bound.pipeline
     if scheduler or prediction_type:
