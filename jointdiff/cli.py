@@ -17,7 +17,7 @@ from jointdiff.core.registry import get_registry
 from jointdiff.image.output import changed_inputs, save_result
 from jointdiff.jobs.spec import Job, check_before_loading, read_job_file, resolve_paths, run_job, tomllib
 from jointdiff.jobs.toml_writer import dump_job_toml
-from jointdiff.surfaces.viewer import serve_viewer, write_viewer
+from jointdiff.surfaces.viewer import equirect_shape_note, serve_viewer, write_viewer
 from jointdiff.utils.errors import ConfigError, JointDiffError
 from jointdiff.utils.files import check_writable, free_output
 from jointdiff.utils.version import VERSION as __version__
@@ -95,13 +95,19 @@ def _init_table(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _lora_table(text: str) -> dict[str, Any]:
-    """``PATH`` or ``PATH:SCALE`` → a ``[model] loras`` entry."""
+    """``PATH`` or ``PATH:SCALE`` → a ``[model] loras`` entry. A ``:`` followed by something
+    that is not a number is refused (unless the whole text is an existing path, such as a
+    Windows drive path), before the model loads."""
     path, sep, scale = text.rpartition(":")
     if sep and path:
         try:
             return {"path": path, "scale": float(scale)}
         except ValueError:
-            pass
+            if not Path(text).expanduser().exists():
+                raise ConfigError(
+                    f"--lora {text!r}: the strength after ':' must be a number, got {scale!r} "
+                    "(PATH or PATH:SCALE, e.g. style.safetensors:0.8)"
+                ) from None
     return {"path": text}
 
 
@@ -150,6 +156,7 @@ def _execute(job: Job, quiet: bool, overwrite: bool, timeout_s: float | None = N
     )
     comm = init_from_env(timeout_s)
     main_rank = comm is None or comm.rank == 0
+    _running["job"] = job
     try:
         if comm is not None and job.model.device == "auto":
             job = Job.from_dict({**job.to_dict(), "model": {**job.model.model_dump(), "device": local_device()}})
@@ -289,8 +296,17 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def cmd_view(args: argparse.Namespace) -> int:
+    """``view``: the page is written like every output (kept unless ``--overwrite``: the
+    next free name, said); a panorama that is not 2:1 is said before it is shown."""
+    note = equirect_shape_note(args.pano) if Path(args.pano).is_file() else None
+    if note:
+        _note(note)
     if args.output or not args.serve:
-        print(write_viewer(args.pano, args.output or Path(args.pano).with_suffix(".html")))
+        page = Path(args.output or Path(args.pano).with_suffix(".html"))
+        target = page if args.overwrite else free_output(page, 1)
+        if target != page:
+            _note(f"{str(page)!r} exists; writing {str(target)!r} instead (--overwrite replaces it)")
+        print(write_viewer(args.pano, target))
     if args.serve:
         try:
             serve_viewer(args.pano, args.port)
@@ -348,10 +364,11 @@ def _add_output_options(parser: argparse.ArgumentParser, output_help: str, defau
         "the next free name (NAME-1.png, NAME-2.png, ...)",
     )
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
-    parser.add_argument("--profile", action="store_true",
+    exclusive = parser.add_mutually_exclusive_group()
+    exclusive.add_argument("--profile", action="store_true",
                         help="print the job's estimate (model evaluations, FLOPs, memory) before it runs and where "
                         "the time went after (setup, model, synchronization, fusion, decode), on stderr")
-    parser.add_argument("--estimate", action="store_true",
+    exclusive.add_argument("--estimate", action="store_true",
                         help="print the job's estimate and exit: loads the model (FLOPs are counted on its "
                         "networks), denoises and writes nothing")
 
@@ -450,6 +467,8 @@ def _add_view(sub: Any) -> None:
     view = _subparser(sub, "view", "show a 360° panorama in a self-contained HTML viewer")
     view.add_argument("pano", help="equirectangular image (PNG, JPEG or WebP)")
     view.add_argument("--output", "-o", metavar="PAGE.html", help="page to write; unset: PANO with .html")
+    view.add_argument("--overwrite", action="store_true",
+                      help="replace an existing page; without it the page goes to the next free name (NAME-1.html, ...)")
     view.add_argument("--serve", action="store_true", help="serve the page on http://127.0.0.1:PORT/")
     view.add_argument("--port", type=int, default=8360, help="port of --serve")
     view.set_defaults(func=cmd_view)
@@ -496,12 +515,30 @@ def _show_notes() -> None:
     logger.propagate = False
 
 
+def _warnings_as_lines() -> None:
+    """Python warnings (ours: a prompt cut at 77 tokens; a library's: a deprecation) as one
+    ``jointdiff: warning:`` line each on stderr, said once, without the source line; with
+    ``--debug`` Python shows them as it does."""
+    import warnings
+
+    said: set[str] = set()
+
+    def show(message: Any, category: type, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        text = (str(message).strip().splitlines() or [category.__name__])[0]
+        if text not in said:
+            said.add(text)
+            print(f"jointdiff: warning: {text}", file=sys.stderr)
+
+    warnings.showwarning = show
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = bool(args.debug or os.environ.get("JOINTDIFF_DEBUG"))
     if not debug:
         _quiet_libraries()
+        _warnings_as_lines()
     _show_notes()
     try:
         return args.func(args)
@@ -511,8 +548,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"jointdiff: error: {_one_line(error)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("jointdiff: interrupted", file=sys.stderr)
+        print(f"jointdiff: interrupted; {_after_interrupt(_running.get('job'))}", file=sys.stderr)
         return 130
+
+
+_running: dict[str, Any] = {}
+"""The job being run (for the message after Ctrl-C)."""
+
+
+def _after_interrupt(job: Job | None) -> str:
+    """What a Ctrl-C left: the checkpoint that keeps the steps done and how to resume, or
+    that nothing was written and how to make a long job resumable."""
+    if job is None or job.checkpoint is None:
+        return ("nothing was written; to resume a long job after an interruption, give it a checkpoint "
+                "([checkpoint] path = \"job.ckpt\" in a job file, docs/job-spec.md)")
+    where = job.checkpoint.path
+    if not Path(where).exists():
+        return f"no step had finished, so checkpoint {where!r} was not written yet; run the same command to start again"
+    if job.checkpoint.resume:
+        return f"the steps done are kept in checkpoint {where!r}: run the same command again to resume from it"
+    return f"the steps done are kept in checkpoint {where!r}; set [checkpoint] resume = true and run the job again to resume"
 
 
 def _one_line(error: BaseException) -> str:

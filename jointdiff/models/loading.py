@@ -6,6 +6,7 @@ import importlib
 import json
 import os
 import re
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -344,11 +345,65 @@ def _component_problem(folder: Path) -> str | None:
 
 def check_model_source(model: Any) -> None:
     """ModelLoadError when ``model`` names a local model that cannot load (see
-    :func:`model_source_problem`); checked before diffusers is imported."""
+    :func:`model_source_problem`), or a hub id that cannot load because the hub is evidently
+    out of reach and the id is not cached (:func:`check_hub_model`); checked before diffusers
+    is imported."""
     if isinstance(model, str):
         problem = model_source_problem(model)
         if problem:
             raise ModelLoadError(problem)
+        if tiny_model_family(model) is None and not Path(model).expanduser().exists():
+            check_hub_model(model)
+
+
+HUB_PROBE_TIMEOUT_S = 2.0
+_hub_reach: dict[str, str | None] = {}
+
+
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face hub is evidently out of reach, or None: ``HF_HUB_OFFLINE`` is set,
+    or the hub's host does not answer a TCP connection within :data:`HUB_PROBE_TIMEOUT_S`
+    (not probed behind a proxy, which may reach it when we cannot). Asked once per process;
+    without this, huggingface_hub retries for half a minute before failing."""
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False"):
+        return "HF_HUB_OFFLINE is set"
+    if "reason" not in _hub_reach:
+        _hub_reach["reason"] = _probe_hub()
+    return _hub_reach["reason"]
+
+
+def _probe_hub() -> str | None:
+    import socket
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=HUB_PROBE_TIMEOUT_S).close()
+    except OSError as error:
+        return f"no network: {host} cannot be reached ({type(error).__name__})"
+    return None
+
+
+def check_hub_model(model: str) -> None:
+    """When the hub is out of reach (:func:`hub_unreachable`): ModelLoadError unless ``model``
+    is in the local hub cache; if it is, the hub is switched off for this process
+    (``HF_HUB_OFFLINE=1``) so that loading reads the cache without retries."""
+    reason = hub_unreachable()
+    if reason is None:
+        return
+    if "huggingface_hub" not in sys.modules:
+        os.environ["HF_HUB_OFFLINE"] = "1"  # read by huggingface_hub when it is imported
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(model, "model_index.json"), str):
+        return
+    raise ModelLoadError(
+        f"could not load model {model!r} from the Hugging Face hub (offline or unreachable: {reason}) and it is "
+        "not in the local cache: pass a local diffusers folder, a single-file checkpoint (.safetensors/.ckpt), "
+        "or 'tiny' for the built-in offline test model"
+    )
 
 
 def _load_from_string(model: str, dtype: torch.dtype, config: str | None, family: type | None):

@@ -175,16 +175,30 @@ def write_viewer(pano_path: str | Path, html_path: str | Path, **view: float) ->
     if not html_path.parent.is_dir():
         raise ConfigError(f"output folder {str(html_path.parent)!r} does not exist")
     page = viewer_html(pano_path, **view)
-    fd, tmp = tempfile.mkstemp(prefix=f".{html_path.stem}.", suffix=".html", dir=html_path.parent)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{html_path.stem}.", suffix=".html", dir=html_path.parent)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(page)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a page is meant to be shared
         os.replace(tmp, html_path)
+    except OSError as error:  # named by the page, never by the temporary file
+        raise ConfigError(f"cannot write the viewer page {str(html_path)!r} ({error.strerror or type(error).__name__})") from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
     return html_path
+
+
+def equirect_shape_note(pano_path: str | Path) -> str | None:
+    """A sentence when ``pano_path`` is not 2:1 (an equirectangular panorama covers 360° by
+    180°, so it is twice as wide as high; another shape shows stretched), else None."""
+    with Image.open(pano_path) as image:
+        width, height = image.size
+    if width != 2 * height:
+        return (f"{str(pano_path)!r} is {width}×{height} px, not 2:1: the viewer shows it as a full 360°×180° "
+                "sphere, stretched; an equirectangular panorama is twice as wide as high")
+    return None
 
 
 def make_server(pano_path: str | Path, port: int = 8360, **view: float) -> http.server.ThreadingHTTPServer:
