@@ -38,9 +38,9 @@ def measure(args: argparse.Namespace) -> dict:
     """One decode in this process (the ``--child`` side)."""
     import torch
 
+    from jointdiff.core.registry import create
     from jointdiff.cost import budget
     from jointdiff.models.loading import load_model
-    from jointdiff.core.registry import create
     from jointdiff.models.tiled_decode import decoder_norms, default_overlap, tiled
 
     if args.threads:

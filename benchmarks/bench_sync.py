@@ -93,8 +93,9 @@ def speedups_off():
 
 def oracle_vs_plugin(pipeline, lpips_module, args) -> dict:
     """Interleaved rounds of the oracle, the plugin and the plugin without its speed-ups."""
-    from jointdiff.core.registry import create
     from sync_oracle import sync_diffusion_oracle
+
+    from jointdiff.core.registry import create
 
     geometry_options = {"length_px": args.length_px, "window_latent": 64, "stride_latent": args.stride}
     settings = {"w": 20.0, "decay": 0.95}
@@ -173,8 +174,8 @@ def gradient_cosine(pipeline, lpips_module, geometry_options) -> float:
     import copy
 
     from jointdiff.core.context import JobContext, StepState, WindowBatch
-    from jointdiff.engine.denoiser import Denoiser
     from jointdiff.core.registry import create
+    from jointdiff.engine.denoiser import Denoiser
     from jointdiff.models import as_model
 
     geometry = create("geometry", "strip", **geometry_options)

@@ -43,11 +43,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 
 from jointdiff import JointDiffusion  # noqa: E402
-
-from jointdiff.surfaces import spherical
-from jointdiff.models.loading import load_pipeline  # noqa: E402
 from jointdiff.core.registry import create  # noqa: E402
 from jointdiff.core.synchronizer import Synchronizer  # noqa: E402
+from jointdiff.models.loading import load_pipeline  # noqa: E402
+from jointdiff.surfaces import spherical
 from jointdiff_plugins.sphere import EquirectGeometry  # noqa: E402
 
 PROMPT = "a blue sky with clouds over a lake"

@@ -24,8 +24,8 @@ from pathlib import Path
 from PIL import Image
 
 from jointdiff import JointDiffusion, load_pipeline
-from jointdiff.utils.errors import JointDiffError
 from jointdiff.core.registry import create
+from jointdiff.utils.errors import JointDiffError
 
 PHOTO = Path(__file__).resolve().parent / "assets" / "equirect_demo_1024x512.png"
 PROMPT = "a 360 degree panorama of a modern museum hall, equirectangular"

@@ -23,8 +23,8 @@ from pathlib import Path
 from PIL import Image
 
 from jointdiff import JointDiffusion, load_pipeline
-from jointdiff.utils.errors import JointDiffError
 from jointdiff.core.registry import create
+from jointdiff.utils.errors import JointDiffError
 
 EDGES = Path(__file__).resolve().parent / "assets" / "canny_city_512x3072.png"
 PROMPT = "a beautiful city on a sunny day in oil painting"

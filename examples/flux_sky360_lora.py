@@ -26,9 +26,9 @@ from pathlib import Path
 from PIL import Image
 
 from jointdiff import JointDiffusion, create, load_model
-from jointdiff.utils.errors import JointDiffError
 from jointdiff.surfaces.export360 import save_cubemap, save_equirect
 from jointdiff.surfaces.viewer import write_viewer
+from jointdiff.utils.errors import JointDiffError
 
 DEFAULT_PROMPT = "a 360 degree equirectangular panorama of a clear sky at golden hour above a calm sea, clouds"
 

@@ -34,10 +34,9 @@ from pathlib import Path
 from PIL import Image
 
 from jointdiff import JointDiffusion, load_pipeline
-
+from jointdiff.core.registry import create
 from jointdiff.image import placement
 from jointdiff.utils.errors import JointDiffError
-from jointdiff.core.registry import create
 
 DEMO = Path(__file__).parent / "assets" / "equirect_demo_1024x512.png"
 

@@ -30,13 +30,12 @@ from pathlib import Path
 from PIL import Image
 
 from jointdiff import JointDiffusion, load_pipeline
-
-from jointdiff.image import placement
-from jointdiff.utils.errors import JointDiffError
-from jointdiff.surfaces.export360 import save_equirect
 from jointdiff.core.geometry import tensor_to_pil
 from jointdiff.core.registry import create
+from jointdiff.image import placement
+from jointdiff.surfaces.export360 import save_equirect
 from jointdiff.surfaces.viewer import write_viewer
+from jointdiff.utils.errors import JointDiffError
 
 DEMO = Path(__file__).parent / "assets" / "equirect_demo_1024x512.png"
 

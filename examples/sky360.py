@@ -28,10 +28,10 @@ from pathlib import Path
 from PIL import Image
 
 from jointdiff import JointDiffusion, load_pipeline
-from jointdiff.utils.errors import JointDiffError
-from jointdiff.surfaces.export360 import faces_to_equirect, save_cubemap, save_equirect
 from jointdiff.core.registry import create
+from jointdiff.surfaces.export360 import faces_to_equirect, save_cubemap, save_equirect
 from jointdiff.surfaces.viewer import write_viewer
+from jointdiff.utils.errors import JointDiffError
 
 DEFAULT_PROMPT = "a 360 degree equirectangular panorama of a clear sky at golden hour above a calm sea, clouds"
 

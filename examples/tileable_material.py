@@ -25,11 +25,10 @@ from pathlib import Path
 from PIL import Image
 
 from jointdiff import JointDiffusion, load_pipeline
-
-from jointdiff.image import placement
-from jointdiff.utils.errors import JointDiffError
 from jointdiff.core.registry import create
+from jointdiff.image import placement
 from jointdiff.surfaces.textures import repeat_preview, seam_report
+from jointdiff.utils.errors import JointDiffError
 
 DEMO = Path(__file__).parent / "assets" / "equirect_demo_1024x512.png"
 

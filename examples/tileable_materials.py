@@ -19,9 +19,9 @@ import json
 import sys
 
 from jointdiff import JointDiffusion, load_pipeline
-from jointdiff.utils.errors import JointDiffError
 from jointdiff.core.registry import create
 from jointdiff.surfaces.textures import export_textures, seam_report
+from jointdiff.utils.errors import JointDiffError
 
 DEFAULT_PROMPTS = ["lush green grass", "grey cobblestone", "dry cracked dirt", "oak tree bark"]
 DEFAULT_STYLE = "seamless tileable texture, top-down view, flat even lighting, photorealistic"

@@ -32,31 +32,28 @@ __all__ = [
 def __getattr__(name: str):
     # Lazy imports keep `import jointdiff` (and plugin modules importing hookimpl) light.
     if name in ("JointDiffusion", "JointResult", "StopJob"):
-        from jointdiff.engine import (
-            loop as engine,  # lazy: `import jointdiff` stays light (plugins import it for hookimpl)
-        )
+        # lazy: `import jointdiff` stays light (plugins import it for hookimpl)
+        from jointdiff.engine import loop as engine
 
         return getattr(engine, name)
     if name == "InitImage":
-        from jointdiff.image.init_image import (
-            InitImage,  # lazy: `import jointdiff` stays light (plugins import it for hookimpl)
-        )
+        # lazy: `import jointdiff` stays light (plugins import it for hookimpl)
+        from jointdiff.image.init_image import InitImage
 
         return InitImage
     if name in ("Job", "run_job"):
-        from jointdiff.jobs import spec as job  # lazy: `import jointdiff` stays light (plugins import it for hookimpl)
+        # lazy: `import jointdiff` stays light (plugins import it for hookimpl)
+        from jointdiff.jobs import spec as job
 
         return getattr(job, name)
     if name in ("load_pipeline", "load_model"):
-        from jointdiff.models import (
-            loading as models,  # lazy: `import jointdiff` stays light (plugins import it for hookimpl)
-        )
+        # lazy: `import jointdiff` stays light (plugins import it for hookimpl)
+        from jointdiff.models import loading as models
 
         return getattr(models, name)
     if name == "create":
-        from jointdiff.core.registry import (
-            create,  # lazy: `import jointdiff` stays light (plugins import it for hookimpl)
-        )
+        # lazy: `import jointdiff` stays light (plugins import it for hookimpl)
+        from jointdiff.core.registry import create
 
         return create
     raise AttributeError(f"module 'jointdiff' has no attribute {name!r}")

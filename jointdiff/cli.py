@@ -149,11 +149,8 @@ def _check_output(job: Job, overwrite: bool, comm: Any) -> Path:
 def _execute(job: Job, quiet: bool, overwrite: bool, timeout_s: float | None = None, target: Path | None = None) -> int:
     """Run ``job`` and save it. Under ``torchrun`` (``WORLD_SIZE`` > 1) the ranks share the
     job's windows (see :mod:`jointdiff.engine.distributed`); rank 0 alone shows progress and writes."""
-    from jointdiff.engine.distributed import (  # lazy: jointdiff.engine.distributed needs torch; importing jointdiff.cli must not
-        init_from_env,
-        local_device,
-        shutdown,
-    )
+    # lazy: loads torch; jointdiff.cli must import without it
+    from jointdiff.engine.distributed import init_from_env, local_device, shutdown
     comm = init_from_env(timeout_s)
     main_rank = comm is None or comm.rank == 0
     _running["job"] = job
@@ -207,10 +204,8 @@ def _estimate_only(job: Job) -> int:
     """``--estimate``: load the model (the FLOPs are counted on its networks), print the job's
     estimate (:meth:`JointDiffusion.estimate`) and whether the limits refuse it; nothing is
     denoised or written."""
-    from jointdiff.cost import (
-        budget,  # lazy: jointdiff.cost.budget needs torch; importing jointdiff.cli must not
-        profiling,  # lazy: jointdiff.cost.profiling needs torch; importing jointdiff.cli must not
-    )
+    # lazy: loads torch; jointdiff.cli must import without it
+    from jointdiff.cost import budget, profiling
     def show(estimate: Any, engine: Any) -> None:
         print(estimate.summary())
         try:
@@ -232,7 +227,8 @@ def _profiled(profile: bool, execute: Any) -> int:
     """``--profile``: the estimate (on stderr) before the job, where the time went after."""
     if not profile:
         return execute()
-    from jointdiff.cost import profiling  # lazy: jointdiff.cost.profiling needs torch; importing jointdiff.cli must not
+    # lazy: loads torch; jointdiff.cli must import without it
+    from jointdiff.cost import profiling
 
     def show(estimate: Any, engine: Any) -> None:
         print(f"jointdiff: estimate:\n{estimate.summary()}", file=sys.stderr)

@@ -16,6 +16,10 @@ What it holds (plugin API :data:`PLUGIN_API_VERSION`, see ``docs/hooks.md``):
 - what the engine hands plugins: :class:`Prompt`, :class:`Embeddings`, :class:`LatentFormat`
   (:data:`SD_LATENT`); :class:`JobContext`, :class:`WindowBatch`, :class:`StepState` and
   :func:`keyed_generator` (imported on first use: they need torch);
+- reading images as users mean them: :mod:`images <jointdiff.utils.images>` (``images.load_image``,
+  ``load_array``, ``load_tensor``, ``open_image_file``, ``unit_array``: EXIF orientation, 16-bit
+  and float images by their real range, palette and alpha, one log line of what was done);
+  :func:`stdout_folded` (a library's prints while loading, off stdout, as one note);
 - errors: :class:`ConfigError` (a user's mistake: one line, exit 2), :class:`ModelLoadError`,
   :class:`PluginError`, :class:`NonFiniteLatentsError`, :class:`JointDiffError`;
 - the conformance kit for a plugin's own tests (imported on first use: it needs torch):
@@ -23,7 +27,7 @@ What it holds (plugin API :data:`PLUGIN_API_VERSION`, see ``docs/hooks.md``):
   :class:`SynchronizerConformance`, :class:`FamilyConformance`, :func:`check_invariance`,
   :func:`isolated_plugins`, :func:`tiny_pipeline`, :func:`tiny_model`, :func:`make_context`;
 - pricing a synchronizer's own networks for the cost estimate (imported on first use):
-  :func:`count_flops`, :func:`cached_flops`.
+  :func:`count_flops`, :func:`cached_flops`, :func:`decoder_unit` (a decoder's FLOPs per row).
 
 Importing this module loads neither torch nor diffusers, so a plugin that imports from it at
 module level keeps every job's validation fast.
@@ -42,7 +46,9 @@ from jointdiff.core.options import PluginOptions
 from jointdiff.core.synchronizer import Synchronizer
 from jointdiff.core.tiling import TiledGeometry, WindowOptions, axis_starts, resolve_window_stride
 from jointdiff.surfaces.sphere_base import SphereGeometry, SphereOptions
+from jointdiff.utils import images
 from jointdiff.utils.errors import ConfigError, JointDiffError, ModelLoadError, NonFiniteLatentsError, PluginError
+from jointdiff.utils.quiet import stdout_folded
 
 _LAZY = {
     "JobContext": "jointdiff.core.context",
@@ -61,6 +67,7 @@ _LAZY = {
     "check_invariance": "jointdiff.testing.invariance",
     "count_flops": "jointdiff.cost.profiling",
     "cached_flops": "jointdiff.cost.profiling",
+    "decoder_unit": "jointdiff.cost.profiling",
 }
 
 __all__ = [
@@ -70,6 +77,7 @@ __all__ = [
     "DecodeFn", "EncodeFn", "decode_wrapped", "encode_wrapped", "encode_text",
     "Prompt", "Embeddings", "GuidanceMode", "LatentFormat", "SD_LATENT",
     "ConfigError", "JointDiffError", "ModelLoadError", "NonFiniteLatentsError", "PluginError",
+    "images", "stdout_folded",
     *_LAZY,
 ]
 

@@ -10,15 +10,14 @@ from typing import Sequence
 
 import pytest
 import torch
-
 from PIL import Image
 
 from jointdiff.core.conditioner import Conditioner, Prompt
 from jointdiff.core.family import LatentFormat
-from jointdiff.models.families.flux import Flux
-from jointdiff.models.families.sd import StableDiffusion
 from jointdiff.core.registry import get_registry
 from jointdiff.core.synchronizer import Synchronizer
+from jointdiff.models.families.flux import Flux
+from jointdiff.models.families.sd import StableDiffusion
 from jointdiff.testing import (
     ConditionerConformance,
     FamilyConformance,

@@ -18,10 +18,10 @@ from PIL import Image
 
 from jointdiff import JointDiffusion
 from jointdiff.core.family import Embeddings
-from jointdiff.utils.errors import ConfigError
 from jointdiff.core.registry import create
-from jointdiff.testing import check_conditioner, make_context
 from jointdiff.models.tiny import tiny_controlnet, tiny_unet
+from jointdiff.testing import check_conditioner, make_context
+from jointdiff.utils.errors import ConfigError
 from jointdiff_plugins.controlnet import ControlNetConditioner
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -23,10 +23,17 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from jointdiff import JointDiffusion
-from jointdiff.engine.distributed import Checkpoint, DistributedJobError, assign_owners, init_from_env, resolve, window_costs
-from jointdiff.models.loading import make_scheduler
 from jointdiff.core.registry import create
 from jointdiff.core.synchronizer import Synchronizer
+from jointdiff.engine.distributed import (
+    Checkpoint,
+    DistributedJobError,
+    assign_owners,
+    init_from_env,
+    resolve,
+    window_costs,
+)
+from jointdiff.models.loading import make_scheduler
 
 # Windows of 32 latent cells (256 px): the machinery is the same, the decoder passes of the
 # synchronizer four times cheaper than at the model's native 64.
@@ -252,8 +259,8 @@ def test_torchrun_cli_writes_the_single_process_image_once(tmp_path):
     multi = subprocess.run(torchrun, env=env, capture_output=True, text=True, timeout=300)
     assert multi.returncode == 0, multi.stderr
     assert multi.stdout.split() == [str(tmp_path / "two.png")]  # rank 0 alone prints
-    from PIL import Image
     import numpy as np
+    from PIL import Image
 
     one = np.asarray(Image.open(tmp_path / "one.png"), dtype=np.int16)
     two = np.asarray(Image.open(tmp_path / "two.png"), dtype=np.int16)

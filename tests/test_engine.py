@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import make_job
+
 from jointdiff import JointDiffusion
-from jointdiff.utils.errors import ConfigError, NonFiniteLatentsError
-from jointdiff.models.loading import make_scheduler
 from jointdiff.core.registry import create
+from jointdiff.models.loading import make_scheduler
+from jointdiff.utils.errors import ConfigError, NonFiniteLatentsError
 
 SMALL_STRIP = dict(length_px=640, stride_latent=16)  # 80 latent cells: 2 windows
 
@@ -257,8 +257,8 @@ def test_an_existing_checkpoint_is_not_overwritten_without_resume(tiny_pipeline,
 
 def test_plugin_state_is_saved_and_restored(tiny_pipeline, tmp_path):
     """A synchronizer with state across steps resumes exactly through state_dict()."""
-    from jointdiff.engine.distributed import Checkpoint
     from jointdiff.core.synchronizer import Synchronizer
+    from jointdiff.engine.distributed import Checkpoint
 
     class Drift(Synchronizer):
         name = "drift"

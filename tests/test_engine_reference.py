@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import make_job
+
 from jointdiff.models.loading import make_scheduler
 
 STEPS = 3

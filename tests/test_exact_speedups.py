@@ -18,17 +18,16 @@ import functools
 import pytest
 import torch
 from PIL import Image
+from sync_oracle import sync_diffusion_oracle
 
 from jointdiff import JointDiffusion
+from jointdiff.core.registry import create
 from jointdiff.engine import denoiser as denoiser_module
 from jointdiff.engine.denoiser import Denoiser, accelerated, auto_view_batch_size
-from jointdiff.utils.errors import ConfigError, NonFiniteLatentsError
 from jointdiff.models.loading import as_model
-from jointdiff.core.registry import create
+from jointdiff.utils.errors import ConfigError, NonFiniteLatentsError
 from jointdiff_plugins.lpips_loader import load_lpips
 from jointdiff_plugins.syncdiffusion import SyncDiffusion
-
-from sync_oracle import sync_diffusion_oracle
 
 PROMPT = "a photo of a city"
 STRIP = {"length_px": 256, "window_latent": 16, "stride_latent": 8}  # 3 windows, anchor 1

@@ -12,9 +12,7 @@ import py360convert
 import pytest
 from PIL import Image
 
-from jointdiff.surfaces import cube
-
-from jointdiff.surfaces import export360
+from jointdiff.surfaces import cube, export360
 from jointdiff.utils.errors import ConfigError
 
 FIXTURE = Path(__file__).parent / "fixtures" / "equirect_demo_1024x512.png"

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from jointdiff import JointDiffusion, create
-from jointdiff.utils.errors import ConfigError
-from jointdiff.models.families.flux import Flux, build_tiny_controlnet, build_tiny_pipeline, build_tiny_schnell_pipeline
 from jointdiff.models.families.flow import pack_patches, unpack_patches
+from jointdiff.models.families.flux import Flux, build_tiny_controlnet, build_tiny_pipeline, build_tiny_schnell_pipeline
+from jointdiff.utils.errors import ConfigError
 
 PROMPT = "a watercolor fox in the snow"
 WINDOW = 16  # latent cells: 128 px, 64 tokens

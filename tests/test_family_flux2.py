@@ -8,13 +8,13 @@ import warnings
 
 import pytest
 import torch
+from conftest import assert_close_to_stock as assert_close
 
 from jointdiff import JointDiffusion, create
-from jointdiff.utils.errors import ConfigError
-from conftest import assert_close_to_stock as assert_close
-from jointdiff.testing import OneWindowGeometry
 from jointdiff.models.families.flow import pack_patches, unpack_patches
 from jointdiff.models.families.flux2 import Flux2, build_tiny_pipeline, empirical_mu
+from jointdiff.testing import OneWindowGeometry
+from jointdiff.utils.errors import ConfigError
 
 PROMPT = "a red fox in the snow"
 SIZE = (6, 10)  # canvas cells of a non-square window: 96 × 160 px

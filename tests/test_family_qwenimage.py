@@ -8,14 +8,14 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import assert_close_to_stock as assert_close
 
 from jointdiff import JointDiffusion, create
-from jointdiff.utils.errors import ConfigError
-from conftest import assert_close_to_stock as assert_close
-from jointdiff.testing import OneWindowGeometry
 from jointdiff.core.family import Embeddings
 from jointdiff.models.families.flow import linear_shift_mu, pack_patches, unpack_patches
 from jointdiff.models.families.qwenimage import QwenImage, build_tiny_pipeline
+from jointdiff.testing import OneWindowGeometry
+from jointdiff.utils.errors import ConfigError
 
 PROMPT = "a photo of a red fox in the snow"
 NEGATIVE = "blurry"  # shorter than PROMPT: the negative rows are padded and masked

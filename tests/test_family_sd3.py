@@ -7,12 +7,12 @@ import warnings
 
 import pytest
 import torch
+from conftest import assert_close_to_stock as assert_close
 
 from jointdiff import JointDiffusion, create
-from jointdiff.utils.errors import ConfigError
-from conftest import assert_close_to_stock as assert_close
-from jointdiff.testing import OneWindowGeometry
 from jointdiff.models.families.sd3 import SD3Family, build_tiny_pipeline, build_tiny_sd35_pipeline
+from jointdiff.testing import OneWindowGeometry
+from jointdiff.utils.errors import ConfigError
 
 PROMPT, NEGATIVE = "a photo of a cat in the city", "blurry"
 

@@ -7,17 +7,17 @@ import warnings
 
 import pytest
 import torch
+from conftest import assert_close_to_stock as assert_close
 
 from jointdiff import JointDiffusion, create
-from jointdiff.utils.errors import ConfigError
-from conftest import assert_close_to_stock as assert_close
-from jointdiff.testing import OneWindowGeometry
 from jointdiff.models.families.sdxl import (
     StableDiffusionXL,
     build_tiny_pipeline,
     build_tiny_refiner_pipeline,
     guidance_embedding,
 )
+from jointdiff.testing import OneWindowGeometry
+from jointdiff.utils.errors import ConfigError
 
 PROMPT = "a photo of a lighthouse"
 SIZE = (16, 24)  # latent cells of a non-square window: 128 × 192 px

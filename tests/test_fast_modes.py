@@ -17,14 +17,14 @@ import torch
 
 from jointdiff import JointDiffusion
 from jointdiff.core.context import keyed_generator
-from jointdiff.utils.errors import ConfigError
 from jointdiff.core.family import SD_LATENT
+from jointdiff.core.registry import create
+from jointdiff.core.tiling import shifted_segments
+from jointdiff.engine.shifted import ShiftedFusion, ShiftedLayout, evaluation_counts
 from jointdiff.jobs.spec import Job
 from jointdiff.models.loading import as_model, load_model, make_scheduler
-from jointdiff.core.registry import create
-from jointdiff.engine.shifted import ShiftedFusion, ShiftedLayout, evaluation_counts
 from jointdiff.testing.invariance import check_batch_size_invariance, check_resume_invariance, run_latents
-from jointdiff.core.tiling import shifted_segments
+from jointdiff.utils.errors import ConfigError
 
 GEOMETRIES = {
     "strip": ("strip", dict(length_px=384, window_latent=16, stride_latent=8)),

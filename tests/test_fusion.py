@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import make_job
-from jointdiff.models.loading import make_scheduler
+
 from jointdiff.core.synchronizer import Synchronizer
+from jointdiff.models.loading import make_scheduler
 
 
 class RecordingSynchronizer(Synchronizer):

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from jointdiff.utils.errors import ConfigError
 from jointdiff.core.family import LatentFormat
 from jointdiff.core.registry import create
-from jointdiff.testing.geometry import check_geometry
 from jointdiff.core.tiling import axis_starts, default_stride_latent, wrapped_segments
+from jointdiff.testing.geometry import check_geometry
+from jointdiff.utils.errors import ConfigError
 
 FLUX_LIKE = LatentFormat(channels=16, scale_factor=8, patch=2, native_window=128)
 """A transformer's latent format: 2×2 patches, a native window of 128 cells (1024 px)."""

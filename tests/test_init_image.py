@@ -19,16 +19,16 @@ from PIL import Image
 
 from jointdiff import JointDiffusion, create
 from jointdiff.core.context import keyed_generator
-from jointdiff.utils.errors import ConfigError
-from jointdiff.models.families.sd import StableDiffusion
 from jointdiff.core.geometry import encode_sheets, encode_wrapped
 from jointdiff.image.init_image import ENCODE_PURPOSE, InitImage, encode_image, feather_mask, latent_mask, start_step
+from jointdiff.models.families.sd import StableDiffusion
 from jointdiff.models.loading import load_model, make_scheduler
 from jointdiff.testing.invariance import (
     check_batch_order_invariance,
     check_batch_size_invariance,
     check_resume_invariance,
 )
+from jointdiff.utils.errors import ConfigError
 
 PROMPT = "a photo of a city"
 WINDOW = 16  # latent cells: 128 px windows
@@ -128,6 +128,7 @@ def test_one_window_equals_flux_img2img(flux, steps):
     (4·0.6 is not: the flow pipelines' rounding runs one step more than SD's): measured
     relative difference 0."""
     from diffusers import FluxImg2ImgPipeline
+
     from jointdiff.models.families.flow import unpack_patches
 
     image = random_pil(128, 128)

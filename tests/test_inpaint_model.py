@@ -9,12 +9,13 @@ import torch
 from PIL import Image
 
 from jointdiff import JointDiffusion, create
-from jointdiff.utils.errors import ConfigError
-from jointdiff.models.families.flux import Flux, build_tiny_pipeline as build_tiny_flux
+from jointdiff.models.families.flux import Flux
+from jointdiff.models.families.flux import build_tiny_pipeline as build_tiny_flux
 from jointdiff.models.families.sd import StableDiffusion
+from jointdiff.models.tiny import build_tiny_inpaint_pipeline
 from jointdiff.testing import check_conditioner, example_geometry, make_context, tiny_model
 from jointdiff.testing.invariance import check_batch_size_invariance
-from jointdiff.models.tiny import build_tiny_inpaint_pipeline
+from jointdiff.utils.errors import ConfigError
 from jointdiff_plugins.inpaint import InpaintModelConditioner
 
 PROMPT = "a red barn in a field"

@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 from jointdiff import JointDiffusion
-from jointdiff.models.loading import as_model, load_model, make_scheduler
 from jointdiff.core.registry import create
+from jointdiff.models.loading import as_model, load_model, make_scheduler
 from jointdiff.testing.invariance import (
     check_batch_order_invariance,
     check_batch_size_invariance,

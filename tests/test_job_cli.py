@@ -11,10 +11,10 @@ import pytest
 from PIL import Image
 
 from jointdiff.cli import main, parse_assignment
-from jointdiff.utils.errors import ConfigError
+from jointdiff.image.output import JOB_KEY, SEED_KEY
 from jointdiff.jobs.spec import Job
 from jointdiff.jobs.toml_writer import dump_job_toml
-from jointdiff.image.output import JOB_KEY, SEED_KEY
+from jointdiff.utils.errors import ConfigError
 
 JOB_TOML = """
 steps = 2

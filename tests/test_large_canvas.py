@@ -24,15 +24,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import make_job
-from jointdiff.cost import budget
-from jointdiff.surfaces import cube
+
 from jointdiff.core import tiling
-from jointdiff.utils.errors import ConfigError
 from jointdiff.core.registry import create
+from jointdiff.cost import budget
+from jointdiff.models.tiled_decode import decode_plan, decoder_norms, final_decode, tile_starts, tiled
+from jointdiff.surfaces import cube
 from jointdiff.surfaces.textures import seam_ratio
-from jointdiff.models.tiled_decode import decode_plan, decoder_norms, final_decode, tiled, tile_starts
+from jointdiff.utils.errors import ConfigError
 
 
 @pytest.fixture(scope="module")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import make_job
-from jointdiff.utils.errors import ConfigError, ModelLoadError
+
 from jointdiff.models.loading import load_pipeline, make_scheduler
+from jointdiff.utils.errors import ConfigError, ModelLoadError
 
 
 def test_tiny_model_is_built_deterministically():

@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 
 from jointdiff.cli import main
-from jointdiff.utils.errors import ConfigError
-from jointdiff.jobs.spec import Job, resolve_paths
 from jointdiff.image.output import JOB_KEY, SEED_KEY, read_job_metadata
+from jointdiff.jobs.spec import Job, resolve_paths
+from jointdiff.utils.errors import ConfigError
 from jointdiff.utils.files import free_output, save_image_atomic
 
 # One window of 32 latent cells on a 256×256 canvas, one step: a run takes a moment.

@@ -17,19 +17,14 @@ import pytest
 import torch
 from PIL import Image
 
-from jointdiff.surfaces import cube
-
-from jointdiff.surfaces import export360
-
-from jointdiff.image import init_image
-
-from jointdiff.image import placement
 from jointdiff.cli import main
-from jointdiff.utils.errors import ConfigError
+from jointdiff.image import init_image, placement
+from jointdiff.image.output import INPUTS_KEY, JOB_KEY, changed_inputs
 from jointdiff.jobs.spec import Job
 from jointdiff.jobs.toml_writer import dump_job_toml
-from jointdiff.image.output import INPUTS_KEY, JOB_KEY, changed_inputs
+from jointdiff.surfaces import cube, export360
 from jointdiff.surfaces.textures import seam_ratio
+from jointdiff.utils.errors import ConfigError
 
 FIXTURE = Path(__file__).parent / "fixtures" / "equirect_demo_1024x512.png"
 POSES = [(0, 0, 0, 90, 96, 128), (-120, -30, 15, 90, 128, 96), (170, 60, -30, 100, 96, 128)]

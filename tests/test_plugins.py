@@ -20,12 +20,11 @@ import pytest
 import torch
 
 from jointdiff import JointDiffusion, hookimpl
-
 from jointdiff.core import hookspecs
 from jointdiff.core import registry as plugin_module
-from jointdiff.utils.errors import ConfigError, PluginError
 from jointdiff.core.registry import PluginManager, create, register_plugin
 from jointdiff.testing import isolated_plugins
+from jointdiff.utils.errors import ConfigError, PluginError
 
 pytest_plugins = ["pytester"]
 

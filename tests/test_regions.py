@@ -14,10 +14,10 @@ from PIL import Image
 
 from jointdiff import JointDiffusion
 from jointdiff.core.context import StepState, WindowBatch
-from jointdiff.utils.errors import ConfigError
 from jointdiff.core.masks import area_downsample, feather, polygon_mask, rectangle_mask
 from jointdiff.core.registry import create
 from jointdiff.testing import check_conditioner, make_context
+from jointdiff.utils.errors import ConfigError
 from jointdiff_plugins.regions import RegionsConditioner
 
 STRIP = {"length_px": 256, "window_latent": 16, "stride_latent": 8}  # 128×256 px, three windows

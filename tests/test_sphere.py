@@ -13,14 +13,9 @@ import torch
 from PIL import Image
 
 from jointdiff import JointDiffusion
-
-from jointdiff.surfaces import cube
-
-from jointdiff.surfaces import export360
-
-from jointdiff.surfaces import spherical
-from jointdiff.utils.errors import ConfigError
 from jointdiff.core.registry import create
+from jointdiff.surfaces import cube, export360, spherical
+from jointdiff.utils.errors import ConfigError
 from jointdiff_plugins.sphere import CubemapGeometry, EquirectGeometry
 
 FIXTURE = Path(__file__).parent / "fixtures" / "equirect_demo_1024x512.png"

@@ -11,17 +11,16 @@ from urllib.error import URLError
 
 import pytest
 import torch
+from sync_oracle import sync_diffusion_oracle
 
 from jointdiff import JointDiffusion
 from jointdiff.core.context import JobContext, StepState, WindowBatch
-from jointdiff.engine.denoiser import Denoiser
-from jointdiff.utils.errors import ConfigError, ModelLoadError
-from jointdiff.models.loading import as_model, make_scheduler
 from jointdiff.core.registry import create
+from jointdiff.engine.denoiser import Denoiser
+from jointdiff.models.loading import as_model, make_scheduler
+from jointdiff.utils.errors import ConfigError, ModelLoadError
 from jointdiff_plugins.lpips_loader import AnchorDistance, backbone_weights_path, load_lpips
 from jointdiff_plugins.syncdiffusion import SyncDiffusion
-
-from sync_oracle import sync_diffusion_oracle
 
 TAESD_DIR = str(Path(__file__).parent / "fixtures" / "taesd")
 PROMPT = "a photo of a city"

@@ -13,11 +13,8 @@ import torch
 from PIL import Image
 
 from jointdiff import JointDiffusion
-
-from jointdiff.surfaces import cube
-from jointdiff.utils.errors import ConfigError
 from jointdiff.core.registry import create
-from jointdiff.testing import GeometryConformance, check_conditioner, make_context
+from jointdiff.surfaces import cube
 from jointdiff.surfaces.textures import (
     AtlasLayout,
     export_cube,
@@ -27,6 +24,8 @@ from jointdiff.surfaces.textures import (
     seam_ratio,
     seam_report,
 )
+from jointdiff.testing import GeometryConformance, check_conditioner, make_context
+from jointdiff.utils.errors import ConfigError
 
 
 def _torus(**options):

@@ -27,8 +27,8 @@ import py360convert
 import pytest
 from PIL import Image
 
-from jointdiff.surfaces import viewer
 from jointdiff.cli import main
+from jointdiff.surfaces import viewer
 from jointdiff.utils.errors import ConfigError
 
 FIXTURE = Path(__file__).parent / "fixtures" / "equirect_demo_1024x512.png"

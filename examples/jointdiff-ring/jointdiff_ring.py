@@ -20,13 +20,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from jointdiff import hookimpl
-from jointdiff.core.tiling import TiledGeometry, WindowOptions, resolve_window_stride
+from jointdiff.plugin import TiledGeometry, WindowOptions, hookimpl, resolve_window_stride
 
 # --8<-- [start:api]
 # The plugin API this module was written against: jointdiff refuses to load it (and says
 # why) if its own plugin API has a different major version or an older minor one.
-REQUIRES_PLUGIN_API = "2.0"
+REQUIRES_PLUGIN_API = "2.1"
 # --8<-- [end:api]
 
 

@@ -17,9 +17,8 @@ __all__ = ["JointDiffusion", "JointResult", "StopJob"]
 def __getattr__(name: str) -> Any:
     # lazy: the loop needs torch; `import jointdiff.engine.<module>` must not pull in all of it
     loop = importlib.import_module("jointdiff.engine.loop")  # not `from . import`: that would call this hook again
-    from jointdiff.utils.moved import (
-        moved_attribute,  # lazy: `import jointdiff` stays light (plugins import it for hookimpl)
-    )
+    # lazy: `import jointdiff` stays light (plugins import it for hookimpl)
+    from jointdiff.utils.moved import moved_attribute
 
     if name in __all__:
         return getattr(loop, name)

@@ -184,7 +184,7 @@ def pil_to_tensor(image: Any, mode: str, what: str) -> torch.Tensor:
 
 def open_image(path: str | Path, what: str) -> Any:
     """The image file ``path`` as a loaded PIL image (ConfigError naming it otherwise)."""
-    return images.open_file(path, what)
+    return images.open_image_file(path, what)
 
 
 def canvas_size_px(geometry: Geometry) -> tuple[int, int, int]:

@@ -113,13 +113,11 @@ class InitSpec(_Strict):
         (unless ``check_size`` is False: the canvas of a model whose family is not known yet).
         ConfigError naming ``init.<field>`` for a file that cannot be read or a placement the
         geometry cannot take."""
-        from jointdiff.image import (
-            placement as pl,  # lazy: jointdiff.image.placement needs torch; importing jointdiff.image.init_spec must not
-        )
-        from jointdiff.image.init_image import (  # lazy: jointdiff.image.init_image needs torch; importing jointdiff.image.init_spec must not
-            InitImage,
-            canvas_size_px,
-        )
+        # lazy: loads torch; jointdiff.image.init_spec must import without it
+        from jointdiff.image import placement as pl
+
+        # lazy: loads torch; jointdiff.image.init_spec must import without it
+        from jointdiff.image.init_image import InitImage, canvas_size_px
 
         sheets, height, width = canvas_size_px(geometry)
         image = pl.load_image(self.image, "init.image")
@@ -147,12 +145,11 @@ class InitSpec(_Strict):
         return init
 
     def _sphere(self, image: Any, geometry: Geometry, args: dict[str, Any]) -> InitImage:
-        from jointdiff.image import (
-            placement as pl,  # lazy: jointdiff.image.placement needs torch; importing jointdiff.image.init_spec must not
-        )
-        from jointdiff.image.init_image import (
-            canvas_size_px,  # lazy: jointdiff.image.init_image needs torch; importing jointdiff.image.init_spec must not
-        )
+        # lazy: loads torch; jointdiff.image.init_spec must import without it
+        from jointdiff.image import placement as pl
+
+        # lazy: loads torch; jointdiff.image.init_spec must import without it
+        from jointdiff.image.init_image import canvas_size_px
         if not isinstance(geometry, SphereGeometry):
             raise ConfigError(
                 f"init.placement: kind 'sphere' needs a 360° geometry (equirect, cubemap), got {geometry.name!r}"

@@ -217,12 +217,11 @@ def _check_fast_modes(job: Job, geometry: Any) -> None:
     (docs/fast-modes.md), before any model loads: ConfigError naming the option."""
     if job.windows == "overlap" and job.fusion != "x0_renoise":
         return  # nothing to check; returning first keeps validation free of torch (fewstep, shifted import it)
-    from jointdiff.engine.fewstep import (
-        check_fewstep,  # lazy: jointdiff.engine.fewstep needs torch; importing jointdiff.jobs.spec must not
-    )
-    from jointdiff.engine.shifted import (
-        check_windows_option,  # lazy: jointdiff.engine.shifted needs torch; importing jointdiff.jobs.spec must not
-    )
+    # lazy: loads torch; jointdiff.jobs.spec must import without it
+    from jointdiff.engine.fewstep import check_fewstep
+
+    # lazy: loads torch; jointdiff.jobs.spec must import without it
+    from jointdiff.engine.shifted import check_windows_option
 
     try:
         check_windows_option(job.windows, geometry, job.fusion)
@@ -441,9 +440,8 @@ def check_before_loading(job: Job) -> None:
 def run_job(job: Job, pipeline: Any = None, *, progress: bool = True, callback=None):
     """Run a job: load the model (unless ``pipeline`` is given), generate, return the
     :class:`~jointdiff.engine.loop.JointResult` (not yet saved; see :func:`jointdiff.image.output.save_result`)."""
-    from jointdiff.engine.loop import (
-        JointDiffusion,  # lazy: jointdiff.engine.loop needs torch; importing jointdiff.jobs.spec must not
-    )
+    # lazy: loads torch; jointdiff.jobs.spec must import without it
+    from jointdiff.engine.loop import JointDiffusion
     geometry, conditioners, synchronizer = job.build_plugins()
     if pipeline is None:
         check_before_loading(job)
@@ -472,9 +470,8 @@ def run_job(job: Job, pipeline: Any = None, *, progress: bool = True, callback=N
     )
     checkpoint = None
     if job.checkpoint is not None:
-        from jointdiff.engine.distributed import (
-            Checkpoint,  # lazy: jointdiff.engine.distributed needs torch; importing jointdiff.jobs.spec must not
-        )
+        # lazy: loads torch; jointdiff.jobs.spec must import without it
+        from jointdiff.engine.distributed import Checkpoint
 
         spec = job.checkpoint
         checkpoint = Checkpoint(spec.path, spec.every, spec.resume, overwrite=spec.overwrite)

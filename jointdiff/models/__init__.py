@@ -15,9 +15,8 @@ __all__ = ["as_model", "load_model", "load_pipeline"]
 def __getattr__(name: str) -> Any:
     # lazy: `jointdiff.models.loading` pulls in the registry; importing the package stays light
     loading = importlib.import_module("jointdiff.models.loading")  # not `from . import`: that would call this hook again
-    from jointdiff.utils.moved import (
-        moved_attribute,  # lazy: `import jointdiff` stays light (plugins import it for hookimpl)
-    )
+    # lazy: `import jointdiff` stays light (plugins import it for hookimpl)
+    from jointdiff.utils.moved import moved_attribute
 
     if name in __all__:
         return getattr(loading, name)

@@ -128,9 +128,8 @@ class SphereGeometry(Geometry):
         """``(N, k*h, k*w, 2)`` sampling grids of all views into :meth:`padded_canvas` (cached)."""
         import torch
 
-        from jointdiff.surfaces import (
-            spherical,  # lazy: jointdiff.surfaces.spherical needs torch; importing jointdiff.surfaces.sphere_base must not
-        )
+        # lazy: loads torch; jointdiff.surfaces.sphere_base must import without it
+        from jointdiff.surfaces import spherical
 
         key = (scale, str(device))
         if key not in self._extract_grids:
@@ -145,9 +144,8 @@ class SphereGeometry(Geometry):
     def insert_maps(self, scale: int, device: torch.device | str) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per view: the canvas cells inside its frustum as gather indices ``(3, M)``
         (sheet, row, col) and where they fall in the view, a grid ``(1, 1, M, 2)`` (cached)."""
-        from jointdiff.surfaces import (
-            spherical,  # lazy: jointdiff.surfaces.spherical needs torch; importing jointdiff.surfaces.sphere_base must not
-        )
+        # lazy: loads torch; jointdiff.surfaces.sphere_base must import without it
+        from jointdiff.surfaces import spherical
 
         key = (scale, str(device))
         if key not in self._insert_maps:
@@ -163,9 +161,8 @@ class SphereGeometry(Geometry):
 
     def extract(self, canvas: torch.Tensor, window_ids: Sequence[int]) -> torch.Tensor:
         """Views ``(B, C, k*h, k*w)`` of ``canvas`` ``(S, C, k*H, k*W)``, bilinear."""
-        from jointdiff.surfaces import (
-            spherical,  # lazy: jointdiff.surfaces.spherical needs torch; importing jointdiff.surfaces.sphere_base must not
-        )
+        # lazy: loads torch; jointdiff.surfaces.sphere_base must import without it
+        from jointdiff.surfaces import spherical
 
         scale = self._scale_of(canvas)
         grids = self.extract_grids(scale, canvas.device)[list(window_ids)]
@@ -174,9 +171,8 @@ class SphereGeometry(Geometry):
     def insert(self, target: torch.Tensor, values: torch.Tensor, window_ids: Sequence[int]) -> None:
         """Inverse warp: each canvas cell inside view ``i``'s frustum adds ``values[i]``
         sampled (bilinear) where the cell projects. Linear in ``values``."""
-        from jointdiff.surfaces import (
-            spherical,  # lazy: jointdiff.surfaces.spherical needs torch; importing jointdiff.surfaces.sphere_base must not
-        )
+        # lazy: loads torch; jointdiff.surfaces.sphere_base must import without it
+        from jointdiff.surfaces import spherical
 
         scale = self._scale_of(target)
         maps = self.insert_maps(scale, target.device)
@@ -191,9 +187,8 @@ class SphereGeometry(Geometry):
         outer ``feather`` of its half-width (positive at every pixel centre)."""
         import torch
 
-        from jointdiff.surfaces import (
-            spherical,  # lazy: jointdiff.surfaces.spherical needs torch; importing jointdiff.surfaces.sphere_base must not
-        )
+        # lazy: loads torch; jointdiff.surfaces.sphere_base must import without it
+        from jointdiff.surfaces import spherical
 
         key = str(device)
         if key not in self._weights:
@@ -220,9 +215,8 @@ class SphereGeometry(Geometry):
     def _check_coverage(self) -> None:
         import torch
 
-        from jointdiff.surfaces import (
-            spherical,  # lazy: jointdiff.surfaces.spherical needs torch; importing jointdiff.surfaces.sphere_base must not
-        )
+        # lazy: loads torch; jointdiff.surfaces.sphere_base must import without it
+        from jointdiff.surfaces import spherical
 
         covered = torch.zeros(self.canvas_shape_latent, dtype=torch.bool)
         for cells, _ in self.insert_maps(1, "cpu"):

@@ -291,9 +291,8 @@ def export_cube(faces: Sequence[Image.Image], folder: str | Path) -> list[str]:
     :mod:`jointdiff.surfaces.cube` order) as ``face_px.png`` … ``face_nz.png`` and ``cross.png`` (the
     horizontal cross) in ``folder`` (created), with the cube-map writer
     :func:`jointdiff.surfaces.export360.save_faces`. Returns the written paths."""
-    from jointdiff.surfaces.export360 import (
-        save_faces,  # lazy: jointdiff.surfaces.export360 needs torch; importing jointdiff.surfaces.textures must not
-    )
+    # lazy: loads torch; jointdiff.surfaces.textures must import without it
+    from jointdiff.surfaces.export360 import save_faces
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

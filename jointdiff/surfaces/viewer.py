@@ -123,7 +123,7 @@ def pano_data_url(pano_path: str | Path, max_width_px: int = MAX_TEXTURE_WIDTH_P
     """The panorama as a ``data:`` URL: the file's own bytes when it is a PNG, JPEG or WebP
     at most ``max_width_px`` wide, else re-encoded as PNG (downscaled to that width)."""
     path = Path(pano_path)
-    opened = images.open_file(path, "panorama")
+    opened = images.open_image_file(path, "panorama")
     upright = opened.getexif().get(0x0112) in (None, 1)
     if opened.format in FORMAT_MIME and opened.width <= max_width_px and upright and opened.mode in ("RGB", "RGBA", "L", "P"):
         return f"data:{FORMAT_MIME[opened.format]};base64,{base64.b64encode(path.read_bytes()).decode('ascii')}"

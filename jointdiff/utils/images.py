@@ -43,7 +43,7 @@ _LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601, as Pillow's convert("L")
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
-def open_file(path: str | Path, what: str = "image") -> Image.Image:
+def open_image_file(path: str | Path, what: str = "image") -> Image.Image:
     """The image file ``path`` opened and loaded; ConfigError naming ``what`` and the path
     when it is missing, a folder, or not an image Pillow reads."""
     from PIL import Image, UnidentifiedImageError
@@ -75,7 +75,7 @@ def load_array(source: str | Path | Image.Image, mode: Mode = "RGB", what: str =
     if mode not in MODES:
         raise ConfigError(f"image mode must be one of {', '.join(MODES)}, got {mode!r}")
     label = what if not isinstance(source, (str, Path)) else f"{what} {str(source)!r}"
-    image = open_file(source, what) if isinstance(source, (str, Path)) else source
+    image = open_image_file(source, what) if isinstance(source, (str, Path)) else source
     if not isinstance(image, Image.Image):
         raise ConfigError(f"{what} must be an image path or a PIL image, got {type(image).__name__}")
     notes: list[str] = []

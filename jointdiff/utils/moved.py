@@ -92,9 +92,11 @@ class MovedModuleFinder(importlib.abc.MetaPathFinder):
 
 
 def install() -> None:
-    """Put the finder on ``sys.meta_path`` (once)."""
+    """Put the finder first on ``sys.meta_path`` (once): it answers only the old names, and it
+    must answer ``jointdiff.families.sd`` before the path finder finds ``sd.py`` through the
+    aliased parent's ``__path__`` and makes a second copy of the module."""
     if not any(isinstance(finder, MovedModuleFinder) for finder in sys.meta_path):
-        sys.meta_path.append(MovedModuleFinder())
+        sys.meta_path.insert(0, MovedModuleFinder())
 
 
 def moved_attribute(package: str, name: str, module: ModuleType) -> Any:

@@ -30,11 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 import pydantic
 
-from jointdiff import hookimpl
-from jointdiff.core.conditioner import Conditioner
-from jointdiff.core.options import PluginOptions
-from jointdiff.utils import images
-from jointdiff.utils.errors import ConfigError, ModelLoadError
+from jointdiff.plugin import Conditioner, ConfigError, ModelLoadError, PluginOptions, hookimpl, images
 
 if TYPE_CHECKING:
     import torch
@@ -326,7 +322,7 @@ def _as_tensor(item: Any, spec: ControlSpec, where: str) -> torch.Tensor:
     from PIL import Image
 
     if isinstance(item, (str, Path)):
-        item = images.open_file(item, f"{where}: image")
+        item = images.open_image_file(item, f"{where}: image")
     if isinstance(item, Image.Image):
         # Grey stays one channel (repeated later): a 16-bit depth map keeps its precision.
         grey = item.mode in ("1", "L", "LA", "I", "F") or item.mode.startswith("I;16")

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from jointdiff import hookimpl
 from jointdiff.models.families.flux import Flux
 from jointdiff.models.families.flux2 import Flux2
 from jointdiff.models.families.qwenimage import QwenImage
 from jointdiff.models.families.sd import StableDiffusion
 from jointdiff.models.families.sd3 import SD3Family
 from jointdiff.models.families.sdxl import StableDiffusionXL
+from jointdiff.plugin import hookimpl
 
 
 @hookimpl

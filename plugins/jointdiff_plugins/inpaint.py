@@ -35,11 +35,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import pydantic
 
-from jointdiff import hookimpl
-from jointdiff.core.conditioner import Conditioner
-from jointdiff.core.options import PluginOptions
-from jointdiff.utils import images
-from jointdiff.utils.errors import ConfigError
+from jointdiff.plugin import Conditioner, ConfigError, PluginOptions, hookimpl, images
 
 if TYPE_CHECKING:
     import torch

@@ -16,8 +16,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from jointdiff.utils.errors import ConfigError, ModelLoadError
-from jointdiff.utils.quiet import stdout_folded
+from jointdiff.plugin import ConfigError, ModelLoadError, stdout_folded
 
 if TYPE_CHECKING:
     import torch

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from jointdiff import hookimpl
-from jointdiff.core.synchronizer import Synchronizer
+from jointdiff.plugin import Synchronizer, hookimpl
 
 
 class NoSynchronizer(Synchronizer):

@@ -41,11 +41,8 @@ from typing import TYPE_CHECKING, Any
 
 import pydantic
 
-from jointdiff import hookimpl
-from jointdiff.core.conditioner import Conditioner, Prompt, encode_text
 from jointdiff.core.masks import area_downsample, feather, image_mask, polygon_mask, rectangle_mask
-from jointdiff.core.options import PluginOptions
-from jointdiff.utils.errors import ConfigError
+from jointdiff.plugin import Conditioner, ConfigError, PluginOptions, Prompt, encode_text, hookimpl
 
 if TYPE_CHECKING:
     import torch

@@ -14,10 +14,16 @@ from typing import TYPE_CHECKING
 
 import pydantic
 
-from jointdiff import hookimpl
-from jointdiff.core.geometry import DecodeFn, EncodeFn, decode_wrapped, encode_wrapped
-from jointdiff.surfaces.sphere_base import SphereGeometry, SphereOptions
-from jointdiff.utils.errors import ConfigError
+from jointdiff.plugin import (
+    ConfigError,
+    DecodeFn,
+    EncodeFn,
+    SphereGeometry,
+    SphereOptions,
+    decode_wrapped,
+    encode_wrapped,
+    hookimpl,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -84,24 +90,21 @@ class EquirectGeometry(SphereGeometry):
         return (1, *self._size)
 
     def canvas_directions(self, scale: int) -> torch.Tensor:
-        from jointdiff.surfaces import (
-            spherical,  # lazy: jointdiff.surfaces.spherical needs torch; importing jointdiff_plugins.sphere must not
-        )
+        # lazy: loads torch; jointdiff_plugins.sphere must import without it
+        from jointdiff.surfaces import spherical
 
         height, width = self._size
         return spherical.equirect_directions((scale * height, scale * width))[None]
 
     def padded_canvas(self, canvas: torch.Tensor) -> torch.Tensor:
-        from jointdiff.surfaces import (
-            spherical,  # lazy: jointdiff.surfaces.spherical needs torch; importing jointdiff_plugins.sphere must not
-        )
+        # lazy: loads torch; jointdiff_plugins.sphere must import without it
+        from jointdiff.surfaces import spherical
 
         return spherical.pad_equirect(canvas)
 
     def canvas_grid(self, directions: torch.Tensor, scale: int) -> torch.Tensor:
-        from jointdiff.surfaces import (
-            spherical,  # lazy: jointdiff.surfaces.spherical needs torch; importing jointdiff_plugins.sphere must not
-        )
+        # lazy: loads torch; jointdiff_plugins.sphere must import without it
+        from jointdiff.surfaces import spherical
 
         height, width = self._size
         return spherical.equirect_grid(spherical.directions_to_equirect_uv(directions), (scale * height, scale * width))
@@ -165,23 +168,20 @@ class CubemapGeometry(SphereGeometry):
         return (6, self._n, self._n)
 
     def canvas_directions(self, scale: int) -> torch.Tensor:
-        from jointdiff.surfaces import (
-            spherical,  # lazy: jointdiff.surfaces.spherical needs torch; importing jointdiff_plugins.sphere must not
-        )
+        # lazy: loads torch; jointdiff_plugins.sphere must import without it
+        from jointdiff.surfaces import spherical
 
         return spherical.cube_directions(scale * self._n)
 
     def padded_canvas(self, canvas: torch.Tensor) -> torch.Tensor:
-        from jointdiff.surfaces import (
-            spherical,  # lazy: jointdiff.surfaces.spherical needs torch; importing jointdiff_plugins.sphere must not
-        )
+        # lazy: loads torch; jointdiff_plugins.sphere must import without it
+        from jointdiff.surfaces import spherical
 
         return spherical.pad_cube(canvas)
 
     def canvas_grid(self, directions: torch.Tensor, scale: int) -> torch.Tensor:
-        from jointdiff.surfaces import (
-            spherical,  # lazy: jointdiff.surfaces.spherical needs torch; importing jointdiff_plugins.sphere must not
-        )
+        # lazy: loads torch; jointdiff_plugins.sphere must import without it
+        from jointdiff.surfaces import spherical
 
         face, uv = spherical.directions_to_cube(directions)
         return spherical.cube_grid(face, uv, scale * self._n)
@@ -190,9 +190,8 @@ class CubemapGeometry(SphereGeometry):
         """Decode the faces, each grown by ``decode_padding_latent`` cells of its neighbours,
         and blend the overlaps (:func:`jointdiff.surfaces.cube.decode_padded_faces`). Returns
         ``(6, 3, f*N, f*N)``."""
-        from jointdiff.surfaces import (
-            cube,  # lazy: jointdiff.surfaces.cube needs torch; importing jointdiff_plugins.sphere must not
-        )
+        # lazy: loads torch; jointdiff_plugins.sphere must import without it
+        from jointdiff.surfaces import cube
 
         return cube.decode_padded_faces(canvas, decode, self.decode_padding_latent, self.latent_scale)
 

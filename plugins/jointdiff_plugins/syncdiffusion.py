@@ -40,10 +40,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Literal, Sequence
 
 import pydantic
 
-from jointdiff import hookimpl
-from jointdiff.core.options import PluginOptions
-from jointdiff.core.synchronizer import Synchronizer
-from jointdiff.utils.errors import ConfigError, ModelLoadError, NonFiniteLatentsError
+from jointdiff.plugin import ConfigError, ModelLoadError, NonFiniteLatentsError, PluginOptions, Synchronizer, hookimpl
 from jointdiff_plugins.lpips_loader import AnchorDistance, load_lpips
 
 if TYPE_CHECKING:
@@ -239,20 +236,23 @@ class SyncDiffusion(Synchronizer):
 
     def evaluations_per_step(self, windows: int, branches: int, rows: int) -> dict[str, int]:
         """Rows of one synchronized step (:func:`jointdiff_plugins.syncdiffusion_cost.rows_per_step`)."""
-        from jointdiff_plugins.syncdiffusion_cost import rows_per_step  # lazy: the cost module needs torch
+        # lazy: the cost module needs torch
+        from jointdiff_plugins.syncdiffusion_cost import rows_per_step
 
         return rows_per_step(windows, branches, rows, bool(self.reuse_region_moves))
 
     def price_per_row(self, model: Any, window: tuple[int, int]) -> tuple[dict[str, float], list[str]]:
         """The loss decoder's and LPIPS's FLOPs per row (:mod:`jointdiff_plugins.syncdiffusion_cost`)."""
-        from jointdiff_plugins.syncdiffusion_cost import price_per_row  # lazy: the cost module needs torch
+        # lazy: the cost module needs torch
+        from jointdiff_plugins.syncdiffusion_cost import price_per_row
 
         taesd = None
         if self.options.decoder != "vae":
             taesd = getattr(self, "_decoder", None)
             path = self.options.taesd_path or model.tiny_autoencoder
             if taesd is None and path:
-                import torch  # lazy: plugin registration stays free of torch
+                # lazy: plugin registration stays free of torch
+                import torch
 
                 try:
                     taesd = _load_taesd(path, torch.float32).to(model.device)

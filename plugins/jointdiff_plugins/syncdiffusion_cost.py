@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from jointdiff.cost.profiling import cached_flops, count_flops, decoder_unit
+from jointdiff.plugin import cached_flops, count_flops, decoder_unit
 from jointdiff_plugins.lpips_loader import AnchorDistance, load_lpips
 
 

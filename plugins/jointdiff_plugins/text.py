@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import pydantic
 
-from jointdiff import hookimpl
-from jointdiff.core.conditioner import Conditioner, Prompt, encode_text
-from jointdiff.core.options import PluginOptions
+from jointdiff.plugin import Conditioner, PluginOptions, Prompt, encode_text, hookimpl
 
 
 class TextConditioner(Conditioner):

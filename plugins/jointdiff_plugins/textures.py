@@ -27,14 +27,22 @@ from typing import TYPE_CHECKING, Sequence
 
 import pydantic
 
-from jointdiff import hookimpl
-from jointdiff.core.conditioner import Conditioner, Prompt, encode_text
-from jointdiff.core.family import LatentFormat
-from jointdiff.core.geometry import DecodeFn, Geometry
-from jointdiff.core.options import PluginOptions
-from jointdiff.core.tiling import TiledGeometry, WindowOptions, axis_starts, resolve_window_stride
+from jointdiff.plugin import (
+    Conditioner,
+    ConfigError,
+    DecodeFn,
+    Geometry,
+    LatentFormat,
+    PluginOptions,
+    Prompt,
+    TiledGeometry,
+    WindowOptions,
+    axis_starts,
+    encode_text,
+    hookimpl,
+    resolve_window_stride,
+)
 from jointdiff.surfaces.textures import AtlasLayout, TileSource
-from jointdiff.utils.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
@@ -197,9 +205,8 @@ class CubeTextureGeometry(Geometry):
         beyond the face), for each edge once (from the first face that has it)."""
         import torch
 
-        from jointdiff.surfaces import (
-            cube,  # lazy: jointdiff.surfaces.cube needs torch; importing jointdiff_plugins.textures must not
-        )
+        # lazy: loads torch; jointdiff_plugins.textures must import without it
+        from jointdiff.surfaces import cube
 
         n, w, stride = self._n, self._window_side, self._stride_side
         along, _ = axis_starts(n, w, stride, False, "face")
@@ -222,9 +229,8 @@ class CubeTextureGeometry(Geometry):
         canvas ``k`` times the latent resolution (``k`` = 1 for latents)."""
         import torch
 
-        from jointdiff.surfaces import (
-            cube,  # lazy: jointdiff.surfaces.cube needs torch; importing jointdiff_plugins.textures must not
-        )
+        # lazy: loads torch; jointdiff_plugins.textures must import without it
+        from jointdiff.surfaces import cube
 
         face, top, left = self.window_specs[window_id]
         size = scale * self._window_side
@@ -277,9 +283,8 @@ class CubeTextureGeometry(Geometry):
         """Decode the faces, each with a border of its neighbours' latents, stacked into one
         tall image, and fuse the overlapping borders so no seam remains along the cube's
         edges (:func:`jointdiff.surfaces.cube.decode_padded_faces`). Returns ``(6, 3, f*N, f*N)``."""
-        from jointdiff.surfaces import (
-            cube,  # lazy: jointdiff.surfaces.cube needs torch; importing jointdiff_plugins.textures must not
-        )
+        # lazy: loads torch; jointdiff_plugins.textures must import without it
+        from jointdiff.surfaces import cube
 
         return cube.decode_padded_faces(canvas, decode, self.decode_padding_latent, self.latent_scale)
 

@@ -11,8 +11,7 @@ from typing import Literal
 
 import pydantic
 
-from jointdiff import hookimpl
-from jointdiff.core.tiling import TiledGeometry, WindowOptions  # noqa: F401 (WindowOptions: also importable from here)
+from jointdiff.plugin import TiledGeometry, WindowOptions, hookimpl
 
 
 class StripGeometry(TiledGeometry):

@@ -11,13 +11,10 @@ from pathlib import Path
 import numpy
 import pytest
 import torch
-
-from jointdiff import JointDiffusion
-from jointdiff.utils.errors import ConfigError
-from jointdiff.jobs.spec import Job
-from jointdiff.core.registry import create
-from jointdiff.testing import GeometryConformance, isolated_plugins, tiny_pipeline
 from jointdiff_ring import RingGeometry, ring_warp
+
+from jointdiff import Job, JointDiffusion, create
+from jointdiff.plugin import ConfigError, GeometryConformance, isolated_plugins, tiny_pipeline
 
 
 # --8<-- [start:conformance]
