@@ -58,13 +58,28 @@ MODELS = ("tiny", "tiny-flux")
 transformer family (FLUX.1: 16 channels, 2×2 patches, distilled guidance)."""
 
 
+CASE_MODELS = {("conditioner", "inpaint_model"): ("tiny-inpaint",)}
+"""Plugins that need a particular kind of model: ``inpaint_model`` runs on an inpainting
+checkpoint (the tiny SD inpainting pipeline, 9-channel UNet)."""
+
+
+def case_model(model: str | None):
+    """The model a case runs on: a tiny model name, or the tiny SD inpainting model."""
+    if model == "tiny-inpaint":
+        from jointdiff.models.families.sd import StableDiffusion
+        from jointdiff.models.tiny import build_tiny_inpaint_pipeline
+
+        return StableDiffusion(build_tiny_inpaint_pipeline(seed=0))
+    return model
+
+
 def conformance_cases():
-    """``(plugin, model)`` pairs: plugins on every model of :data:`MODELS`; a model family
-    on its own (first) tiny model."""
+    """``(plugin, model)`` pairs: plugins on every model of :data:`MODELS` (or of
+    :data:`CASE_MODELS`); a model family on its own (first) tiny model."""
     cases = []
     for param in builtin_plugins():
         info = param.values[0]
-        for model in [None] if info.kind == "family" else MODELS:
+        for model in [None] if info.kind == "family" else CASE_MODELS.get((info.kind, info.name), MODELS):
             suffix = f"-{model}" if model else ""
             cases.append(pytest.param(info, model, id=f"{info.kind}-{info.name}{suffix}"))
     return cases
@@ -104,9 +119,8 @@ def test_every_builtin_plugin_conforms(info, model, tmp_path):
         options = make_options(model, tmp_path)
     else:
         options = example_options(info.cls, guess=info.kind in ("geometry", "family"))
-    if options is None:
-        pytest.skip(f"{info.kind} {info.name!r} has no example_options() classmethod")
-    check_plugin_class(info.kind, info.cls, options, geometry_latent(model) if info.kind == "geometry" else model)
+    assert options is not None, f"{info.kind} {info.name!r} has no example_options() classmethod"  # none skipped
+    check_plugin_class(info.kind, info.cls, options, geometry_latent(model) if info.kind == "geometry" else case_model(model))
 
 
 def builtin_tiny_model_variants():

@@ -76,6 +76,22 @@ class InpaintModelConditioner(Conditioner):
         def _exists(cls, value: Any) -> Any:
             return _check_paths(value)
 
+    @classmethod
+    def example_options(cls) -> dict:
+        """Options for tests on the conformance kit's example canvas (512×256 px at a VAE
+        factor of 8): a grey image and a mask that repaints its right half, written as PNGs
+        to a new temporary folder (paths, so the options survive a job file's round trip)."""
+        import tempfile
+
+        from PIL import Image
+
+        folder = Path(tempfile.mkdtemp(prefix="jointdiff-inpaint-example-"))
+        Image.new("RGB", (512, 256), (128, 128, 128)).save(folder / "image.png")
+        mask = Image.new("L", (512, 256), 0)
+        mask.paste(255, (256, 0, 512, 256))
+        mask.save(folder / "mask.png")
+        return {"image": str(folder / "image.png"), "mask": str(folder / "mask.png")}
+
     def __repr__(self) -> str:
         def short(value: Any) -> str:
             if isinstance(value, (list, tuple)):
