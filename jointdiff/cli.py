@@ -17,12 +17,15 @@ from jointdiff.core.registry import get_registry
 from jointdiff.image.output import changed_inputs, save_result
 from jointdiff.jobs.spec import Job, check_before_loading, read_job_file, resolve_paths, run_job, tomllib
 from jointdiff.jobs.toml_writer import dump_job_toml
+from jointdiff.surfaces.mesh_viewer import write_mesh_viewer
 from jointdiff.surfaces.viewer import equirect_shape_note, serve_viewer, write_viewer
 from jointdiff.utils.errors import ConfigError, JointDiffError
 from jointdiff.utils.files import check_writable, free_output
 from jointdiff.utils.version import VERSION as __version__
 
 EXIT_USAGE = 2
+MESH_SUFFIXES = (".glb", ".gltf", ".obj", ".ply", ".stl")
+"""``view`` shows these as meshes (only ``.glb`` is read; the others are told to convert)."""
 
 
 def parse_assignment(text: str) -> tuple[str, Any]:
@@ -292,17 +295,15 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def cmd_view(args: argparse.Namespace) -> int:
-    """``view``: the page is written like every output (kept unless ``--overwrite``: the
-    next free name, said); a panorama that is not 2:1 is said before it is shown."""
+    """``view``: a panorama that is not 2:1 is said before its page is written (kept unless
+    ``--overwrite``: the next free name, said)."""
+    if Path(args.pano).suffix.lower() in MESH_SUFFIXES:
+        return _view_mesh(args)
     note = equirect_shape_note(args.pano) if Path(args.pano).is_file() else None
     if note:
         _note(note)
     if args.output or not args.serve:
-        page = Path(args.output or Path(args.pano).with_suffix(".html"))
-        target = page if args.overwrite else free_output(page, 1)
-        if target != page:
-            _note(f"{str(page)!r} exists; writing {str(target)!r} instead (--overwrite replaces it)")
-        print(write_viewer(args.pano, target))
+        print(write_viewer(args.pano, _plan_page(args.output or Path(args.pano).with_suffix(".html"), args.overwrite)))
     if args.serve:
         try:
             serve_viewer(args.pano, args.port)
@@ -459,13 +460,30 @@ def _add_sky(sub: Any) -> None:
     sky.set_defaults(func=cmd_sky)
 
 
+def _view_mesh(args: argparse.Namespace) -> int:
+    """``view MODEL.glb``: the textured mesh's orbit viewer page next to the model (or ``--output``)."""
+    if args.serve:
+        raise ConfigError(f"view: --serve shows panoramas only; open the page written for {args.pano!r} in a browser")
+    target = _plan_page(args.output or Path(args.pano).with_suffix(".html"), args.overwrite)
+    print(write_mesh_viewer(args.pano, target, overwrite=args.overwrite))
+    return 0
+
+
+def _plan_page(path: str | Path, overwrite: bool) -> Path:
+    """Where a viewer page goes: ``path``, or unless ``overwrite`` the next free name when a
+    file is there (said on stderr), as for images."""
+    target = Path(path) if overwrite else free_output(path, 1)
+    if target != Path(path):
+        _note(f"{str(path)!r} exists; writing {str(target)!r} instead (--overwrite replaces it)")
+    return target
+
+
 def _add_view(sub: Any) -> None:
-    view = _subparser(sub, "view", "show a 360° panorama in a self-contained HTML viewer")
-    view.add_argument("pano", help="equirectangular image (PNG, JPEG or WebP)")
-    view.add_argument("--output", "-o", metavar="PAGE.html", help="page to write; unset: PANO with .html")
-    view.add_argument("--overwrite", action="store_true",
-                      help="replace an existing page; without it the page goes to the next free name (NAME-1.html, ...)")
-    view.add_argument("--serve", action="store_true", help="serve the page on http://127.0.0.1:PORT/")
+    view = _subparser(sub, "view", "show a 360° panorama or a textured mesh (.glb) in a self-contained HTML viewer")
+    view.add_argument("pano", metavar="PANO|MODEL.glb", help="equirectangular image (PNG, JPEG or WebP) or binary glTF model")
+    view.add_argument("--output", "-o", metavar="PAGE.html", help="page to write; unset: the input with .html")
+    view.add_argument("--overwrite", action="store_true", help="replace an existing page (else: the next free name)")
+    view.add_argument("--serve", action="store_true", help="serve the panorama's page on http://127.0.0.1:PORT/")
     view.add_argument("--port", type=int, default=8360, help="port of --serve")
     view.set_defaults(func=cmd_view)
 

@@ -12,7 +12,8 @@ What it holds (plugin API :data:`PLUGIN_API_VERSION`, see ``docs/hooks.md``):
 - reusable bases and helpers: :class:`TiledGeometry` (crop windows, wrap), :class:`WindowOptions`,
   :func:`resolve_window_stride`, :func:`axis_starts`, :class:`SphereGeometry` and
   :class:`SphereOptions` (perspective views of a sphere), :func:`decode_wrapped`,
-  :func:`encode_wrapped`, :func:`encode_text`;
+  :func:`encode_wrapped`, :func:`encode_text`, :func:`check_geometry_maps` (a conditioner's
+  geometry maps against the geometry);
 - what the engine hands plugins: :class:`Prompt`, :class:`Embeddings`, :class:`LatentFormat`
   (:data:`SD_LATENT`); :class:`JobContext`, :class:`WindowBatch`, :class:`StepState` and
   :func:`keyed_generator` (imported on first use: they need torch);
@@ -38,7 +39,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from jointdiff.core.conditioner import Conditioner, Prompt, encode_text
+from jointdiff.core.conditioner import Conditioner, Prompt, check_geometry_maps, encode_text
 from jointdiff.core.family import SD_LATENT, Embeddings, GuidanceMode, LatentFormat, ModelFamily
 from jointdiff.core.geometry import DecodeFn, EncodeFn, Geometry, decode_wrapped, encode_wrapped
 from jointdiff.core.hookspecs import PLUGIN_API_VERSION, hookimpl
@@ -74,7 +75,7 @@ __all__ = [
     "PLUGIN_API_VERSION", "hookimpl",
     "Geometry", "Conditioner", "Synchronizer", "ModelFamily", "PluginOptions",
     "TiledGeometry", "WindowOptions", "resolve_window_stride", "axis_starts", "SphereGeometry", "SphereOptions",
-    "DecodeFn", "EncodeFn", "decode_wrapped", "encode_wrapped", "encode_text",
+    "DecodeFn", "EncodeFn", "decode_wrapped", "encode_wrapped", "encode_text", "check_geometry_maps",
     "Prompt", "Embeddings", "GuidanceMode", "LatentFormat", "SD_LATENT",
     "ConfigError", "JointDiffError", "ModelLoadError", "NonFiniteLatentsError", "PluginError",
     "images", "stdout_folded",

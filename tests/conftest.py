@@ -23,6 +23,47 @@ def tiny_pipeline():
     return load_pipeline("tiny", device="cpu", dtype="float32")
 
 
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+WINDOW_PX = (640, 480)  # (w, h) of the browser window
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Headless Chromium with software WebGL (SwiftShader), a fresh profile, no network, its
+    console kept (``driver.get_log("browser")``); one for the whole session (the viewer tests)."""
+    import shutil
+    import tempfile
+
+    if os.environ.get("JOINTDIFF_SKIP_BROWSER") == "1":
+        pytest.skip("JOINTDIFF_SKIP_BROWSER=1")
+    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+        pytest.fail(
+            f"{CHROMIUM} or {CHROMEDRIVER} is missing: run scripts/install-browser.sh "
+            "(or set JOINTDIFF_SKIP_BROWSER=1 to skip the browser tests)"
+        )
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        pytest.fail("selenium is not installed: pip install selenium (or set JOINTDIFF_SKIP_BROWSER=1)")
+    profile = tempfile.mkdtemp(prefix="jointdiff-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    for flag in (
+        "--headless=new", "--no-sandbox", "--disable-gpu", "--use-angle=swiftshader", "--enable-unsafe-swiftshader",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
+        f"--user-data-dir={profile}", f"--window-size={WINDOW_PX[0]},{WINDOW_PX[1]}", "--force-device-scale-factor=1",
+    ):  # fmt: skip
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
 @pytest.fixture
 def fresh_tiny_pipeline():
     """A private tiny pipeline a test may modify (e.g. swap the scheduler)."""

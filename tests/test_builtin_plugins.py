@@ -6,7 +6,7 @@ from jointdiff.core.registry import PluginManager
 
 EXPECTED = {
     "geometry": {"strip", "grid", "torus", "atlas", "cube_texture", "equirect", "cubemap"},
-    "conditioner": {"text", "tile_text", "controlnet", "regions", "inpaint_model"},
+    "conditioner": {"text", "tile_text", "controlnet", "regions", "inpaint_model", "flux_control"},
     "synchronizer": {"none", "syncdiffusion"},
 }
 

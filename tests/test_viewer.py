@@ -12,10 +12,7 @@ from __future__ import annotations
 import base64
 import io
 import math
-import os
 import re
-import shutil
-import tempfile
 import threading
 import time
 import urllib.error
@@ -32,8 +29,6 @@ from jointdiff.surfaces import viewer
 from jointdiff.utils.errors import ConfigError
 
 FIXTURE = Path(__file__).parent / "fixtures" / "equirect_demo_1024x512.png"
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-WINDOW_PX = (640, 480)  # (w, h) of the browser window
 
 
 # ---- the page ----------------------------------------------------------------------------
@@ -77,6 +72,12 @@ def test_write_viewer_and_errors(tmp_path):
 def test_cli_view_writes_the_page_and_reports_errors_in_one_line(tmp_path, capsys):
     assert main(["view", str(FIXTURE), "--output", str(tmp_path / "v.html")]) == 0
     assert (tmp_path / "v.html").read_text(encoding="utf-8") == viewer.viewer_html(FIXTURE)
+    (tmp_path / "v.html").write_text("mine")
+    assert main(["view", str(FIXTURE), "--output", str(tmp_path / "v.html")]) == 0  # kept: the next free name
+    assert (tmp_path / "v.html").read_text() == "mine" and (tmp_path / "v-1.html").is_file()
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["view", str(FIXTURE), "--output", str(tmp_path / "v.html"), "--overwrite"]) == 0
+    assert (tmp_path / "v.html").read_text(encoding="utf-8") == viewer.viewer_html(FIXTURE)
     assert main(["view", str(tmp_path / "nope.png")]) == 2
     assert "nope.png" in capsys.readouterr().err
 
@@ -98,38 +99,6 @@ def test_server_listens_on_localhost_only_and_serves_the_page():
 
 
 # ---- in the browser ----------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def browser():
-    """Headless Chromium with software WebGL (SwiftShader), a fresh profile, no network."""
-    if os.environ.get("JOINTDIFF_SKIP_BROWSER") == "1":
-        pytest.skip("JOINTDIFF_SKIP_BROWSER=1")
-    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
-        pytest.fail(
-            f"{CHROMIUM} or {CHROMEDRIVER} is missing: run scripts/install-browser.sh "
-            "(or set JOINTDIFF_SKIP_BROWSER=1 to skip the browser tests)"
-        )
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-    except ImportError:
-        pytest.fail("selenium is not installed: pip install selenium (or set JOINTDIFF_SKIP_BROWSER=1)")
-    profile = tempfile.mkdtemp(prefix="jointdiff-chromium-")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in (
-        "--headless=new", "--no-sandbox", "--disable-gpu", "--use-angle=swiftshader", "--enable-unsafe-swiftshader",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
-        f"--user-data-dir={profile}", f"--window-size={WINDOW_PX[0]},{WINDOW_PX[1]}", "--force-device-scale-factor=1",
-    ):  # fmt: skip
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    try:
-        yield driver
-    finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)
 
 
 def open_viewer(driver, url: str) -> dict:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 
 from jointdiff.core.family import Embeddings
 from jointdiff.core.options import Configurable
+from jointdiff.utils.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
@@ -103,6 +104,13 @@ class Conditioner(Configurable, ABC):
     def setup(self, context: JobContext) -> None:
         """Called once per job after the model is loaded (encode prompts, move models)."""
 
+    def geometry_maps(self) -> tuple[str, ...]:
+        """Names of the geometry's per-window maps (:attr:`Geometry.window_maps
+        <jointdiff.core.geometry.Geometry.window_maps>`, e.g. ``"depth"``) this conditioner
+        will ask for; the job checks them against its geometry before any model loads
+        (:func:`check_geometry_maps`). Default: none."""
+        return ()
+
     def prompt(self) -> Prompt | None:
         """The prompt this conditioner provides, or None. Exactly one per job provides one."""
         return None
@@ -137,6 +145,21 @@ class Conditioner(Configurable, ABC):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned, after :meth:`setup`, on resume."""
+
+
+def check_geometry_maps(geometry: Any, conditioners: Sequence[Conditioner]) -> None:
+    """ConfigError, one line, for the first map a conditioner asks for (:meth:`Conditioner.geometry_maps`)
+    that ``geometry`` does not render (``geometry.window_maps``), naming what it renders.
+    Needs only the classes' options, so a job runs it before any model loads."""
+    renders = tuple(getattr(geometry, "window_maps", ()))
+    for conditioner in conditioners:
+        for name in conditioner.geometry_maps():
+            if name not in renders:
+                what = ", ".join(map(repr, renders)) if renders else "no per-window maps"
+                raise ConfigError(
+                    f"{getattr(conditioner, 'name', type(conditioner).__name__)}: image = {name!r} is a map the "
+                    f"geometry renders per window, but geometry {geometry.name!r} renders {what}"
+                )
 
 
 def encode_text(

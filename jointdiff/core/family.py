@@ -360,7 +360,25 @@ class ModelFamily(Configurable, ABC):
                 f"model family {self.name!r}: this inpainting checkpoint needs an image and a mask; "
                 "add the 'inpaint_model' conditioner"
             )
+        if self.takes_control_image:
+            raise ConfigError(
+                f"model family {self.name!r}: this control checkpoint (e.g. FLUX.1 Depth/Canny) needs a control "
+                "image; add the 'flux_control' conditioner"
+            )
         return latents, extra
+
+    @property
+    def takes_control_image(self) -> bool:
+        """Whether this checkpoint takes a control image joined to its latents along channels
+        (FLUX.1 Depth-dev / Canny-dev, diffusers' ``FluxControlPipeline``): ``extra["concat_condition"]``
+        of :meth:`forward`, built by :meth:`control_image_condition`. Default: False."""
+        return False
+
+    def control_image_condition(self, pixels: torch.Tensor) -> torch.Tensor:
+        """What a channel-concatenated control model joins to its latents: ``pixels``
+        ``(B, 3, f·H, f·W)`` in [-1, 1] (a canvas sheet, or a window's map) → ``(B, C', H, W)``
+        at latent resolution. ConfigError when the checkpoint takes no control image."""
+        raise ConfigError(f"model family {self.name!r} has no channel-concatenated control model support")
 
     @property
     def is_inpainting(self) -> bool:

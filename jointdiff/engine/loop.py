@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from jointdiff.core.conditioner import Conditioner, Prompt
+from jointdiff.core.conditioner import Conditioner, Prompt, check_geometry_maps
 from jointdiff.core.context import JobContext, StepState, WindowBatch
 from jointdiff.core.geometry import Geometry
 from jointdiff.core.synchronizer import Synchronizer
@@ -350,6 +350,7 @@ class JointDiffusion:
             profiling.announce(estimate, self)
         budget.check(estimate, self.max_megapixels, self.memory_limit_gb, self.geometry.name)
         self._check_one_per_job()
+        check_geometry_maps(self.geometry, self.conditioners)
         comm = resolve_distributed(self.distributed)
         generator = torch.Generator("cpu").manual_seed(seed)
         context = JobContext(self.model, self.geometry, self.device, self.dtype, num_inference_steps, generator,

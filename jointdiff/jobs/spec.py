@@ -37,7 +37,7 @@ from typing import Any, Literal, Mapping
 
 import pydantic
 
-from jointdiff.core.conditioner import Conditioner
+from jointdiff.core.conditioner import Conditioner, check_geometry_maps
 from jointdiff.core.family import SD_LATENT
 from jointdiff.core.options import format_validation_error
 from jointdiff.core.registry import create
@@ -200,6 +200,7 @@ class Job(_Strict):
                 raise ConfigError(f"job: model.{error}") from None
         _check_one_prompt(self.conditioners, conditioners)
         _check_fast_modes(self, geometry)
+        check_geometry_maps(geometry, conditioners)
         _check_steps_run(self, family)
         geometry.setup(family.latent if family is not None else SD_LATENT)
         if family is not None and family.guidance_modes is not None and "cfg" not in family.guidance_modes:

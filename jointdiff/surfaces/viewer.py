@@ -115,7 +115,8 @@ try {{
 """
 
 
-def _vendored(name: str) -> str:
+def vendored_text(name: str) -> str:
+    """The text of the vendored three.js file ``name`` (``assets/viewer``, see its PROVENANCE.md)."""
     return resources.files("jointdiff.surfaces").joinpath("assets", "viewer", name).read_text(encoding="utf-8")
 
 
@@ -143,7 +144,7 @@ def viewer_html(
     initial view is ``yaw_deg``/``pitch_deg``/``fov_deg`` (module conventions)."""
     if not 10 <= fov_deg <= 120:
         raise ConfigError(f"fov_deg must be in 10..120, got {fov_deg}")
-    core, module = _vendored(THREE_CORE), _vendored(THREE_MODULE)
+    core, module = vendored_text(THREE_CORE), vendored_text(THREE_MODULE)
     if any("</script" in text.lower() for text in (core, module)):
         raise ConfigError("a vendored three.js file contains '</script' and cannot be inlined")
     if f'"./{THREE_CORE}"' not in module:

@@ -101,6 +101,30 @@ def save_image_atomic(
     return path
 
 
+def write_text_atomic(text: str, path: str | Path, *, overwrite: bool = True) -> Path:
+    """Write ``text`` (UTF-8) via a temporary file in the same folder and an atomic rename,
+    as :func:`save_image_atomic`; with ``overwrite=False`` an existing ``path`` is never
+    replaced (FileExistsError)."""
+    path = Path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent or ".")
+    except OSError as error:
+        raise ConfigError(f"cannot write output {str(path)!r}: {error.strerror or error}") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs are ordinary files
+        _place(tmp, path, overwrite)
+    except FileExistsError:
+        raise
+    except OSError as error:
+        raise ConfigError(f"cannot write output {str(path)!r}: {error.strerror or error}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
 def _place(tmp: str, path: Path, overwrite: bool) -> None:
     """Move the finished ``tmp`` to ``path``; without ``overwrite`` a hard link, which fails
     when ``path`` exists (no window in which another writer's file is replaced)."""

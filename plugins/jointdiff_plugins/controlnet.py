@@ -16,8 +16,17 @@ Behaviour follows diffusers' ``StableDiffusionControlNetPipeline`` (non-guess mo
   ``(i+1)/n > guidance_end``; its residuals are scaled by ``conditioning_scale``;
 - several ControlNets add their residuals (diffusers' ``MultiControlNetModel``).
 
+The condition can also come from the geometry itself: ``image = "depth"`` (or ``"normal"``,
+``"mask"``, any name in the geometry's ``window_maps``) gives every window the map the
+geometry renders for it (:meth:`~jointdiff.core.geometry.Geometry.window_map`, at the pixel
+scale the ControlNet takes), as SyncMVD (Liu et al. 2023) gives every rendered view of a mesh
+its depth for a depth ControlNet. A geometry that renders no such map is refused before any
+model loads.
+
 Tensors: condition images ``(S, C, H_px, W_px)`` at the canvas's pixel size (``S`` sheets),
-kept once on the device; window conditions ``(B', C, h_px, w_px)`` are cut per batch.
+kept once on the device; window conditions ``(B', C, h_px, w_px)`` are cut per batch. Maps
+from the geometry are kept per window, ``(N, C, h_px, w_px)`` (or the family's latents of
+them), and their rows taken per batch.
 """
 
 from __future__ import annotations
@@ -30,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 import pydantic
 
-from jointdiff.plugin import Conditioner, ConfigError, ModelLoadError, PluginOptions, hookimpl, images
+from jointdiff.plugin import Conditioner, ConfigError, ModelLoadError, PluginOptions, check_geometry_maps, hookimpl, images
 
 if TYPE_CHECKING:
     import torch
@@ -67,8 +76,19 @@ def _check_model(value: Any) -> Any:
     return value
 
 
-def _check_image(value: Any) -> Any:
-    """Paths must exist now (before any model loads); arrays and images are checked in setup."""
+def geometry_map_name(value: Any) -> str | None:
+    """The name of a geometry map (``"depth"``, ``"normal"``, ``"mask"``, ...) when ``image``
+    is one: a bare name (a Python identifier, no suffix or folder) that is not a file here."""
+    if isinstance(value, str) and value.isidentifier() and not Path(value).is_file():
+        return value
+    return None
+
+
+def check_image(value: Any) -> Any:
+    """Paths must exist now (before any model loads); arrays and images are checked in setup.
+    A geometry map name is checked against the job's geometry (:meth:`geometry_maps`)."""
+    if geometry_map_name(value) is not None:
+        return value
     items = value if isinstance(value, (list, tuple)) else [value]
     for item in items:
         if isinstance(item, (str, Path)) and not Path(item).expanduser().is_file():
@@ -80,7 +100,10 @@ class ControlSpec(PluginOptions):
     """One ControlNet with its condition (a table of ``controls``)."""
 
     model: Any = pydantic.Field(description="hub id, local ControlNet folder, 'tiny', or a diffusers ControlNet model")
-    image: Any = pydantic.Field(description="condition at the canvas's pixel size: path, PIL, array, tensor; a list per sheet")
+    image: Any = pydantic.Field(
+        description="condition at the canvas's pixel size: path, PIL, array, tensor; a list per sheet; "
+        "or the name of a map the geometry renders per window ('depth', 'normal', 'mask')"
+    )
     conditioning_scale: float = pydantic.Field(1.0, ge=0.0, description="residual scale (diffusers' controlnet_conditioning_scale)")
     guidance_start: float = pydantic.Field(0.0, ge=0.0, le=1.0, description="first fraction of the steps with control")
     guidance_end: float = pydantic.Field(1.0, ge=0.0, le=1.0, description="last fraction of the steps with control")
@@ -96,7 +119,7 @@ class ControlSpec(PluginOptions):
     @pydantic.field_validator("image")
     @classmethod
     def _image_exists(cls, value: Any) -> Any:
-        return _check_image(value)
+        return check_image(value)
 
     @pydantic.model_validator(mode="after")
     def _ordered(self):
@@ -109,11 +132,20 @@ class ControlSpec(PluginOptions):
 
 @dataclass
 class _Control:
-    """A loaded ControlNet with its condition ``(S, C, H_px, W_px)`` on the device."""
+    """A loaded ControlNet with its condition on the device: ``(S, C, H_px, W_px)`` for the
+    canvas, cut per window by the geometry, or ``(N, C, h_px, w_px)`` per window
+    (``per_window``: a geometry map) whose rows are taken as they are."""
 
     model: Any
     image: torch.Tensor
     spec: ControlSpec
+    per_window: bool = False
+
+    def windows(self, geometry, window_ids: Sequence[int]) -> torch.Tensor:
+        """The condition of the windows ``window_ids``, ``(B, C, h_px, w_px)``."""
+        if self.per_window:
+            return self.image[list(window_ids)]
+        return geometry.extract(self.image, window_ids)
 
     def scale_at(self, step: int | None, count: int) -> float:
         """diffusers' ``controlnet_keep`` times the conditioning scale (``step`` None: active)."""
@@ -159,6 +191,11 @@ class ControlNetConditioner(Conditioner):
         rows = [", ".join(f"{k}={short(getattr(c, k))}" for k in SPEC_FIELDS) for c in self.options.controls]
         return f"{type(self).__name__}(controls=[{'; '.join(rows)}])"
 
+    def geometry_maps(self) -> tuple[str, ...]:
+        """The geometry maps the controls take as their image (``image = "depth"``, ...)."""
+        names = (geometry_map_name(spec.image) for spec in self.options.controls)
+        return tuple(name for name in names if name is not None)
+
     # -- setup ---------------------------------------------------------------------------
 
     def setup(self, context) -> None:
@@ -166,15 +203,20 @@ class ControlNetConditioner(Conditioner):
         the family's ControlNet takes: pixels or latents) on the device."""
         import torch
 
+        check_geometry_maps(context.geometry, [self])  # before any ControlNet loads
         self._controls = []
         for index, spec in enumerate(self.options.controls):
             where = f"controlnet: controls[{index}]" if len(self.options.controls) > 1 else "controlnet"
             model = load_controlnet(spec.model, context, where)
             channels = model.config.get("conditioning_channels", None) or 3
-            image = load_condition(spec, context, channels, where).to(context.device)
-            with torch.no_grad():
-                condition = torch.cat([context.model.control_condition(model, sheet[None]) for sheet in image])
-            self._controls.append(_Control(model, condition.to(model.dtype), spec))
+            per_window = geometry_map_name(spec.image) is not None
+            if per_window:
+                image = load_window_maps(spec, context, channels, where).to(context.device)
+            else:
+                image = load_condition(spec, context, channels, where).to(context.device)
+            with torch.no_grad():  # per sheet, or per window for a geometry map
+                condition = torch.cat([context.model.control_condition(model, item[None]) for item in image])
+            self._controls.append(_Control(model, condition.to(model.dtype), spec, per_window))
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -196,7 +238,7 @@ class ControlNetConditioner(Conditioner):
             scale = control.scale_at(step, count)
             if scale == 0.0:
                 continue  # diffusers multiplies the residuals by 0; skipping adds the same nothing
-            condition = context.geometry.extract(control.image, window_ids)
+            condition = control.windows(context.geometry, window_ids)
             if model.controlnet_positive_only and branches == 2:
                 rows = list(range(len(window_ids), 2 * len(window_ids)))
                 residuals = model.controlnet_kwargs(
@@ -312,6 +354,26 @@ def load_condition(spec: ControlSpec, context, channels: int, where: str = "cont
                 f"{where}: image has {tensor.shape[0]} channels; the ControlNet takes {channels} (or 1, repeated)"
             )
     return torch.stack([t.expand(channels, -1, -1) for t in tensors])
+
+
+def load_window_maps(spec: ControlSpec, context, channels: int, where: str = "controlnet") -> torch.Tensor:
+    """The geometry's map ``spec.image`` of every window, ``(N, channels, f·h, f·w)`` in [0, 1]
+    on the CPU, at the VAE factor ``f`` (the pixels a ControlNet takes), one-channel maps
+    repeated; Canny edges of each window's map with ``preprocess = "canny"``."""
+    import torch
+
+    geometry = context.geometry
+    name, scale = spec.image, geometry.latent_scale
+    maps = [geometry.window_map(name, [index], scale).detach().float().cpu() for index in range(geometry.num_windows)]
+    maps = torch.cat(maps)
+    if maps.shape[1] not in (1, channels):
+        raise ConfigError(
+            f"{where}: the geometry's {name!r} map has {maps.shape[1]} channels; "
+            f"the model takes {channels} (or 1, repeated)"
+        )
+    if spec.preprocess == "canny":
+        maps = torch.stack([canny(window, spec.canny_low, spec.canny_high) for window in maps])
+    return maps.expand(-1, channels, -1, -1).contiguous()
 
 
 def _as_tensor(item: Any, spec: ControlSpec, where: str) -> torch.Tensor:

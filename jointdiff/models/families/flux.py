@@ -45,7 +45,9 @@ class Flux(FlowMatchFamily):
     when the transformer has ``guidance_embeds`` (dev), ``none`` otherwise (schnell)."""
 
     name = "flux"
-    pipeline_classes = ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline", "FluxFillPipeline")
+    pipeline_classes = (
+        "FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline", "FluxFillPipeline", "FluxControlPipeline",
+    )
     latent = LatentFormat(channels=16, scale_factor=8, patch=PATCH, native_window=128, min_window=8, max_window=512)
     guidance = "distilled"
     guidance_modes = frozenset({"distilled", "none"})
@@ -209,6 +211,29 @@ class Flux(FlowMatchFamily):
         latents = torch.cat([self.encode_mean(sheet[None] * (1 - sheet_mask)) for sheet, sheet_mask in zip(pixels, mask)])
         folded = torch.nn.functional.pixel_unshuffle(mask, self.latent_format.scale_factor)
         return torch.cat([latents, folded.to(latents)], dim=1)
+
+    # -- channel-concatenated control (FLUX.1 Depth/Canny-dev) ------------------------------
+
+    @property
+    def takes_control_image(self) -> bool:
+        """FLUX.1 Depth/Canny-dev: the transformer takes ``2 · 4C`` = 128 features per token
+        (latents 64, control-image latents 64) and puts out 64."""
+        fmt = self.latent_format
+        return int(self.pipeline.transformer.config.in_channels) == 2 * PATCH**2 * fmt.channels
+
+    def control_image_condition(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``(B, 16, H, W)``: the VAE latents of the control image ``pixels`` ``(B, 3, 8H, 8W)``
+        in [-1, 1], scaled and shifted like the canvas, at the posterior mean; the unpacked
+        form of FluxControlPipeline's control latents: packing ``[latents, condition]`` into
+        2×2 tokens gives its ``cat([latents, control_image], dim=2)`` (features 64 + 64)."""
+        import torch
+
+        if not self.takes_control_image:
+            raise ConfigError(
+                f"model family 'flux': the transformer takes {self.pipeline.transformer.config.in_channels} features "
+                "per token, not FLUX.1 Depth/Canny's 128; load a control checkpoint (FLUX.1-Depth-dev, FLUX.1-Canny-dev)"
+            )
+        return torch.cat([self.encode_mean(image[None]) for image in pixels])
 
     # -- positions on the canvas ---------------------------------------------------------
 
@@ -427,6 +452,22 @@ def build_tiny_pipeline(seed: int = 0, guidance_embeds: bool = True):
 def build_tiny_schnell_pipeline(seed: int = 0):
     """The schnell-like tiny model: no guidance embedding, no dynamic shift."""
     return build_tiny_pipeline(seed, guidance_embeds=False)
+
+
+def build_tiny_control_pipeline(seed: int = 0):
+    """A stock ``FluxControlPipeline`` of tiny random components, FLUX.1 Depth/Canny-dev's
+    layout: the tiny dev-like model with a transformer taking 128 features per token (latents
+    and control-image latents, 2 × 16 channels × 2×2) and putting out 64."""
+    from diffusers import FluxControlPipeline, FluxTransformer2DModel
+
+    parts = build_tiny_pipeline(seed).components
+    transformer = _seeded(seed, lambda: FluxTransformer2DModel(
+        patch_size=1, in_channels=128, out_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
+        axes_dims_rope=(4, 4, 8),
+    ))
+    keep = ("scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+    return FluxControlPipeline(**{k: parts[k] for k in keep}, transformer=transformer)
 
 
 def build_tiny_controlnet(seed: int = 0, guidance_embeds: bool = True):
