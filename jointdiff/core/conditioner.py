@@ -182,5 +182,6 @@ def encode_text(
         model.check_guidance(guidance_scale, negative, owner)
     cfg = any(model.uses_cfg(scale, negative) for negative in negative_prompts)
     with torch.no_grad():
-        embeds, negative = model.encode_prompts(list(prompts), [n or "" for n in negative_prompts] if cfg else None)
+        negatives = [n if n is not None or model.absent_negative_differs else "" for n in negative_prompts]
+        embeds, negative = model.encode_prompts(list(prompts), negatives if cfg else None)
     return embeds, negative, scale
