@@ -41,6 +41,16 @@ def parse_assignment(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def _view_batch_size(text: str) -> int | str:
+    """``--view-batch-size``: a whole number of windows, or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number or auto, got {text!r}") from None
+
+
 def _plugin_table(name: str, assignments: Sequence[str]) -> dict[str, Any]:
     return {"name": name, **dict(parse_assignment(a) for a in assignments)}
 
@@ -429,7 +439,8 @@ def _add_job_options(gen: argparse.ArgumentParser, output_default: str) -> None:
     gen.add_argument("--dtype", default="auto", help="auto (float16/bfloat16 on CUDA, float32 elsewhere), float32, float16 or bfloat16")
     gen.add_argument("--steps", type=int, default=50, help="denoising steps")
     gen.add_argument("--seed", type=int, default=0, help=f"random seed (0..{2**63 - 1})")
-    gen.add_argument("--view-batch-size", type=int, default=4, help="windows per model call")
+    gen.add_argument("--view-batch-size", type=_view_batch_size, default=4, metavar="N|auto",
+                     help="windows per model call; auto: as many as fit the free CUDA memory (4 elsewhere)")
     gen.add_argument("--fusion", choices=["latent", "x0", "x0_renoise"],
                      help="latent (MultiDiffusion), x0 (SyncTweedies) or x0_renoise (few-step models); unset: the geometry's preferred")
     gen.add_argument("--windows", choices=["overlap", "shifted"],

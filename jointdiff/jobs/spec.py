@@ -137,7 +137,9 @@ class Job(_Strict):
     synchronizer: PluginSpec = PluginSpec(name="none")
     steps: int = pydantic.Field(50, ge=1, le=MAX_STEPS, description=f"denoising steps, 1..{MAX_STEPS}")
     seed: int = pydantic.Field(0, ge=0, le=MAX_SEED, description=f"random seed, 0..{MAX_SEED}")
-    view_batch_size: int = pydantic.Field(4, ge=1)
+    view_batch_size: pydantic.PositiveInt | Literal["auto"] = pydantic.Field(
+        4, description='windows per model call, or "auto": as many as fit the free CUDA memory (4 elsewhere)'
+    )
     eta: float = 0.0
     fusion: Literal["latent", "x0", "x0_renoise"] | None = pydantic.Field(
         None, description="latent (MultiDiffusion), x0 (SyncTweedies) or x0_renoise (few-step models); None: the geometry's"
