@@ -145,3 +145,30 @@ def test_x0_renoise_on_many_steps_is_said_once(caplog, monkeypatch):
         "fusion = 'x0_renoise' is for few-step models (1-8 steps) and this job has steps = 50; "
         "for an ordinary model use fusion = 'x0' or 'latent' (docs/fast-modes.md)"
     ]
+
+
+def test_a_2_gigapixel_canvas_is_refused_by_arithmetic(monkeypatch, capsys):
+    """Refused from the canvas shape alone: before a model loads, and in the engine before
+    the cost estimate walks the windows."""
+    from jointdiff.engine.loop import JointDiffusion
+
+    monkeypatch.setattr(JointDiffusion, "estimate", lambda *a, **k: pytest.fail("the estimate walked the windows"))
+    monkeypatch.setattr(loading, "_load_from_string", lambda *a, **k: pytest.fail("the model was loaded"))
+    big = {"name": "grid", "height_px": 45056, "width_px": 45056}
+    with pytest.raises(ConfigError, match=r"the canvas is 2030\.0 megapixels \(45056×45056 px; [\d,]+ windows\), above max_megapixels = 64"):
+        Job.from_dict({**JOB, "geometry": big})
+    code = cli.main(["generate", "x", "--geometry", "grid", "-g", "height_px=45056", "-g", "width_px=45056", "--device", "cpu"])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "" and err.count("\n") == 1 and "2030.0 megapixels" in err
+
+
+def test_the_engine_refuses_a_huge_canvas_before_its_estimate(monkeypatch):
+    from jointdiff.core.registry import create
+    from jointdiff.engine.loop import JointDiffusion
+    from jointdiff.testing import tiny_model
+
+    engine = JointDiffusion(tiny_model("tiny"), create("geometry", "grid", height_px=45056, width_px=45056),
+                            [create("conditioner", "text", prompt="x")])
+    monkeypatch.setattr(JointDiffusion, "estimate", lambda *a, **k: pytest.fail("the estimate walked the windows"))
+    with pytest.raises(ConfigError, match="2030.0 megapixels"):
+        engine(1, progress=False)

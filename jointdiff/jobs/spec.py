@@ -39,6 +39,7 @@ import pydantic
 
 from jointdiff.core.conditioner import Conditioner, check_geometry_maps
 from jointdiff.core.family import SD_LATENT
+from jointdiff.core.geometry import DEFAULT_MAX_MEGAPIXELS, check_canvas_megapixels
 from jointdiff.core.options import format_validation_error
 from jointdiff.core.registry import create
 from jointdiff.image.init_spec import InitSpec
@@ -205,6 +206,7 @@ class Job(_Strict):
         check_geometry_maps(geometry, conditioners)
         _check_steps_run(self, family)
         geometry.setup(family.latent if family is not None else SD_LATENT)
+        check_canvas_megapixels(geometry, DEFAULT_MAX_MEGAPIXELS if self.max_megapixels is None else self.max_megapixels)
         if family is not None and family.guidance_modes is not None and "cfg" not in family.guidance_modes:
             for spec, conditioner in zip(self.conditioners, conditioners):
                 if getattr(conditioner.options, "negative_prompt", None):
