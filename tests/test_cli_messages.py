@@ -105,3 +105,30 @@ def test_ctrl_c_without_a_checkpoint_says_how_to_have_one(tmp_path, capsys, monk
     code, out, err = _run(["generate", "x", "-g", "length_px=768", "--steps", "1", "--device", "cpu",
                            "-o", str(tmp_path / "x.png")], capsys)
     assert code == 130 and err.startswith("jointdiff: interrupted; nothing was written; to resume a long job")
+
+
+def test_a_checkpoint_in_a_missing_folder_is_refused_before_loading(tmp_path, capsys, no_loading):
+    (tmp_path / "job.toml").write_text(
+        'steps = 2\noutput = "out.png"\n[model]\nid = "tiny"\ndevice = "cpu"\n'
+        '[geometry]\nname = "strip"\nlength_px = 768\n[[conditioners]]\nname = "text"\nprompt = "x"\n'
+        '[checkpoint]\npath = "no-such-folder/job.ckpt"\n'
+    )
+    code, out, err = _run(["run", str(tmp_path / "job.toml")], capsys)
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert f"checkpoint.path {str(tmp_path / 'no-such-folder' / 'job.ckpt')!r}: its folder" in err and "does not exist" in err
+
+
+def test_a_failed_checkpoint_write_names_the_checkpoint(tmp_path, monkeypatch):
+    import torch
+
+    from jointdiff.engine import distributed
+    from jointdiff.utils.errors import ConfigError
+
+    def full(payload, path):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(ConfigError) as error:
+        distributed._atomic_save({}, tmp_path / "job.ckpt")
+    assert str(error.value) == f"checkpoint.path {str(tmp_path / 'job.ckpt')!r}: cannot write it (No space left on device)"
+    assert list(tmp_path.iterdir()) == []  # no temporary file left

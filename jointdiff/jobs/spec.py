@@ -57,6 +57,7 @@ from jointdiff.models.loading import (
 )
 from jointdiff.models.lora import LoraSpec, looks_local
 from jointdiff.utils.errors import ConfigError
+from jointdiff.utils.files import check_checkpoint_path
 from jointdiff.utils.quiet import stdout_folded
 
 if sys.version_info >= (3, 11):
@@ -437,6 +438,8 @@ def check_before_loading(job: Job) -> None:
     resolve_device(job.model.device)
     check_model_source(job.model.id)
     check_family_fits(job.model.id, job.model.family)
+    if job.checkpoint is not None:
+        check_checkpoint_path(job.checkpoint.path)
 
 
 # -- the job of a composed engine --------------------------------------------------------
