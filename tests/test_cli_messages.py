@@ -132,3 +132,14 @@ def test_a_failed_checkpoint_write_names_the_checkpoint(tmp_path, monkeypatch):
         distributed._atomic_save({}, tmp_path / "job.ckpt")
     assert str(error.value) == f"checkpoint.path {str(tmp_path / 'job.ckpt')!r}: cannot write it (No space left on device)"
     assert list(tmp_path.iterdir()) == []  # no temporary file left
+
+
+def test_a_table_typo_names_the_table_and_echoes_no_job(tmp_path, capsys):
+    (tmp_path / "job.toml").write_text(
+        'steps = 2\n[model]\nid = "tiny"\n[geometry]\nname = "strip"\nlength_px = 768\n'
+        '[[conditioner]]\nname = "text"\nprompt = "a long prompt that must not be echoed back"\n'
+    )
+    code, out, err = _run(["run", str(tmp_path / "job.toml")], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert err == ("jointdiff: error: job: option 'conditioners' is missing; "
+                   "job: unknown option 'conditioner' (did you mean 'conditioners'?)\n")
