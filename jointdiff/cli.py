@@ -1,4 +1,4 @@
-"""The ``jointdiff`` command line: ``run``, ``generate``, ``sky``, ``plugins`` and ``view``.
+"""The ``jointdiff`` command line: ``run``, ``generate``, ``sky``, ``batch``, ``plugins`` and ``view``.
 
 Errors a user can cause are printed as one line (``jointdiff: error: ...``, exit status 2),
 never as a traceback; outputs are written atomically, so a failed run leaves no file behind.
@@ -15,6 +15,9 @@ from typing import Any, Sequence
 from jointdiff.core.options import describe_options
 from jointdiff.core.registry import get_registry
 from jointdiff.image.output import changed_inputs, save_result
+from jointdiff.jobs.batch import run_batch
+from jointdiff.jobs.manifest import BadJobsError
+from jointdiff.jobs.ray_batch import require_ray, run_ray_batch
 from jointdiff.jobs.spec import Job, check_before_loading, read_job_file, resolve_paths, run_job, tomllib
 from jointdiff.jobs.toml_writer import dump_job_toml
 from jointdiff.surfaces.mesh_viewer import write_mesh_viewer
@@ -291,6 +294,37 @@ def _save_job(job: Job, path: str, overwrite: bool) -> None:
         raise ConfigError(f"--save-job {path!r}: cannot write it ({error.strerror or error})") from None
 
 
+def cmd_batch(args: argparse.Namespace) -> int:
+    """``batch``: many jobs with models loaded once, here or on a Ray cluster (docs/batch.md).
+    Exit status 0 when every job is done or skipped, 1 when some failed, 2 for bad jobs."""
+    sources, address = list(args.sources), args.ray
+    if address and Path(address).exists():  # `--ray jobs/`: the folder is a SOURCE
+        sources, address = [address, *sources], ""
+    if address is not None:
+        require_ray()
+    if not sources:
+        raise ConfigError("batch: no SOURCE given; name job files, folders of them, or a manifest (.csv, .jsonl)")
+    options = {
+        "base": args.base, "retries": args.retries, "max_models": args.max_models, "overwrite": args.overwrite,
+        "checkpoint_every": None if args.checkpoint_every == 0 else args.checkpoint_every,
+        "summary": args.summary, "progress": not args.quiet,
+    }
+    try:
+        if address is None:
+            summary = run_batch(sources, **options)
+        else:
+            summary = run_ray_batch(sources, address=address or None, workers=args.workers, **options)
+    except BadJobsError as error:
+        for problem in error.problems[:50]:
+            print(f"jointdiff: error: {problem}", file=sys.stderr)
+        if len(error.problems) > 50:
+            print(f"jointdiff: error: ... and {len(error.problems) - 50} more", file=sys.stderr)
+        print(f"jointdiff: error: {len(error.problems)} bad job(s); nothing was run", file=sys.stderr)
+        return EXIT_USAGE
+    print(summary.text())
+    return 0 if summary.ok else 1
+
+
 def cmd_plugins(args: argparse.Namespace) -> int:
     registry = get_registry()
     for info in registry.all():
@@ -355,6 +389,7 @@ EXAMPLES = """examples:
   jointdiff run job.toml          # a whole job in a TOML file (paths relative to its folder)
   jointdiff run city.png          # reproduce an image from its embedded job: writes city-1.png
   jointdiff sky photo.jpg --fov 75 --prompt "a mountain lake" -o sky.png   # photo → 360° sky
+  jointdiff batch prompts.csv --base sky.toml   # one image per row, the model loaded once
   jointdiff plugins               # plugins, their options, defaults and allowed values
 """
 
@@ -489,6 +524,33 @@ def _plan_page(path: str | Path, overwrite: bool) -> Path:
     return target
 
 
+def _add_batch(sub: Any) -> None:
+    batch = _subparser(
+        sub, "batch", "run many jobs: job files, folders of them, or a manifest of overrides on a base job",
+        "Run many jobs with each model loaded once (docs/batch.md). SOURCE is a job file (.toml, .json, "
+        "a jointdiff PNG), a folder of job files, or a manifest (.csv, .jsonl: one row per output, its "
+        "columns override the --base job). Every job is checked before anything runs; outputs already made "
+        "by the same job are skipped; interrupted jobs resume from their checkpoints; a failing job is "
+        "retried, then recorded, and the rest go on. A summary (CSV and JSONL) is written beside the outputs.",
+    )
+    batch.add_argument("sources", nargs="*", metavar="SOURCE", help="job files, folders of them, manifests (.csv, .jsonl)")
+    batch.add_argument("--base", metavar="JOB", help="the job a manifest's rows change (.toml, .json, jointdiff PNG)")
+    batch.add_argument("--retries", type=int, default=2, help="retries of a job that fails (not for errors in the job itself)")
+    batch.add_argument("--max-models", type=int, default=1, help="loaded models kept per process (or per Ray worker)")
+    batch.add_argument("--checkpoint-every", type=int, default=10, metavar="STEPS",
+                       help="checkpoint each job every STEPS steps, so an interrupted batch resumes; 0: never")
+    batch.add_argument("--overwrite", action="store_true",
+                       help="replace outputs made by another job; without it such outputs stop the batch before it runs")
+    batch.add_argument("--summary", metavar="STEM", help="write the summary to STEM.csv and STEM.jsonl; unset: "
+                       "batch-summary beside the outputs")
+    batch.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    batch.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                       help="run on a Ray cluster (pip install 'jointdiff[ray]'): one worker per GPU, or per CPU "
+                       "without GPUs; ADDRESS: 'auto', ray://HOST:10001; unset: the RAY_ADDRESS cluster or a local one")
+    batch.add_argument("--workers", type=int, help="with --ray: number of workers; unset: one per GPU (or CPU)")
+    batch.set_defaults(func=cmd_batch)
+
+
 def _add_view(sub: Any) -> None:
     view = _subparser(sub, "view", "show a 360° panorama or a textured mesh (.glb) in a self-contained HTML viewer")
     view.add_argument("pano", metavar="PANO|MODEL.glb", help="equirectangular image (PNG, JPEG or WebP) or binary glTF model")
@@ -507,6 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_generate(sub)
     _add_sky(sub)
+    _add_batch(sub)
     plugins = _subparser(sub, "plugins", "list discovered plugins and their options (types, defaults, allowed values)")
     plugins.set_defaults(func=cmd_plugins)
     _add_view(sub)

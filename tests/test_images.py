@@ -78,6 +78,7 @@ def test_float_tiff_kept_in_unit_range_and_stretched_outside(tmp_path, caplog):
     np.testing.assert_array_equal(images.load_array(tmp_path / "unit.tif", "L"), unit)
     metres = unit * 40.0 + 2.0
     Image.fromarray(metres).save(tmp_path / "metres.tif")
+    caplog.clear()
     with caplog.at_level(logging.INFO, logger="jointdiff.images"):
         stretched = images.load_array(tmp_path / "metres.tif", "L")
     np.testing.assert_allclose(stretched, unit, atol=1e-6)

@@ -16,6 +16,9 @@ JOB_KEY = "jointdiff:job"
 SEED_KEY = "jointdiff:seed"
 VERSION_KEY = "jointdiff:version"
 INPUTS_KEY = "jointdiff:inputs"
+BATCH_KEY = "jointdiff:batch"
+"""A batch job's fingerprint and image count (``{"fingerprint": ..., "images": n}`` as JSON):
+how ``jointdiff batch`` tells a finished output of the same job (:mod:`jointdiff.jobs.batch`)."""
 """The job's input files (init image, masks, condition images): ``{"init.image": {"path":
 ..., "sha256": ...}, ...}`` as JSON, so a reproduction can tell whether an input changed."""
 
@@ -32,6 +35,8 @@ def result_metadata(result: Any) -> dict[str, str]:
         inputs = input_files(result.metadata["job"])
         if inputs:
             metadata[INPUTS_KEY] = json.dumps(inputs, sort_keys=True)
+    if result.metadata.get("batch") is not None:
+        metadata[BATCH_KEY] = json.dumps(result.metadata["batch"], sort_keys=True)
     return metadata
 
 

@@ -445,17 +445,11 @@ def check_before_loading(job: Job) -> None:
 # -- the job of a composed engine --------------------------------------------------------
 
 
-def run_job(job: Job, pipeline: Any = None, *, progress: bool = True, callback=None):
-    """Run a job: load the model (unless ``pipeline`` is given), generate, return the
-    :class:`~jointdiff.engine.loop.JointResult` (not yet saved; see :func:`jointdiff.image.output.save_result`)."""
-    # lazy: loads torch; jointdiff.jobs.spec must import without it
-    from jointdiff.engine.loop import JointDiffusion
-    geometry, conditioners, synchronizer = job.build_plugins()
-    if pipeline is None:
-        check_before_loading(job)
-    spec = job.model
-    with stdout_folded("loading the model"):
-        model = load_model(
+def load_job_model(spec: ModelSpec, pipeline: Any = None):
+    """The :class:`~jointdiff.core.family.ModelFamily` of a job's ``[model]`` table: loaded from
+    ``spec.id`` (or bound to ``pipeline``), with its scheduler, LoRAs, device and dtype."""
+    with stdout_folded("loading the model"):  # a library's prints: one note, never on stdout
+        return load_model(
             pipeline if pipeline is not None else spec.id,
             family=spec.family,
             device=spec.device,
@@ -467,6 +461,19 @@ def run_job(job: Job, pipeline: Any = None, *, progress: bool = True, callback=N
             offload=spec.offload,
             options={"positions": spec.positions},
         )
+
+
+def run_job(job: Job, pipeline: Any = None, *, progress: bool = True, callback=None, model: Any = None):
+    """Run a job: load the model (unless ``pipeline`` or an already loaded ``model``, as
+    :func:`load_job_model` returns it, is given), generate, return the
+    :class:`~jointdiff.engine.loop.JointResult` (not yet saved; see :func:`jointdiff.image.output.save_result`)."""
+    # lazy: loads torch; jointdiff.jobs.spec must import without it
+    from jointdiff.engine.loop import JointDiffusion
+    geometry, conditioners, synchronizer = job.build_plugins()
+    if model is None:
+        if pipeline is None:
+            check_before_loading(job)
+        model = load_job_model(job.model, pipeline)
     init = None
     if job.init is not None:  # placed on the canvas of this model's latent format
         geometry.setup(model.latent_format)
