@@ -7,10 +7,11 @@ never as a traceback; outputs are written atomically, so a failed run leaves no 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from jointdiff.core.options import describe_options
 from jointdiff.core.registry import get_registry
@@ -624,10 +625,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = bool(args.debug or os.environ.get("JOINTDIFF_DEBUG"))
-    if not debug:
-        _quiet_libraries()
-        _warnings_as_lines()
-    _show_notes()
+    with _cli_output(debug):
+        return _dispatch(args, debug)
+
+
+@contextlib.contextmanager
+def _cli_output(debug: bool) -> Iterator[None]:
+    """The CLI's stderr conventions (notes, one-line warnings, quiet libraries) for one
+    command; the process's logging and warning settings are put back after it, so calling
+    :func:`main` from Python (or a test) leaves them as they were."""
+    import logging
+    import warnings
+
+    logger = logging.getLogger("jointdiff")
+    saved = (logger.level, logger.propagate, list(logger.handlers), warnings.showwarning)
+    try:
+        if not debug:
+            _quiet_libraries()
+            _warnings_as_lines()
+        _show_notes()
+        yield
+    finally:
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
+        logger.handlers[:] = saved[2]
+        warnings.showwarning = saved[3]
+
+
+def _dispatch(args: argparse.Namespace, debug: bool) -> int:
     try:
         return args.func(args)
     except (JointDiffError, ValueError, TypeError, OSError, OverflowError) as error:
