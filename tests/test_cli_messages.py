@@ -143,3 +143,36 @@ def test_a_table_typo_names_the_table_and_echoes_no_job(tmp_path, capsys):
     assert code == 2 and err.count("\n") == 1
     assert err == ("jointdiff: error: job: option 'conditioners' is missing; "
                    "job: unknown option 'conditioner' (did you mean 'conditioners'?)\n")
+
+
+@pytest.mark.parametrize("region, message", [
+    ({"prompt": "boat", "rect": [900, 0, 1000, 100]}, r"rect = \[900.0, 0.0, 1000.0, 100.0\] lies outside the 768×512 px canvas"),
+    ({"prompt": "boat", "rect": [100, 0, 50, 100]}, r"must be \[left, top, right, bottom\] with right > left"),
+    ({"prompt": "boat", "polygon": [[0, 0], [10, 10]]}, r"at least three \[x, y\] points"),
+    ({"prompt": "boat", "rect": [0, 0, 10, 10], "sheet": 1}, r"sheet = 1 but the canvas has 1 sheet"),
+])
+def test_region_shapes_are_refused_before_loading(region, message, capsys, no_loading):
+    from jointdiff.jobs.spec import Job
+    from jointdiff.utils.errors import ConfigError
+
+    job = {"model": {"id": "tiny", "device": "cpu"}, "geometry": {"name": "strip", "length_px": 768},
+           "conditioners": [{"name": "regions", "prompt": "a lake", "regions": [region]}], "steps": 2}
+    with pytest.raises(ConfigError, match=message):
+        Job.from_dict(job)
+
+
+def test_a_region_mask_of_another_size_is_refused_before_loading(tmp_path, no_loading):
+    from jointdiff.jobs.spec import Job
+    from jointdiff.utils.errors import ConfigError
+
+    Image.new("L", (512, 768), 255).save(tmp_path / "tall.png")  # stored portrait ...
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("L", (512, 768), 255).save(tmp_path / "turned.png", exif=exif)  # ... shown landscape
+    job = {"model": {"id": "tiny", "device": "cpu"}, "geometry": {"name": "strip", "length_px": 768},
+           "conditioners": [{"name": "regions", "prompt": "a lake",
+                             "regions": [{"prompt": "boat", "mask": str(tmp_path / "tall.png")}]}], "steps": 2}
+    with pytest.raises(ConfigError, match=r"mask is 512×768 px \(w×h\) but the canvas sheet is 768×512 px"):
+        Job.from_dict(job)
+    job["conditioners"][0]["regions"][0]["mask"] = str(tmp_path / "turned.png")
+    Job.from_dict(job)  # upright it has the canvas's size

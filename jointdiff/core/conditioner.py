@@ -104,6 +104,13 @@ class Conditioner(Configurable, ABC):
     def setup(self, context: JobContext) -> None:
         """Called once per job after the model is loaded (encode prompts, move models)."""
 
+    def check_canvas(self, geometry: Any) -> None:
+        """Called when a job is checked, before any model loads, with the job's geometry set
+        up (for the model family's latent format where it is known, SD's otherwise): raise a
+        one-line ConfigError for options that cannot fit this canvas (a region outside it, a
+        mask of another size). Arithmetic and file headers only: no model, no torch. Default:
+        nothing to check."""
+
     def geometry_maps(self) -> tuple[str, ...]:
         """Names of the geometry's per-window maps (:attr:`Geometry.window_maps
         <jointdiff.core.geometry.Geometry.window_maps>`, e.g. ``"depth"``) this conditioner

@@ -208,6 +208,8 @@ class Job(_Strict):
         _check_steps_run(self, family)
         geometry.setup(family.latent if family is not None else SD_LATENT)
         check_canvas_megapixels(geometry, DEFAULT_MAX_MEGAPIXELS if self.max_megapixels is None else self.max_megapixels)
+        for conditioner in conditioners:
+            conditioner.check_canvas(geometry)
         if family is not None and family.guidance_modes is not None and "cfg" not in family.guidance_modes:
             for spec, conditioner in zip(self.conditioners, conditioners):
                 if getattr(conditioner.options, "negative_prompt", None):
