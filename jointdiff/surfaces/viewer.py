@@ -196,6 +196,8 @@ def equirect_shape_note(pano_path: str | Path) -> str | None:
     180°, so it is twice as wide as high; another shape shows stretched), else None."""
     with Image.open(pano_path) as image:
         width, height = image.size
+        if image.getexif().get(0x0112) in (5, 6, 7, 8):  # shown turned by 90°
+            width, height = height, width
     if width != 2 * height:
         return (f"{str(pano_path)!r} is {width}×{height} px, not 2:1: the viewer shows it as a full 360°×180° "
                 "sphere, stretched; an equirectangular panorama is twice as wide as high")
