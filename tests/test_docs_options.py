@@ -109,3 +109,29 @@ def test_view_batch_size_auto_from_the_command_line(capsys):
         main(["generate", "x", "--view-batch-size", "many"])
     assert exit_.value.code == 2
     assert "--view-batch-size: must be a whole number or auto, got 'many'" in capsys.readouterr().err
+
+
+def documented_calls() -> list[tuple[str, str]]:
+    """``(file, call)`` of every ``jointdiff COMMAND ...`` the docs and README show (inline
+    code and command lines of code blocks)."""
+    calls = []
+    for path in [*sorted(DOCS.glob("*.md")), DOCS.parent / "README.md"]:
+        text = path.read_text(encoding="utf-8")
+        found = re.findall(r"`(jointdiff [a-z]+[^`]*)`", text) + re.findall(r"^\s*(jointdiff [a-z]+.*)$", text, flags=re.M)
+        calls += [(path.name, call) for call in found]
+    return calls
+
+
+def test_every_documented_call_uses_flags_its_command_takes():
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    calls = [(where, call.split("#")[0].split()) for where, call in documented_calls()]
+    calls = [(where, words) for where, words in calls if words[1] in commands]  # not prose ("jointdiff denoises ...")
+    assert len(calls) > 20
+    wrong = []
+    for where, words in calls:
+        accepted = commands[words[1]]._option_string_actions.keys() | parser._option_string_actions.keys()
+        for flag in re.findall(r"(?<![\w-])(--?[a-zA-Z][\w-]*)", " ".join(words[2:])):
+            if flag not in accepted:
+                wrong.append(f"{where}: {' '.join(words)[:80]} ({flag})")
+    assert not wrong, f"documented calls with flags their command does not take: {wrong}"
