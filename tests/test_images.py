@@ -223,3 +223,10 @@ def test_cli_says_what_the_loader_did_on_stderr(tmp_path, capsys):
     assert out.strip() == str(tmp_path / "sky.png")
     notes = [line for line in err.splitlines() if "EXIF orientation 6" in line]
     assert len(notes) == 1 and notes[0].startswith("jointdiff: note: ") and "phone.png" in notes[0]
+
+
+def test_an_image_above_pillows_limit_is_one_line(tmp_path, monkeypatch):
+    Image.new("L", (64, 64)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # a decompression bomb above 2× the limit
+    with pytest.raises(ConfigError, match=r"panorama '.*big.png' is larger than Pillow reads by default .*MAX_IMAGE_PIXELS"):
+        images.load_array(tmp_path / "big.png", "L", "panorama")

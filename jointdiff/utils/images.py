@@ -63,7 +63,11 @@ def open_image_file(path: str | Path, what: str = "image") -> Image.Image:
         raise ConfigError(f"{what} {str(path)!r} is not an image Pillow can read (PNG, JPEG, TIFF, WebP, ...)") from None
     except (OSError, ValueError) as error:
         raise ConfigError(f"{what} {str(path)!r} cannot be read ({type(error).__name__}: {error})") from None
-
+    except Image.DecompressionBombError as error:
+        raise ConfigError(
+            f"{what} {str(path)!r} is larger than Pillow reads by default ({error}); raise "
+            "PIL.Image.MAX_IMAGE_PIXELS from Python if you trust the file"
+        ) from None
 
 
 def load_array(source: str | Path | Image.Image, mode: Mode = "RGB", what: str = "image") -> np.ndarray:
