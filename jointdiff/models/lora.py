@@ -235,8 +235,7 @@ def _load_one(pipeline: Any, spec: LoraSpec, adapter_name: str, index: int) -> N
     kwargs = {"weight_name": spec.weight_name} if spec.weight_name else {}
     where = f"loras[{index}].path = {spec.path!r}"
     try:
-        with _quiet_loading(), warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+        with _quiet_loading(), warnings.catch_warnings(record=True) as caught:  # _quiet_loading's filters hold
             pipeline.load_lora_weights(source, adapter_name=adapter_name, **kwargs)
     except Exception as error:  # the one-line error says it all; the library's warnings are dropped
         mismatch = _SIZE_MISMATCH.search(str(error))
