@@ -1,8 +1,9 @@
 """Prompt and guidance options mean what they mean in the stock pipelines: one window with no
 negative prompt (None), the empty one ("") and a real one equals the stock diffusers pipeline
-called with the same ``negative_prompt`` (SD and SD3 here; SDXL, whose None and "" differ,
-and Qwen-Image, whose true CFG runs only with a negative prompt, in their own family tests).
-Guidance-distilled FLUX.1: "" is no negative prompt, as stock, and a real one is refused."""
+called with the same ``negative_prompt`` (SD, SD3 and FLUX.2 klein base here; SDXL, whose
+None and "" differ, and Qwen-Image, whose true CFG runs only with a negative prompt, in their
+own family tests). Guidance-distilled FLUX.1: "" is no negative prompt, as stock, and a real
+one is refused."""
 
 from __future__ import annotations
 
@@ -56,3 +57,24 @@ def test_guidance_distilled_flux_takes_empty_but_refuses_a_real_negative():
     torch.testing.assert_close(engine_window(family, noise, "", 3.5), engine_window(family, noise, None, 3.5), rtol=0, atol=0)
     with pytest.raises(ConfigError, match="negative_prompt = 'blurry' cannot be used with model family 'flux'"):
         engine_window(family, noise, "blurry", 3.5)
+
+
+@pytest.mark.parametrize("negative", NEGATIVES, ids=["none", "empty", "real"])
+def test_flux2_klein_base_negative_prompt_equals_stock(negative):
+    """FLUX.2 klein base runs true CFG; its stock pipeline encodes "" for the negative branch
+    and takes another one only as ``negative_prompt_embeds``: None and "" give the stock
+    default, a real negative prompt the stock pipeline given its encoding."""
+    from jointdiff.models.families.flux2 import Flux2, build_tiny_pipeline
+
+    pipe = build_tiny_pipeline(variant="klein-base")
+    family = Flux2(pipe)
+    noise = torch.randn((1, 128, 8, 8), generator=torch.Generator().manual_seed(3))
+    ours = family.to_vae_latents(engine_window(family, noise, negative, 3.5))
+    extra = {}
+    if negative:
+        with torch.no_grad():
+            extra["negative_prompt_embeds"] = pipe.encode_prompt(negative, device=torch.device("cpu"))[0]
+    with torch.no_grad():
+        stock = pipe(prompt=PROMPT, height=128, width=128, num_inference_steps=STEPS, guidance_scale=3.5,
+                     latents=noise.clone(), output_type="latent", **extra).images
+    assert_close_to_stock(ours, stock)
