@@ -58,19 +58,37 @@ MODELS = ("tiny", "tiny-flux")
 transformer family (FLUX.1: 16 channels, 2×2 patches, distilled guidance)."""
 
 
-CASE_MODELS = {("conditioner", "inpaint_model"): ("tiny-inpaint",)}
+CASE_MODELS = {("conditioner", "inpaint_model"): ("tiny-inpaint",), ("conditioner", "flux_control"): ("tiny-flux-control",)}
 """Plugins that need a particular kind of model: ``inpaint_model`` runs on an inpainting
-checkpoint (the tiny SD inpainting pipeline, 9-channel UNet)."""
+checkpoint (the tiny SD inpainting pipeline, 9-channel UNet), ``flux_control`` on a
+channel-concatenated control checkpoint (the tiny FLUX.1 Depth/Canny-dev pipeline)."""
 
 
 def case_model(model: str | None):
-    """The model a case runs on: a tiny model name, or the tiny SD inpainting model."""
+    """The model a case runs on: a tiny model name, or one of the tiny special checkpoints."""
     if model == "tiny-inpaint":
         from jointdiff.models.families.sd import StableDiffusion
         from jointdiff.models.tiny import build_tiny_inpaint_pipeline
 
         return StableDiffusion(build_tiny_inpaint_pipeline(seed=0))
+    if model == "tiny-flux-control":
+        from jointdiff.models.families.flux import Flux, build_tiny_control_pipeline
+
+        return Flux(build_tiny_control_pipeline(seed=0))
     return model
+
+
+def flux_control_options(model: str, tmp_path) -> dict:
+    """The ``flux_control`` conditioner of the checks: a control image of the example
+    geometry's canvas size (FLUX.1's VAE factor, 8), saved as a PNG."""
+    geometry = example_geometry()
+    geometry.setup(tiny_model("tiny-flux").latent_format)
+    _, height, width = geometry.canvas_shape_latent
+    scale = geometry.latent_scale
+    pixels = torch.rand(scale * height, scale * width, 3, generator=torch.Generator().manual_seed(7))
+    path = tmp_path / "control.png"
+    Image.fromarray((pixels * 255).round().to(torch.uint8).numpy()).save(path)
+    return {"image": str(path)}
 
 
 def conformance_cases():
@@ -99,7 +117,7 @@ def controlnet_options(model: str, tmp_path) -> dict:
     return {"model": "tiny", "image": str(path)}
 
 
-TEST_OPTIONS = {("conditioner", "controlnet"): controlnet_options}
+TEST_OPTIONS = {("conditioner", "controlnet"): controlnet_options, ("conditioner", "flux_control"): flux_control_options}
 """Options, built here, for built-in plugins whose example_options() would need a model."""
 
 
