@@ -8,18 +8,10 @@ checkpoints and window parallelism (:mod:`jointdiff.engine.distributed`).
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from jointdiff.utils.moved import package_getattr
 
 __all__ = ["JointDiffusion", "JointResult", "StopJob"]
 
-
-def __getattr__(name: str) -> Any:
-    # lazy: the loop needs torch; `import jointdiff.engine.<module>` must not pull in all of it
-    loop = importlib.import_module("jointdiff.engine.loop")  # not `from . import`: that would call this hook again
-    # lazy: `import jointdiff` stays light (plugins import it for hookimpl)
-    from jointdiff.utils.moved import moved_attribute
-
-    if name in __all__:
-        return getattr(loop, name)
-    return moved_attribute("jointdiff.engine", name, loop)
+# Imported on first use: jointdiff.engine.loop needs torch, and importing one module of this
+# package must not pull in all of it.
+__getattr__ = package_getattr("jointdiff.engine", "jointdiff.engine.loop", __all__)

@@ -6,18 +6,10 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from jointdiff.utils.moved import package_getattr
 
 __all__ = ["as_model", "load_model", "load_pipeline"]
 
-
-def __getattr__(name: str) -> Any:
-    # lazy: `jointdiff.models.loading` pulls in the registry; importing the package stays light
-    loading = importlib.import_module("jointdiff.models.loading")  # not `from . import`: that would call this hook again
-    # lazy: `import jointdiff` stays light (plugins import it for hookimpl)
-    from jointdiff.utils.moved import moved_attribute
-
-    if name in __all__:
-        return getattr(loading, name)
-    return moved_attribute("jointdiff.models", name, loading)
+# The names are imported on first use: jointdiff.models.loading needs torch, and importing a module of this
+# package must not pull in all of it.
+__getattr__ = package_getattr("jointdiff.models", "jointdiff.models.loading", __all__)

@@ -10,7 +10,7 @@ import importlib.machinery
 import sys
 import warnings
 from types import ModuleType
-from typing import Any
+from typing import Any, Callable, Sequence
 
 _FAMILIES = ("vp", "flow", "sd", "sdxl", "sd3", "flux", "flux2", "qwenimage")
 
@@ -111,3 +111,17 @@ def moved_attribute(package: str, name: str, module: ModuleType) -> Any:
         stacklevel=3,
     )
     return getattr(module, name)
+
+
+def package_getattr(package: str, home: str, public: Sequence[str]) -> Callable[[str], Any]:
+    """A module ``__getattr__`` for ``package``, which was a module before 0.2 and whose names
+    now live in ``home``: the ``public`` names are imported from ``home`` on first use (the
+    package itself stays light), any other name of the old module with a DeprecationWarning."""
+
+    def __getattr__(name: str) -> Any:
+        module = importlib.import_module(home)
+        if name in public:
+            return getattr(module, name)
+        return moved_attribute(package, name, module)
+
+    return __getattr__
