@@ -7,11 +7,10 @@ never as a traceback; outputs are written atomically, so a failed run leaves no 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 from jointdiff.core.options import describe_options
 from jointdiff.core.registry import get_registry
@@ -25,6 +24,7 @@ from jointdiff.surfaces.mesh_viewer import write_mesh_viewer
 from jointdiff.surfaces.viewer import equirect_shape_note, serve_viewer, write_viewer
 from jointdiff.utils.errors import ConfigError, JointDiffError
 from jointdiff.utils.files import check_writable, free_output
+from jointdiff.utils.quiet import command_output
 from jointdiff.utils.version import VERSION as __version__
 
 EXIT_USAGE = 2
@@ -577,79 +577,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet_libraries() -> None:
-    """Library warnings (hub retries, deprecations, tokenizer lengths) would bury the one line
-    a user needs. Set through the environment and logging, so nothing heavy is imported."""
-    import logging
-
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    for name in ("diffusers", "transformers", "huggingface_hub"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
-def _show_notes() -> None:
-    """jointdiff's own log records (what the image loader had to do, the LoRAs loaded) as
-    ``jointdiff: note:`` lines on stderr; stdout is kept for the paths written."""
-    import logging
-
-    class Notes(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            print(f"jointdiff: note: {record.getMessage()}", file=sys.stderr)  # the stderr of now
-
-    logger = logging.getLogger("jointdiff")
-    if not any(type(handler).__name__ == "Notes" for handler in logger.handlers):
-        logger.addHandler(Notes())
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
-
-
-def _warnings_as_lines() -> None:
-    """Python warnings (ours: a prompt cut at 77 tokens; a library's: a deprecation) as one
-    ``jointdiff: warning:`` line each on stderr, said once, without the source line; with
-    ``--debug`` Python shows them as it does."""
-    import warnings
-
-    said: set[str] = set()
-
-    def show(message: Any, category: type, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
-        text = (str(message).strip().splitlines() or [category.__name__])[0]
-        if text not in said:
-            said.add(text)
-            print(f"jointdiff: warning: {text}", file=sys.stderr)
-
-    warnings.showwarning = show
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = bool(args.debug or os.environ.get("JOINTDIFF_DEBUG"))
-    with _cli_output(debug):
+    with command_output(debug):
         return _dispatch(args, debug)
-
-
-@contextlib.contextmanager
-def _cli_output(debug: bool) -> Iterator[None]:
-    """The CLI's stderr conventions (notes, one-line warnings, quiet libraries) for one
-    command; the process's logging and warning settings are put back after it, so calling
-    :func:`main` from Python (or a test) leaves them as they were."""
-    import logging
-    import warnings
-
-    logger = logging.getLogger("jointdiff")
-    saved = (logger.level, logger.propagate, list(logger.handlers), warnings.showwarning)
-    try:
-        if not debug:
-            _quiet_libraries()
-            _warnings_as_lines()
-        _show_notes()
-        yield
-    finally:
-        logger.setLevel(saved[0])
-        logger.propagate = saved[1]
-        logger.handlers[:] = saved[2]
-        warnings.showwarning = saved[3]
 
 
 def _dispatch(args: argparse.Namespace, debug: bool) -> int:

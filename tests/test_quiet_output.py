@@ -16,6 +16,7 @@ from jointdiff import cli
 from jointdiff.jobs import spec as job_spec
 from jointdiff.jobs.spec import Job
 from jointdiff.models import loading
+from jointdiff.utils import quiet
 from jointdiff.utils.errors import ConfigError, ModelLoadError
 from jointdiff.utils.quiet import stdout_folded
 
@@ -40,7 +41,7 @@ def test_library_prints_are_folded_into_one_note(capsys, caplog):
 
 def test_warnings_are_one_line_each_without_the_source(capsys, monkeypatch):
     monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)
-    cli._warnings_as_lines()
+    quiet.warnings_as_lines()
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         for _ in range(2):
