@@ -173,3 +173,13 @@ def test_the_engine_refuses_a_huge_canvas_before_its_estimate(monkeypatch):
     monkeypatch.setattr(JointDiffusion, "estimate", lambda *a, **k: pytest.fail("the estimate walked the windows"))
     with pytest.raises(ConfigError, match="2030.0 megapixels"):
         engine(1, progress=False)
+
+
+def test_a_hub_lora_is_not_retried_offline(monkeypatch, no_hub_cache, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "local.safetensors").write_bytes(b"")  # local: never looked up on the hub
+    with pytest.raises(ConfigError, match=r"loras\[1\].path = 'someone/style-lora' is a hub id, .*HF_HUB_OFFLINE is set"):
+        loading.check_hub_loras([{"path": str(tmp_path / "local.safetensors")}, {"path": "someone/style-lora"}])
+    job = Job.from_dict({**JOB, "model": {**JOB["model"], "loras": [{"path": "someone/style-lora"}]}})
+    with pytest.raises(ConfigError, match="is a hub id"):
+        job_spec.check_before_loading(job)

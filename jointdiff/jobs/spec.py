@@ -48,6 +48,7 @@ from jointdiff.models.loading import (
     check_device_name,
     check_dtype_name,
     check_family_fits,
+    check_hub_loras,
     check_model_source,
     check_scheduler_name,
     known_family,
@@ -440,6 +441,7 @@ def check_before_loading(job: Job) -> None:
     resolve_device(job.model.device)
     check_model_source(job.model.id)
     check_family_fits(job.model.id, job.model.family)
+    check_hub_loras(job.model.loras)
     if job.checkpoint is not None:
         check_checkpoint_path(job.checkpoint.path)
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from jointdiff.core.family import ModelFamily
 from jointdiff.core.registry import get_registry
-from jointdiff.models.lora import load_loras
+from jointdiff.models.lora import as_lora_spec, load_loras, local_path, looks_local
 from jointdiff.utils.errors import ConfigError, ModelLoadError
 
 if TYPE_CHECKING:
@@ -386,18 +386,40 @@ def _probe_hub() -> str | None:
     return None
 
 
+def _cached(repo: str, filename: str) -> bool:
+    """Whether the local hub cache holds ``filename`` of ``repo``; the hub is switched off for
+    this process first (``HF_HUB_OFFLINE=1``, read by huggingface_hub when it is imported), so
+    that loading reads the cache without retries."""
+    if "huggingface_hub" not in sys.modules:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo, filename), str)
+
+
+def check_hub_loras(loras: Sequence[Any]) -> None:
+    """ConfigError for a LoRA given as a hub id while the hub is out of reach
+    (:func:`hub_unreachable`) and the id's weights are not in the local cache."""
+    for index, item in enumerate(loras):
+        spec = as_lora_spec(item, index)
+        if looks_local(spec.path) or local_path(spec.path).exists():
+            continue
+        reason = hub_unreachable()
+        if reason is None:
+            return
+        if not _cached(spec.path, spec.weight_name or "pytorch_lora_weights.safetensors"):
+            raise ConfigError(
+                f"loras[{index}].path = {spec.path!r} is a hub id, but the Hugging Face hub is out of reach ({reason}) "
+                "and it is not in the local cache: pass a local LoRA file (.safetensors) or folder"
+            )
+
+
 def check_hub_model(model: str) -> None:
     """When the hub is out of reach (:func:`hub_unreachable`): ModelLoadError unless ``model``
     is in the local hub cache; if it is, the hub is switched off for this process
     (``HF_HUB_OFFLINE=1``) so that loading reads the cache without retries."""
     reason = hub_unreachable()
-    if reason is None:
-        return
-    if "huggingface_hub" not in sys.modules:
-        os.environ["HF_HUB_OFFLINE"] = "1"  # read by huggingface_hub when it is imported
-    from huggingface_hub import try_to_load_from_cache
-
-    if isinstance(try_to_load_from_cache(model, "model_index.json"), str):
+    if reason is None or _cached(model, "model_index.json"):
         return
     raise ModelLoadError(
         f"could not load model {model!r} from the Hugging Face hub (offline or unreachable: {reason}) and it is "
@@ -488,6 +510,7 @@ def load_model(
         name = scheduler or _scheduler_name(pipeline.scheduler)
         pipeline.scheduler = make_scheduler(name, pipeline.scheduler.config, prediction_type, bound)
     if loras:
+        check_hub_loras(loras)
         load_loras(bound, loras)
     _place(bound, device, dtype, offload)
     return bound
