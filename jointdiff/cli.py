@@ -1,4 +1,4 @@
-"""The ``jointdiff`` command line: ``run``, ``generate``, ``sky``, ``batch``, ``plugins`` and ``view``.
+"""The ``jointdiff`` command line: ``run``, ``generate``, ``sky``, ``texture``, ``batch``, ``plugins`` and ``view``.
 
 Errors a user can cause are printed as one line (``jointdiff: error: ...``, exit status 2),
 never as a traceback; outputs are written atomically, so a failed run leaves no file behind.
@@ -284,6 +284,19 @@ def cmd_sky(args: argparse.Namespace) -> int:
     return cmd_generate(args)
 
 
+def cmd_texture(args: argparse.Namespace) -> int:
+    """``texture``: ``generate`` on the mesh geometry (the mesh's path made absolute, so that
+    ``jointdiff run TEXTURE.png`` finds it from any folder; its sha256 is recorded)."""
+    args.geometry = "mesh"
+    options = [f"path={os.path.abspath(args.mesh)!r}", f"texture_px={args.texture_px}", *args.geometry_option]
+    if args.keep_frame:
+        options.append("normalize=false")
+    args.geometry_option = options
+    args.init_image = args.strength = args.mask = args.place = args.feather_px = None
+    args.place_option = []
+    return cmd_generate(args)
+
+
 def _save_job(job: Job, path: str, overwrite: bool) -> None:
     """Write the job as TOML; an existing file is kept unless ``overwrite`` (next free name)."""
     target = Path(path) if overwrite else free_output(path, 1)
@@ -507,6 +520,24 @@ def _add_sky(sub: Any) -> None:
     sky.set_defaults(func=cmd_sky)
 
 
+def _add_texture(sub: Any) -> None:
+    texture = _subparser(
+        sub, "texture", "texture a 3D mesh (OBJ, glTF/GLB, PLY): texture PNGs, GLB, OBJ + MTL, turntable",
+        "Mesh → texture: the mesh's UV texture is the canvas, rendered views of the mesh are the windows "
+        "(SyncMVD's ten views by default). Writes one texture PNG per material (carrying the job), "
+        "a textured GLB, OBJ + MTL and a turntable preview next to it. Shorthand for: generate PROMPT "
+        "--geometry mesh -g path=MESH (docs/textures.md).",
+    )
+    texture.add_argument("mesh", metavar="MESH", help="the mesh file; meshes without UVs are unwrapped with xatlas")
+    texture.add_argument("prompt", help="what the object looks like")
+    texture.add_argument("--texture-px", type=int, default=1024, help="side of every output texture")
+    texture.add_argument("--keep-frame", action="store_true", help="keep the mesh's own frame (default: centred, unit sphere)")
+    texture.add_argument("-g", "--geometry-option", action="append", default=[], metavar="KEY=VALUE",
+                         help="another mesh option, value read as TOML (repeat: -g window_latent=64)")
+    _add_job_options(texture, "texture.png")
+    texture.set_defaults(func=cmd_texture)
+
+
 def _view_mesh(args: argparse.Namespace) -> int:
     """``view MODEL.glb``: the textured mesh's orbit viewer page next to the model (or ``--output``)."""
     if args.serve:
@@ -570,6 +601,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_generate(sub)
     _add_sky(sub)
+    _add_texture(sub)
     _add_batch(sub)
     plugins = _subparser(sub, "plugins", "list discovered plugins and their options (types, defaults, allowed values)")
     plugins.set_defaults(func=cmd_plugins)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence as SequenceABC
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -93,6 +93,11 @@ class Estimate:
     """Rows through each network per phase (:class:`jointdiff.cost.profiling.Evaluations`; exact)."""
     flops: Any = None
     """FLOPs per phase (:class:`jointdiff.cost.profiling.Flops`), when asked for (``flops=True``)."""
+    geometry_work: dict[str, int] = field(default_factory=dict)
+    """Work the geometry does once per job outside the model, by kind (exact counts; the
+    ``mesh`` geometry: ``rays`` cast for its view and texel maps, ``bake_samples`` texel ×
+    view look-ups of the final bake); empty for most geometries
+    (:meth:`jointdiff.core.geometry.Geometry.setup_work`)."""
 
     @property
     def model_calls(self) -> int:
@@ -127,6 +132,8 @@ class Estimate:
             f"final decode ~{format_bytes(self.decode_bytes)} ({decode}; whole: ~{format_bytes(self.decode_whole_bytes)}), "
             f"peak ~{format_bytes(self.peak_bytes)} + weights {format_bytes(self.weight_bytes)}",
         ]
+        if self.geometry_work:
+            lines.append("geometry, once per job: " + ", ".join(f"{count:,} {kind.replace('_', ' ')}" for kind, count in self.geometry_work.items()))
         return "\n".join(lines + self._cost_lines())
 
     def _cost_lines(self) -> list[str]:
@@ -267,6 +274,7 @@ def estimate(
         weight_bytes=weight_bytes(model),
         evaluations=evaluations,
         flops=priced,
+        geometry_work=dict(geometry.setup_work()) if hasattr(geometry, "setup_work") else {},
     )
 
 

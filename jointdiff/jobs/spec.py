@@ -498,4 +498,14 @@ def run_job(job: Job, pipeline: Any = None, *, progress: bool = True, callback=N
         num_inference_steps=job.steps, seed=job.seed, progress=progress, callback=callback, checkpoint=checkpoint
     )
     result.metadata["job"] = job.to_dict()
+    result.metadata["job"]["geometry"].update(filled_options(job.geometry, geometry))
     return result
+
+
+def filled_options(spec: PluginSpec, plugin: Any) -> dict[str, Any]:
+    """Options the job left out that the plugin filled in with other than their default
+    (e.g. the ``mesh`` geometry's file ``sha256``), so that the saved job reruns the same."""
+    given, fields = spec.options, type(plugin.options).model_fields
+    dumped = plugin.options.model_dump(mode="json")
+    return {key: value for key, value in dumped.items()
+            if key not in given and key in fields and value != fields[key].default and value is not None}
