@@ -263,3 +263,29 @@ def tensor_to_pil(pixels: torch.Tensor) -> list[Image.Image]:
 
     array = ((pixels.detach().float().cpu() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
     return [Image.fromarray(a.permute(1, 2, 0).numpy()) for a in array]
+
+
+DEFAULT_MAX_MEGAPIXELS = 64.0
+"""Canvases above this many megapixels (all sheets) are refused unless the limit is raised:
+64 MP is e.g. a 4096×16384 px strip. A 10-megapixel panorama runs; a gigapixel one is refused
+before anything is allocated."""
+
+
+def check_canvas_megapixels(geometry: Geometry, max_megapixels: float | None = DEFAULT_MAX_MEGAPIXELS) -> None:
+    """ConfigError when the set-up ``geometry``'s canvas (``S · H · W`` latent cells at
+    ``latent_scale`` pixels each) is above ``max_megapixels`` (None: no limit). Arithmetic on
+    the canvas shape and the window count only, so a gigapixel canvas is refused at once,
+    before a model loads or the cost estimate walks its windows."""
+    if max_megapixels is None:
+        return
+    sheets, height, width = geometry.canvas_shape_latent
+    scale = geometry.latent_scale
+    megapixels = sheets * height * width * scale * scale / 1e6
+    if megapixels <= max_megapixels:
+        return
+    size = f"{scale * height}×{scale * width} px" + (f" × {sheets} sheets" if sheets > 1 else "")
+    raise ConfigError(
+        f"{geometry.name}: the canvas is {megapixels:.1f} megapixels ({size}; {geometry.num_windows:,} windows), "
+        f"above max_megapixels = {max_megapixels:g}; if you mean it, raise max_megapixels (JointDiffusion(max_megapixels=...) "
+        "or the job's max_megapixels), else make the canvas smaller"
+    )

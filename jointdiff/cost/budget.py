@@ -26,14 +26,11 @@ from typing import Any, Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from jointdiff.core.geometry import DEFAULT_MAX_MEGAPIXELS  # re-exported: the limit is the canvas's
 from jointdiff.cost.profiling import count_evaluations, format_flops, job_flops
 from jointdiff.models.tiled_decode import decode_plan, default_overlap, tile_starts
 from jointdiff.utils.errors import ConfigError
 
-DEFAULT_MAX_MEGAPIXELS = 64.0
-"""Canvases above this many megapixels (all sheets) are refused unless the limit is raised:
-64 MP is e.g. a 4096×16384 px strip. A 10-megapixel panorama runs; a gigapixel one is refused
-before anything is allocated."""
 
 PER_BATCH_PROGRESS = 16
 """From this many window batches per step on, the progress bar ticks per batch."""

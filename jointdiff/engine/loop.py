@@ -28,7 +28,7 @@ import torch
 
 from jointdiff.core.conditioner import Conditioner, Prompt, check_geometry_maps
 from jointdiff.core.context import JobContext, StepState, WindowBatch
-from jointdiff.core.geometry import Geometry
+from jointdiff.core.geometry import Geometry, check_canvas_megapixels
 from jointdiff.core.synchronizer import Synchronizer
 from jointdiff.cost import budget, profiling
 from jointdiff.engine import job_state
@@ -345,6 +345,7 @@ class JointDiffusion:
         scheduler's timesteps are set. Profiling: the estimate has FLOPs and is announced."""
         self.geometry.setup(self.model.latent_format)
         self._auto_view_batch = None  # "auto" is sized anew for every job
+        check_canvas_megapixels(self.geometry, self.max_megapixels)  # arithmetic first: the estimate walks windows
         estimate = self.estimate(num_inference_steps, flops=profile, seed=seed)
         if profile:
             profiling.announce(estimate, self)
