@@ -1,4 +1,4 @@
-"""The ``jointdiff`` command line: ``run``, ``generate``, ``sky``, ``batch``, ``plugins``, ``view`` and ``ui``.
+"""The ``jointdiff`` command line: ``run``, ``generate``, ``sky``, ``texture``, ``batch``, ``plugins``, ``view`` and ``ui``.
 
 Errors a user can cause are printed as one line (``jointdiff: error: ...``, exit status 2),
 never as a traceback; outputs are written atomically, so a failed run leaves no file behind.
@@ -21,9 +21,10 @@ from jointdiff.jobs.ray_batch import require_ray, run_ray_batch
 from jointdiff.jobs.spec import Job, check_before_loading, read_job_file, resolve_paths, run_job, tomllib
 from jointdiff.jobs.toml_writer import dump_job_toml
 from jointdiff.surfaces.mesh_viewer import write_mesh_viewer
-from jointdiff.surfaces.viewer import serve_viewer, write_viewer
+from jointdiff.surfaces.viewer import equirect_shape_note, serve_viewer, write_viewer
 from jointdiff.utils.errors import ConfigError, JointDiffError
 from jointdiff.utils.files import check_writable, free_output
+from jointdiff.utils.quiet import command_output
 from jointdiff.utils.version import VERSION as __version__
 
 EXIT_USAGE = 2
@@ -42,6 +43,16 @@ def parse_assignment(text: str) -> tuple[str, Any]:
     except tomllib.TOMLDecodeError:
         value = raw
     return key.strip(), value
+
+
+def _view_batch_size(text: str) -> int | str:
+    """``--view-batch-size``: a whole number of windows, or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number or auto, got {text!r}") from None
 
 
 def _plugin_table(name: str, assignments: Sequence[str]) -> dict[str, Any]:
@@ -101,13 +112,19 @@ def _init_table(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _lora_table(text: str) -> dict[str, Any]:
-    """``PATH`` or ``PATH:SCALE`` → a ``[model] loras`` entry."""
+    """``PATH`` or ``PATH:SCALE`` → a ``[model] loras`` entry. A ``:`` followed by something
+    that is not a number is refused (unless the whole text is an existing path, such as a
+    Windows drive path), before the model loads."""
     path, sep, scale = text.rpartition(":")
     if sep and path:
         try:
             return {"path": path, "scale": float(scale)}
         except ValueError:
-            pass
+            if not Path(text).expanduser().exists():
+                raise ConfigError(
+                    f"--lora {text!r}: the strength after ':' must be a number, got {scale!r} "
+                    "(PATH or PATH:SCALE, e.g. style.safetensors:0.8)"
+                ) from None
     return {"path": text}
 
 
@@ -153,6 +170,7 @@ def _execute(job: Job, quiet: bool, overwrite: bool, timeout_s: float | None = N
     from jointdiff.engine.distributed import init_from_env, local_device, shutdown
     comm = init_from_env(timeout_s)
     main_rank = comm is None or comm.rank == 0
+    _running["job"] = job
     try:
         if comm is not None and job.model.device == "auto":
             job = Job.from_dict({**job.to_dict(), "model": {**job.model.model_dump(), "device": local_device()}})
@@ -266,6 +284,19 @@ def cmd_sky(args: argparse.Namespace) -> int:
     return cmd_generate(args)
 
 
+def cmd_texture(args: argparse.Namespace) -> int:
+    """``texture``: ``generate`` on the mesh geometry (the mesh's path made absolute, so that
+    ``jointdiff run TEXTURE.png`` finds it from any folder; its sha256 is recorded)."""
+    args.geometry = "mesh"
+    options = [f"path={os.path.abspath(args.mesh)!r}", f"texture_px={args.texture_px}", *args.geometry_option]
+    if args.keep_frame:
+        options.append("normalize=false")
+    args.geometry_option = options
+    args.init_image = args.strength = args.mask = args.place = args.feather_px = None
+    args.place_option = []
+    return cmd_generate(args)
+
+
 def _save_job(job: Job, path: str, overwrite: bool) -> None:
     """Write the job as TOML; an existing file is kept unless ``overwrite`` (next free name)."""
     target = Path(path) if overwrite else free_output(path, 1)
@@ -339,8 +370,13 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def cmd_view(args: argparse.Namespace) -> int:
+    """``view``: a panorama that is not 2:1 is said before its page is written (kept unless
+    ``--overwrite``: the next free name, said)."""
     if Path(args.pano).suffix.lower() in MESH_SUFFIXES:
         return _view_mesh(args)
+    note = equirect_shape_note(args.pano) if Path(args.pano).is_file() else None
+    if note:
+        _note(note)
     if args.output or not args.serve:
         print(write_viewer(args.pano, _plan_page(args.output or Path(args.pano).with_suffix(".html"), args.overwrite)))
     if args.serve:
@@ -401,10 +437,11 @@ def _add_output_options(parser: argparse.ArgumentParser, output_help: str, defau
         "the next free name (NAME-1.png, NAME-2.png, ...)",
     )
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
-    parser.add_argument("--profile", action="store_true",
+    exclusive = parser.add_mutually_exclusive_group()
+    exclusive.add_argument("--profile", action="store_true",
                         help="print the job's estimate (model evaluations, FLOPs, memory) before it runs and where "
                         "the time went after (setup, model, synchronization, fusion, decode), on stderr")
-    parser.add_argument("--estimate", action="store_true",
+    exclusive.add_argument("--estimate", action="store_true",
                         help="print the job's estimate and exit: loads the model (FLOPs are counted on its "
                         "networks), denoises and writes nothing")
 
@@ -468,7 +505,8 @@ def _add_job_options(gen: argparse.ArgumentParser, output_default: str) -> None:
     gen.add_argument("--dtype", default="auto", help="auto (float16/bfloat16 on CUDA, float32 elsewhere), float32, float16 or bfloat16")
     gen.add_argument("--steps", type=int, default=50, help="denoising steps")
     gen.add_argument("--seed", type=int, default=0, help=f"random seed (0..{2**63 - 1})")
-    gen.add_argument("--view-batch-size", type=int, default=4, help="windows per model call")
+    gen.add_argument("--view-batch-size", type=_view_batch_size, default=4, metavar="N|auto",
+                     help="windows per model call; auto: as many as fit the free CUDA memory (4 elsewhere)")
     gen.add_argument("--fusion", choices=["latent", "x0", "x0_renoise"],
                      help="latent (MultiDiffusion), x0 (SyncTweedies) or x0_renoise (few-step models); unset: the geometry's preferred")
     gen.add_argument("--windows", choices=["overlap", "shifted"],
@@ -497,6 +535,24 @@ def _add_sky(sub: Any) -> None:
     _add_init_options(sky)
     _add_job_options(sky, "sky.png")
     sky.set_defaults(func=cmd_sky)
+
+
+def _add_texture(sub: Any) -> None:
+    texture = _subparser(
+        sub, "texture", "texture a 3D mesh (OBJ, glTF/GLB, PLY): texture PNGs, GLB, OBJ + MTL, turntable",
+        "Mesh → texture: the mesh's UV texture is the canvas, rendered views of the mesh are the windows "
+        "(SyncMVD's ten views by default). Writes one texture PNG per material (carrying the job), "
+        "a textured GLB, OBJ + MTL and a turntable preview next to it. Shorthand for: generate PROMPT "
+        "--geometry mesh -g path=MESH (docs/textures.md).",
+    )
+    texture.add_argument("mesh", metavar="MESH", help="the mesh file; meshes without UVs are unwrapped with xatlas")
+    texture.add_argument("prompt", help="what the object looks like")
+    texture.add_argument("--texture-px", type=int, default=1024, help="side of every output texture")
+    texture.add_argument("--keep-frame", action="store_true", help="keep the mesh's own frame (default: centred, unit sphere)")
+    texture.add_argument("-g", "--geometry-option", action="append", default=[], metavar="KEY=VALUE",
+                         help="another mesh option, value read as TOML (repeat: -g window_latent=64)")
+    _add_job_options(texture, "texture.png")
+    texture.set_defaults(func=cmd_texture)
 
 
 def _view_mesh(args: argparse.Namespace) -> int:
@@ -578,6 +634,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_generate(sub)
     _add_sky(sub)
+    _add_texture(sub)
     _add_batch(sub)
     plugins = _subparser(sub, "plugins", "list discovered plugins and their options (types, defaults, allowed values)")
     plugins.set_defaults(func=cmd_plugins)
@@ -586,23 +643,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet_libraries() -> None:
-    """Library warnings (hub retries, deprecations, tokenizer lengths) would bury the one line
-    a user needs. Set through the environment and logging, so nothing heavy is imported."""
-    import logging
-
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    for name in ("diffusers", "transformers", "huggingface_hub"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = bool(args.debug or os.environ.get("JOINTDIFF_DEBUG"))
-    if not debug:
-        _quiet_libraries()
+    with command_output(debug):
+        return _dispatch(args, debug)
+
+
+def _dispatch(args: argparse.Namespace, debug: bool) -> int:
     try:
         return args.func(args)
     except (JointDiffError, ValueError, TypeError, OSError, OverflowError) as error:
@@ -611,8 +660,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"jointdiff: error: {_one_line(error)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("jointdiff: interrupted", file=sys.stderr)
+        print(f"jointdiff: interrupted; {_after_interrupt(_running.get('job'))}", file=sys.stderr)
         return 130
+
+
+_running: dict[str, Any] = {}
+"""The job being run (for the message after Ctrl-C)."""
+
+
+def _after_interrupt(job: Job | None) -> str:
+    """What a Ctrl-C left: the checkpoint that keeps the steps done and how to resume, or
+    that nothing was written and how to make a long job resumable."""
+    if job is None or job.checkpoint is None:
+        return ("nothing was written; to resume a long job after an interruption, give it a checkpoint "
+                "([checkpoint] path = \"job.ckpt\" in a job file, docs/job-spec.md)")
+    where = job.checkpoint.path
+    if not Path(where).exists():
+        return f"no step had finished, so checkpoint {where!r} was not written yet; run the same command to start again"
+    if job.checkpoint.resume:
+        return f"the steps done are kept in checkpoint {where!r}: run the same command again to resume from it"
+    return f"the steps done are kept in checkpoint {where!r}; set [checkpoint] resume = true and run the job again to resume"
 
 
 def _one_line(error: BaseException) -> str:

@@ -17,6 +17,10 @@ What it holds (plugin API :data:`PLUGIN_API_VERSION`, see ``docs/hooks.md``):
 - what the engine hands plugins: :class:`Prompt`, :class:`Embeddings`, :class:`LatentFormat`
   (:data:`SD_LATENT`); :class:`JobContext`, :class:`WindowBatch`, :class:`StepState` and
   :func:`keyed_generator` (imported on first use: they need torch);
+- reading images as users mean them: :mod:`images <jointdiff.utils.images>` (``images.load_image``,
+  ``load_array``, ``load_tensor``, ``open_image_file``, ``unit_array``: EXIF orientation, 16-bit
+  and float images by their real range, palette and alpha, one log line of what was done);
+  :func:`stdout_folded` (a library's prints while loading, off stdout, as one note);
 - errors: :class:`ConfigError` (a user's mistake: one line, exit 2), :class:`ModelLoadError`,
   :class:`PluginError`, :class:`NonFiniteLatentsError`, :class:`JointDiffError`;
 - the conformance kit for a plugin's own tests (imported on first use: it needs torch):
@@ -43,7 +47,9 @@ from jointdiff.core.options import PluginOptions
 from jointdiff.core.synchronizer import Synchronizer
 from jointdiff.core.tiling import TiledGeometry, WindowOptions, axis_starts, resolve_window_stride
 from jointdiff.surfaces.sphere_base import SphereGeometry, SphereOptions
+from jointdiff.utils import images
 from jointdiff.utils.errors import ConfigError, JointDiffError, ModelLoadError, NonFiniteLatentsError, PluginError
+from jointdiff.utils.quiet import stdout_folded
 
 _LAZY = {
     "JobContext": "jointdiff.core.context",
@@ -72,6 +78,7 @@ __all__ = [
     "DecodeFn", "EncodeFn", "decode_wrapped", "encode_wrapped", "encode_text", "check_geometry_maps",
     "Prompt", "Embeddings", "GuidanceMode", "LatentFormat", "SD_LATENT",
     "ConfigError", "JointDiffError", "ModelLoadError", "NonFiniteLatentsError", "PluginError",
+    "images", "stdout_folded",
     *_LAZY,
 ]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from jointdiff.core.registry import PluginManager
 
 EXPECTED = {
-    "geometry": {"strip", "grid", "torus", "atlas", "cube_texture", "equirect", "cubemap"},
+    "geometry": {"strip", "grid", "torus", "atlas", "cube_texture", "equirect", "cubemap", "mesh"},
     "conditioner": {"text", "tile_text", "controlnet", "regions", "inpaint_model", "flux_control"},
     "synchronizer": {"none", "syncdiffusion"},
 }

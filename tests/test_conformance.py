@@ -58,13 +58,46 @@ MODELS = ("tiny", "tiny-flux")
 transformer family (FLUX.1: 16 channels, 2×2 patches, distilled guidance)."""
 
 
+CASE_MODELS = {("conditioner", "inpaint_model"): ("tiny-inpaint",), ("conditioner", "flux_control"): ("tiny-flux-control",)}
+"""Plugins that need a particular kind of model: ``inpaint_model`` runs on an inpainting
+checkpoint (the tiny SD inpainting pipeline, 9-channel UNet), ``flux_control`` on a
+channel-concatenated control checkpoint (the tiny FLUX.1 Depth/Canny-dev pipeline)."""
+
+
+def case_model(model: str | None):
+    """The model a case runs on: a tiny model name, or one of the tiny special checkpoints."""
+    if model == "tiny-inpaint":
+        from jointdiff.models.families.sd import StableDiffusion
+        from jointdiff.models.tiny import build_tiny_inpaint_pipeline
+
+        return StableDiffusion(build_tiny_inpaint_pipeline(seed=0))
+    if model == "tiny-flux-control":
+        from jointdiff.models.families.flux import Flux, build_tiny_control_pipeline
+
+        return Flux(build_tiny_control_pipeline(seed=0))
+    return model
+
+
+def flux_control_options(model: str, tmp_path) -> dict:
+    """The ``flux_control`` conditioner of the checks: a control image of the example
+    geometry's canvas size (FLUX.1's VAE factor, 8), saved as a PNG."""
+    geometry = example_geometry()
+    geometry.setup(tiny_model("tiny-flux").latent_format)
+    _, height, width = geometry.canvas_shape_latent
+    scale = geometry.latent_scale
+    pixels = torch.rand(scale * height, scale * width, 3, generator=torch.Generator().manual_seed(7))
+    path = tmp_path / "control.png"
+    Image.fromarray((pixels * 255).round().to(torch.uint8).numpy()).save(path)
+    return {"image": str(path)}
+
+
 def conformance_cases():
-    """``(plugin, model)`` pairs: plugins on every model of :data:`MODELS`; a model family
-    on its own (first) tiny model."""
+    """``(plugin, model)`` pairs: plugins on every model of :data:`MODELS` (or of
+    :data:`CASE_MODELS`); a model family on its own (first) tiny model."""
     cases = []
     for param in builtin_plugins():
         info = param.values[0]
-        for model in [None] if info.kind == "family" else MODELS:
+        for model in [None] if info.kind == "family" else CASE_MODELS.get((info.kind, info.name), MODELS):
             suffix = f"-{model}" if model else ""
             cases.append(pytest.param(info, model, id=f"{info.kind}-{info.name}{suffix}"))
     return cases
@@ -84,7 +117,7 @@ def controlnet_options(model: str, tmp_path) -> dict:
     return {"model": "tiny", "image": str(path)}
 
 
-TEST_OPTIONS = {("conditioner", "controlnet"): controlnet_options}
+TEST_OPTIONS = {("conditioner", "controlnet"): controlnet_options, ("conditioner", "flux_control"): flux_control_options}
 """Options, built here, for built-in plugins whose example_options() would need a model."""
 
 
@@ -104,9 +137,8 @@ def test_every_builtin_plugin_conforms(info, model, tmp_path):
         options = make_options(model, tmp_path)
     else:
         options = example_options(info.cls, guess=info.kind in ("geometry", "family"))
-    if options is None:
-        pytest.skip(f"{info.kind} {info.name!r} has no example_options() classmethod")
-    check_plugin_class(info.kind, info.cls, options, geometry_latent(model) if info.kind == "geometry" else model)
+    assert options is not None, f"{info.kind} {info.name!r} has no example_options() classmethod"  # none skipped
+    check_plugin_class(info.kind, info.cls, options, geometry_latent(model) if info.kind == "geometry" else case_model(model))
 
 
 def builtin_tiny_model_variants():

@@ -65,9 +65,10 @@ def run_stock(pipeline, noise, **kwargs):
     return unpack_patches(seen["latents"], (h, w)), out
 
 
-@pytest.mark.parametrize("negative", [None, NEGATIVE])
+@pytest.mark.parametrize("negative", [None, "", NEGATIVE])
 def test_one_window_equals_stock_pipeline(pipe, family, negative):
-    """True CFG 4.0 with a negative prompt (norm-preserving); none without one, as stock."""
+    """True CFG 4.0 with a negative prompt, "" included (norm-preserving); none without one
+    (None), as stock."""
     noise = initial_latents()
     ours = engine_window(family, noise, negative, guidance_scale=4.0)
     stock, image = run_stock(pipe, noise, negative_prompt=negative, true_cfg_scale=4.0, output_type="pt")

@@ -339,7 +339,7 @@ def test_bad_input_at_the_job_and_from_files(sd, tmp_path):
     job = JointDiffusion(sd, geometry, [create("conditioner", "text", prompt=PROMPT)], init=InitImage(random_pixels(128, 256)))
     assert "init image has shape" in one_line_error(lambda: job(2, progress=False))
     assert "init must be" in one_line_error(lambda: JointDiffusion(sd, geometry, [], init="photo.png"))
-    assert "cannot read" in one_line_error(lambda: InitImage.from_files(tmp_path / "missing.png"))
+    assert "missing.png' does not exist" in one_line_error(lambda: InitImage.from_files(tmp_path / "missing.png"))
     random_pil(16, 24).save(tmp_path / "photo.png")
     Image.fromarray(np.full((16, 24), 255, np.uint8)).save(tmp_path / "repaint.png")
     init = InitImage.from_files(tmp_path / "photo.png", 0.5, repaint=tmp_path / "repaint.png", feather_px=2)

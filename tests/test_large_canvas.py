@@ -297,10 +297,12 @@ def test_job_option_max_megapixels(tiny_pipeline):
 
     spec = {"geometry": {"name": "strip", "length_px": 640, "stride_latent": 16},
             "conditioners": [{"name": "text", "prompt": "a city"}], "steps": 1, "max_megapixels": 0.2}
-    job = Job.from_dict(spec)
-    assert job.max_megapixels == 0.2
+    with pytest.raises(ConfigError, match="max_megapixels = 0.2"):  # arithmetic: before any model loads
+        Job.from_dict(spec)
+    job = Job.from_dict({**spec, "max_megapixels": 0.4})
+    assert job.max_megapixels == 0.4
     with pytest.raises(ConfigError, match="max_megapixels = 0.2"):
-        run_job(job, tiny_pipeline, progress=False)
+        run_job(job.model_copy(update={"max_megapixels": 0.2}), tiny_pipeline, progress=False)
     with pytest.raises(ConfigError, match="max_megapixels"):
         Job.from_dict({**spec, "max_megapixels": 0})
 

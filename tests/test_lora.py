@@ -7,6 +7,7 @@ pipeline whose attention weights were merged by hand: ``W += scale · α/r · B 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -297,3 +298,19 @@ def test_a_family_without_lora_support_is_refused(loras):
     with pytest.raises(ConfigError) as error:
         load_loras(family, [loras["first"].spec(1.0)])
     assert_one_line(error, "'fake'", "no LoRA support")
+
+
+def test_a_lora_of_another_shape_says_so_in_words(loras, recwarn):
+    """A LoRA made for another model (here: a cross-attention width of 48, the tiny UNet's is
+    32) is named with the layer and both shapes, not torch's raw state-dict message, and the
+    library's warnings about the failed load are not passed on."""
+    from jointdiff.models.loading import load_model
+
+    path = loras["other_shape"].path
+    with pytest.raises(ConfigError) as error:
+        load_model("tiny", device="cpu", dtype="float32", loras=[{"path": path}])
+    message = str(error.value)
+    assert re.search(r"do not fit StableDiffusionPipeline \(layer '[\w.]+attn2.to_k[\w.]*' is torch.Size\(\[4, 48\]\) "
+                     r"in the LoRA, torch.Size\(\[4, 32\]\) in the model\)", message), message
+    assert "another model family or size" in message and "Error(s)" not in message and "\n" not in message
+    assert not [w for w in recwarn if "lora" in str(w.message).lower()]

@@ -63,7 +63,7 @@ def test_write_viewer_and_errors(tmp_path):
     with pytest.raises(ConfigError, match="page.txt"):
         viewer.write_viewer(FIXTURE, tmp_path / "page.txt")
     (tmp_path / "notes.png").write_text("not an image")
-    with pytest.raises(ConfigError, match="not a readable image"):
+    with pytest.raises(ConfigError, match="is not an image Pillow can read"):
         viewer.write_viewer(tmp_path / "notes.png", tmp_path / "x.html")
     with pytest.raises(ConfigError, match="fov_deg"):
         viewer.viewer_html(FIXTURE, fov_deg=170)

@@ -104,6 +104,13 @@ class Conditioner(Configurable, ABC):
     def setup(self, context: JobContext) -> None:
         """Called once per job after the model is loaded (encode prompts, move models)."""
 
+    def check_canvas(self, geometry: Any) -> None:
+        """Called when a job is checked, before any model loads, with the job's geometry set
+        up (for the model family's latent format where it is known, SD's otherwise): raise a
+        one-line ConfigError for options that cannot fit this canvas (a region outside it, a
+        mask of another size). Arithmetic and file headers only: no model, no torch. Default:
+        nothing to check."""
+
     def geometry_maps(self) -> tuple[str, ...]:
         """Names of the geometry's per-window maps (:attr:`Geometry.window_maps
         <jointdiff.core.geometry.Geometry.window_maps>`, e.g. ``"depth"``) this conditioner
@@ -153,7 +160,8 @@ def check_geometry_maps(geometry: Any, conditioners: Sequence[Conditioner]) -> N
     Needs only the classes' options, so a job runs it before any model loads."""
     renders = tuple(getattr(geometry, "window_maps", ()))
     for conditioner in conditioners:
-        for name in conditioner.geometry_maps():
+        asks = getattr(conditioner, "geometry_maps", None)  # duck-typed conditioners ask for none
+        for name in asks() if callable(asks) else ():
             if name not in renders:
                 what = ", ".join(map(repr, renders)) if renders else "no per-window maps"
                 raise ConfigError(
@@ -182,5 +190,6 @@ def encode_text(
         model.check_guidance(guidance_scale, negative, owner)
     cfg = any(model.uses_cfg(scale, negative) for negative in negative_prompts)
     with torch.no_grad():
-        embeds, negative = model.encode_prompts(list(prompts), [n or "" for n in negative_prompts] if cfg else None)
+        negatives = [n if n is not None or model.absent_negative_differs else "" for n in negative_prompts]
+        embeds, negative = model.encode_prompts(list(prompts), negatives if cfg else None)
     return embeds, negative, scale

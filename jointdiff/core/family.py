@@ -160,6 +160,11 @@ class ModelFamily(Configurable, ABC):
     cuda_dtype: ClassVar[str] = "float16"
     """The name of the default compute dtype on CUDA (``"bfloat16"`` for the transformer
     families), a name so that families are defined without importing torch."""
+    absent_negative_differs: ClassVar[bool] = False
+    """Whether no negative prompt (None) means something other than the empty one (``""``) in
+    the stock pipeline (SDXL's ``force_zeros_for_empty_prompt``: None gives zero rows, ``""``
+    is encoded). True: :meth:`encode_prompts` receives None for an absent negative prompt;
+    False: it receives ``""``, as the stock pipelines that encode ``""`` for None."""
     load_kwargs: ClassVar[dict[str, Any]] = {}
     """Extra keyword arguments of ``from_pretrained`` (e.g. no safety checker for SD)."""
     supports_offsets: ClassVar[bool] = False

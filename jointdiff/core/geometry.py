@@ -23,6 +23,8 @@ from jointdiff.core.options import Configurable
 from jointdiff.utils.errors import ConfigError
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import torch
     from PIL import Image
 
@@ -104,6 +106,32 @@ class Geometry(Configurable, ABC):
             f"{self.name}: no per-window map {name!r}"
             + (f"; this geometry renders {', '.join(map(repr, self.window_maps))}" if self.window_maps else "; this geometry renders none")
         )
+
+    fuse_until: float = 1.0
+    """With ``x0`` fusion, the fraction of the steps during which the windows are fused; the
+    windows step alone afterwards (SyncMVD stops at 0.8). 1: every step."""
+
+    def window_coverage(self, window_ids: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor | None:
+        """``(B, 1, h, w)`` in [0, 1]: where each window shows the canvas. Elsewhere (1 − coverage)
+        the ``x0`` fusion keeps the window's own x̂0 (a rendered view's background). None: the
+        canvas covers every window pixel (the default)."""
+        return None
+
+    def final_windows(self, window_ids: Sequence[int], latents: torch.Tensor) -> None:
+        """After the last step of a job with ``x0`` fusion, in one process: the windows' own
+        final latents ``(B, C, h, w)``, before :meth:`decode`. A geometry whose output is made
+        from its windows (the ``mesh`` geometry bakes its texture from the decoded views, as
+        SyncMVD) keeps them; ignored by default."""
+
+    def setup_work(self) -> dict[str, int]:
+        """Work done once per job outside the model, by kind (e.g. ``{"rays": ...}``), for the
+        cost estimate (:class:`jointdiff.cost.budget.Estimate`); after :meth:`setup`. None by default."""
+        return {}
+
+    def write_companions(self, images: list[Image.Image], path: Path) -> list[Path]:
+        """Files written next to the saved output images (``path``: the first image's), e.g.
+        a textured mesh; returns their paths. None by default."""
+        return []
 
     @property
     @abstractmethod
@@ -235,3 +263,29 @@ def tensor_to_pil(pixels: torch.Tensor) -> list[Image.Image]:
 
     array = ((pixels.detach().float().cpu() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
     return [Image.fromarray(a.permute(1, 2, 0).numpy()) for a in array]
+
+
+DEFAULT_MAX_MEGAPIXELS = 64.0
+"""Canvases above this many megapixels (all sheets) are refused unless the limit is raised:
+64 MP is e.g. a 4096×16384 px strip. A 10-megapixel panorama runs; a gigapixel one is refused
+before anything is allocated."""
+
+
+def check_canvas_megapixels(geometry: Geometry, max_megapixels: float | None = DEFAULT_MAX_MEGAPIXELS) -> None:
+    """ConfigError when the set-up ``geometry``'s canvas (``S · H · W`` latent cells at
+    ``latent_scale`` pixels each) is above ``max_megapixels`` (None: no limit). Arithmetic on
+    the canvas shape and the window count only, so a gigapixel canvas is refused at once,
+    before a model loads or the cost estimate walks its windows."""
+    if max_megapixels is None:
+        return
+    sheets, height, width = geometry.canvas_shape_latent
+    scale = geometry.latent_scale
+    megapixels = sheets * height * width * scale * scale / 1e6
+    if megapixels <= max_megapixels:
+        return
+    size = f"{scale * height}×{scale * width} px" + (f" × {sheets} sheets" if sheets > 1 else "")
+    raise ConfigError(
+        f"{geometry.name}: the canvas is {megapixels:.1f} megapixels ({size}; {geometry.num_windows:,} windows), "
+        f"above max_megapixels = {max_megapixels:g}; if you mean it, raise max_megapixels (JointDiffusion(max_megapixels=...) "
+        "or the job's max_megapixels), else make the canvas smaller"
+    )

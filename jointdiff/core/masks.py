@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
+from jointdiff.utils import images
 from jointdiff.utils.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -71,14 +72,8 @@ def image_mask(source: Any, size_px: tuple[int, int], what: str = "mask") -> tor
     import torch
     from PIL import Image
 
-    if isinstance(source, (str, Path)):
-        path = Path(source).expanduser()
-        if not path.is_file():
-            raise ConfigError(f"{what} = {str(source)!r}: no such image file")
-        with Image.open(path) as opened:
-            source = opened.convert("L")
-    if isinstance(source, Image.Image):
-        mask = torch.from_numpy(np.asarray(source.convert("L"), dtype=np.float32) / 255.0)
+    if isinstance(source, (str, Path, Image.Image)):
+        mask = torch.from_numpy(images.load_array(source, "L", what))
     elif isinstance(source, (np.ndarray, torch.Tensor)):
         mask = torch.as_tensor(np.asarray(source) if isinstance(source, np.ndarray) else source).float().cpu()
         mask = mask[0] if mask.ndim == 3 and mask.shape[0] == 1 else mask

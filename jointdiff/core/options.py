@@ -7,6 +7,7 @@ value.
 
 from __future__ import annotations
 
+import difflib
 import types
 import typing
 from typing import Any, ClassVar, Mapping
@@ -22,18 +23,31 @@ class PluginOptions(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
 
 
+MAX_ECHO_CHARS = 120
+"""A bad value is echoed up to this many characters (a whole table is not echoed)."""
+
+
 def format_validation_error(owner: str, error: pydantic.ValidationError) -> str:
-    """One line per problem: ``owner: option 'x' = value: reason``."""
+    """One line per problem: ``owner: option 'x' = value: reason``. A missing option is
+    said as missing (its input, the whole enclosing table, is not echoed), and an unknown
+    option close to a missing one is named as its likely misspelling."""
+    items = error.errors()
+    missing = [".".join(str(part) for part in item["loc"]) for item in items if item["type"] == "missing"]
     lines = []
-    for item in error.errors():
+    for item in items:
         where = ".".join(str(part) for part in item["loc"])
         if item["type"] == "extra_forbidden":
-            lines.append(f"{owner}: unknown option {where!r}")
+            guess = difflib.get_close_matches(where, missing, n=1)
+            lines.append(f"{owner}: unknown option {where!r}" + (f" (did you mean {guess[0]!r}?)" if guess else ""))
+        elif item["type"] == "missing":
+            lines.append(f"{owner}: option {where!r} is missing")
         elif not where:  # a check across options: the message names them itself
             lines.append(f"{owner}: {item['msg'].removeprefix('Value error, ')}")
         else:
             message = item["msg"].removeprefix("Value error, ")
-            lines.append(f"{owner}: option {where!r} = {item.get('input')!r}: {message}")
+            shown = repr(item.get("input"))
+            shown = shown if len(shown) <= MAX_ECHO_CHARS else shown[: MAX_ECHO_CHARS - 1] + "…"
+            lines.append(f"{owner}: option {where!r} = {shown}: {message}")
     return "; ".join(lines)
 
 

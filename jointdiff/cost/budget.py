@@ -20,20 +20,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence as SequenceABC
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
+from jointdiff.core.geometry import DEFAULT_MAX_MEGAPIXELS  # re-exported: the limit is the canvas's
 from jointdiff.cost.profiling import count_evaluations, format_flops, job_flops
 from jointdiff.models.tiled_decode import decode_plan, default_overlap, tile_starts
 from jointdiff.utils.errors import ConfigError
 
-DEFAULT_MAX_MEGAPIXELS = 64.0
-"""Canvases above this many megapixels (all sheets) are refused unless the limit is raised:
-64 MP is e.g. a 4096×16384 px strip. A 10-megapixel panorama runs; a gigapixel one is refused
-before anything is allocated."""
 
 PER_BATCH_PROGRESS = 16
 """From this many window batches per step on, the progress bar ticks per batch."""
@@ -96,6 +93,11 @@ class Estimate:
     """Rows through each network per phase (:class:`jointdiff.cost.profiling.Evaluations`; exact)."""
     flops: Any = None
     """FLOPs per phase (:class:`jointdiff.cost.profiling.Flops`), when asked for (``flops=True``)."""
+    geometry_work: dict[str, int] = field(default_factory=dict)
+    """Work the geometry does once per job outside the model, by kind (exact counts; the
+    ``mesh`` geometry: ``rays`` cast for its view and texel maps, ``bake_samples`` texel ×
+    view look-ups of the final bake); empty for most geometries
+    (:meth:`jointdiff.core.geometry.Geometry.setup_work`)."""
 
     @property
     def model_calls(self) -> int:
@@ -130,6 +132,8 @@ class Estimate:
             f"final decode ~{format_bytes(self.decode_bytes)} ({decode}; whole: ~{format_bytes(self.decode_whole_bytes)}), "
             f"peak ~{format_bytes(self.peak_bytes)} + weights {format_bytes(self.weight_bytes)}",
         ]
+        if self.geometry_work:
+            lines.append("geometry, once per job: " + ", ".join(f"{count:,} {kind.replace('_', ' ')}" for kind, count in self.geometry_work.items()))
         return "\n".join(lines + self._cost_lines())
 
     def _cost_lines(self) -> list[str]:
@@ -270,6 +274,7 @@ def estimate(
         weight_bytes=weight_bytes(model),
         evaluations=evaluations,
         flops=priced,
+        geometry_work=dict(geometry.setup_work()) if hasattr(geometry, "setup_work") else {},
     )
 
 

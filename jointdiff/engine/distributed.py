@@ -420,13 +420,18 @@ def save_checkpoint(checkpoint: Checkpoint, comm: Distributed | None, fingerprin
 
 
 def _atomic_save(payload: dict, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent if str(path.parent) else ".")
-    os.close(fd)
+    """Write through a temporary file and a rename; a failure names the checkpoint, never
+    the temporary file."""
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent if str(path.parent) else ".")
+        os.close(fd)
         torch.save(payload, tmp)
         os.replace(tmp, path)
+    except OSError as error:
+        raise ConfigError(f"checkpoint.path {str(path)!r}: cannot write it ({error.strerror or type(error).__name__})") from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
 
 

@@ -132,6 +132,10 @@ class LatentFusion:
     def close(self) -> None:
         """The job's loop is over (e.g. give the geometry its own windows back)."""
 
+    def hand_over_windows(self) -> None:
+        """The job finished: show the geometry every window's own final latents
+        (:meth:`~jointdiff.core.geometry.Geometry.final_windows`) where this fusion keeps them."""
+
     def add(self, batch: WindowBatch, latents: torch.Tensor, output: torch.Tensor, t: torch.Tensor, denoiser: Denoiser) -> None:
         stepped = self._step(batch, output, t, latents)
         self.geometry.insert(self._fused, stepped * self.weights_of(batch), batch.window_ids)
@@ -147,15 +151,19 @@ class TweedieFusion(LatentFusion):
     """SyncTweedies: windows keep their noisy latents; x̂0 is fused on the canvas."""
 
     def __init__(self, geometry, canvas, batches, weights_of, step_kwargs, reduce=None, noise_sigma=1.0,
-                 generator_for=None) -> None:
+                 generator_for=None, num_steps: int | None = None) -> None:
         super().__init__(geometry, canvas, batches, weights_of, step_kwargs, reduce, noise_sigma, generator_for)
+        fraction = float(getattr(geometry, "fuse_until", 1.0))
+        self.fused_steps = num_steps if num_steps is None or fraction >= 1 else round(fraction * num_steps)
+        """Steps (from the first) whose windows step with the fused x̂0; later ones with their own
+        (the geometry's ``fuse_until``; None: all)."""
         self.views = {batch.index: self._initial_view(batch, canvas) for batch in batches}
         self._batches = {batch.index: batch for batch in batches}
         self._where = {}
         for batch in batches:
             for k, window_id in enumerate(batch.window_ids):
                 self._where.setdefault(window_id, (batch.index, k))
-        self._pending: list[tuple[WindowBatch, torch.Tensor]] = []
+        self._pending: list[tuple[WindowBatch, torch.Tensor, torch.Tensor]] = []
 
     def _initial_view(self, batch: WindowBatch, canvas: torch.Tensor) -> torch.Tensor:
         """Crops start from the canvas noise; resampled views start from fresh noise of
@@ -206,16 +214,32 @@ class TweedieFusion(LatentFusion):
     def add(self, batch, latents, output, t, denoiser) -> None:
         x0 = denoiser.predicted_x0(latents, output, t, batch.scheduler)
         self.geometry.insert(self._fused, x0 * self.weights_of(batch), batch.window_ids)
-        self._pending.append((batch, latents))
+        self._pending.append((batch, latents, x0))
 
     def end_step(self, t, denoiser) -> torch.Tensor:
         fused_x0 = self._reduced() / self.weight_sum
         if self.keep is not None:
             fused_x0 = self.keep(fused_x0, self.step_index)
-        for batch, latents in self._pending:
-            x0 = self.geometry.extract(fused_x0, batch.window_ids)
+        for batch, latents, own_x0 in self._pending:
+            x0 = self._window_x0(batch, fused_x0, own_x0)
             output = denoiser.output_from_x0(latents, x0, t, batch.scheduler)
             self.views[batch.index] = self._step(batch, output, t, latents)
         self._pending.clear()
         self.canvas = fused_x0
         return fused_x0
+
+    def hand_over_windows(self) -> None:
+        for index, batch in self._batches.items():
+            self.geometry.final_windows(batch.window_ids, self.views[index])
+
+    def _window_x0(self, batch: WindowBatch, fused_x0: torch.Tensor, own_x0: torch.Tensor) -> torch.Tensor:
+        """The x̂0 a batch steps with ``(B, C, h, w)``: the fused canvas cut back out, its own
+        where the geometry's :meth:`~jointdiff.core.geometry.Geometry.window_coverage` is 0
+        (a view's background), and its own altogether once the fused steps are over."""
+        if self.fused_steps is not None and self.step_index >= self.fused_steps:
+            return own_x0
+        x0 = self.geometry.extract(fused_x0, batch.window_ids)
+        coverage = self.geometry.window_coverage(batch.window_ids, x0.device)
+        if coverage is None:
+            return x0
+        return coverage * x0 + (1 - coverage) * own_x0.to(x0.dtype)

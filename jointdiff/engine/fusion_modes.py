@@ -18,7 +18,9 @@ def make_fusion(mode: FusionMode, geometry, canvas, batches, weights_of, step_kw
     if mode == "latent":
         return LatentFusion(geometry, canvas, batches, weights_of, step_kwargs, reduce, noise_sigma, generator_for)
     if mode == "x0":
-        return TweedieFusion(geometry, canvas, batches, weights_of, step_kwargs, reduce, noise_sigma, generator_for)
+        steps = len(scheduler.timesteps) if scheduler is not None and getattr(scheduler, "timesteps", None) is not None else None
+        return TweedieFusion(geometry, canvas, batches, weights_of, step_kwargs, reduce, noise_sigma, generator_for,
+                             num_steps=steps)
     if mode == "x0_renoise":  # few-step sampling: fused x̂0 re-noised (jointdiff.engine.fewstep)
         if scheduler is None:
             raise ValueError("fusion = 'x0_renoise' needs the job's scheduler (after set_timesteps)")

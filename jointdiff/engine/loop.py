@@ -28,7 +28,7 @@ import torch
 
 from jointdiff.core.conditioner import Conditioner, Prompt, check_geometry_maps
 from jointdiff.core.context import JobContext, StepState, WindowBatch
-from jointdiff.core.geometry import Geometry
+from jointdiff.core.geometry import Geometry, check_canvas_megapixels
 from jointdiff.core.synchronizer import Synchronizer
 from jointdiff.cost import budget, profiling
 from jointdiff.engine import job_state
@@ -345,6 +345,7 @@ class JointDiffusion:
         scheduler's timesteps are set. Profiling: the estimate has FLOPs and is announced."""
         self.geometry.setup(self.model.latent_format)
         self._auto_view_batch = None  # "auto" is sized anew for every job
+        check_canvas_megapixels(self.geometry, self.max_megapixels)  # arithmetic first: the estimate walks windows
         estimate = self.estimate(num_inference_steps, flops=profile, seed=seed)
         if profile:
             profiling.announce(estimate, self)
@@ -553,6 +554,8 @@ class JointDiffusion:
         same canvas); the checkpoint of a job that ran all its steps is removed."""
         finished = stopped is None or stopped + 1 == len(run.timesteps)
         run.fusion.close()  # shifted windows: the geometry gets its own windows back
+        if finished and run.comm is None:  # with ranks, no process holds every window
+            run.fusion.hand_over_windows()
         metadata: dict[str, Any] = {"seed": run.seed, "num_inference_steps": len(run.timesteps),
                                     "windows": self.geometry.num_windows}
         metadata["job"] = job_of_engine(self, len(run.timesteps), run.seed)  # saved PNGs carry it (JointResult.save)
@@ -565,7 +568,9 @@ class JointDiffusion:
         else:
             with run.timer.phase("decode"):
                 pixels = self.geometry.decode(run.canvas, self._final_decode())
-            result = JointResult(self.geometry.to_images(pixels), run.canvas, pixels, metadata)
+            images = self.geometry.to_images(pixels)
+            result = JointResult(images, run.canvas, pixels, metadata,
+                                 companions=lambda path: self.geometry.write_companions(images, path))
         if checkpoint is not None and finished:
             remove_checkpoint(checkpoint, run.comm)
         return result

@@ -35,6 +35,9 @@ class JointResult:
     latents: torch.Tensor
     pixels: torch.Tensor | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    companions: Any = None
+    """``companions(first_image_path) -> paths``: the geometry's files written next to the
+    saved images (:meth:`jointdiff.core.geometry.Geometry.write_companions`), or None."""
 
     def save(self, path: Any, *, overwrite: bool = True) -> list[Any]:
         """Save the images (several: ``out_0.png``, ...) with the job and seed in every PNG,

@@ -70,7 +70,7 @@ def check_windows_option(windows: Any, geometry: Any, fusion: Any) -> None:
         return
     if not isinstance(geometry, TiledGeometry):
         if getattr(geometry, "resamples", False):
-            why = "its windows are perspective views resampled from the canvas, which no regular tiling covers once"
+            why = "its windows are views resampled or rendered from the canvas, which no regular tiling covers once"
         else:
             why = "its windows are not crops of one plane per sheet (e.g. cube_texture's windows cross cube edges)"
         raise ConfigError(

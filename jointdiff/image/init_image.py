@@ -38,6 +38,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from jointdiff.utils import images
+
 from jointdiff.core.context import keyed_generator
 from jointdiff.models import tiled_decode
 from jointdiff.utils.errors import ConfigError
@@ -172,26 +174,17 @@ def _checked_mask(mask: Any, image_shape: torch.Size, what: str = "keep") -> tor
 
 
 def pil_to_tensor(image: Any, mode: str, what: str) -> torch.Tensor:
-    """A PIL image → ``(1, channels, H, W)`` float32 in [0, 1] (``mode``: ``"RGB"`` or ``"L"``)."""
-    import numpy as np
-
+    """A PIL image → ``(1, channels, H, W)`` float32 in [0, 1] (``mode``: ``"RGB"`` or ``"L"``),
+    read as :func:`jointdiff.utils.images.load_tensor` reads it (upright, 16-bit and float
+    images by their real range)."""
     if not hasattr(image, "convert"):
         raise ConfigError(f"{what} must be a PIL image, got {type(image).__name__}")
-    array = np.asarray(image.convert(mode), dtype=np.float32) / 255.0
-    tensor = torch.from_numpy(array.copy())
-    return (tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1))[None]
+    return images.load_tensor(image, mode, what)[None]
 
 
 def open_image(path: str | Path, what: str) -> Any:
     """The image file ``path`` as a loaded PIL image (ConfigError naming it otherwise)."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image.copy()
-    except (OSError, ValueError) as error:
-        raise ConfigError(f"{what}: cannot read image file {str(path)!r} ({type(error).__name__}: {error})") from None
+    return images.open_image_file(path, what)
 
 
 def canvas_size_px(geometry: Geometry) -> tuple[int, int, int]:

@@ -107,7 +107,8 @@ def save_result(result: Any, path: str | Path, *, overwrite: bool = True) -> lis
         try:
             for image, p in zip(result.images, output_paths(target, count)):
                 written.append(save_image_atomic(image, p, metadata, overwrite=overwrite))
-            return written
+            companions = getattr(result, "companions", None)
+            return written + list(companions(written[0])) if companions is not None and written else written
         except FileExistsError:  # another writer took the name meanwhile: ours go elsewhere
             for p in written:
                 p.unlink()

@@ -28,10 +28,11 @@ from typing import Any, Literal, Union
 
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from jointdiff.image.init_image import InitImage, pil_to_tensor
 from jointdiff.surfaces import spherical
+from jointdiff.utils import images
 from jointdiff.utils.errors import ConfigError
 
 ImageLike = Union[torch.Tensor, Image.Image, str, Path]
@@ -46,18 +47,11 @@ over this many pixels inside its edge (:class:`InitImage`'s ``feather_px``)."""
 
 
 def load_image(path: str | Path, name: str = "image", mode: str = "RGB") -> Image.Image:
-    """The image file at ``path`` (any format PIL reads) converted to ``mode``; ConfigError
-    naming ``name`` when it does not exist, is a folder, or is not an image."""
-    path = Path(path)
-    if path.is_dir():
-        raise ConfigError(f"{name} {str(path)!r} is a folder, not an image file")
-    if not path.is_file():
-        raise ConfigError(f"{name} {str(path)!r} does not exist")
-    try:
-        with Image.open(path) as image:
-            return image.convert(mode)
-    except (UnidentifiedImageError, OSError) as error:
-        raise ConfigError(f"{name} {str(path)!r} is not an image PIL can read ({type(error).__name__})") from None
+    """The image file at ``path`` (any format PIL reads) in ``mode``, read by
+    :func:`jointdiff.utils.images.load_image` (upright by its EXIF orientation, 16-bit and
+    float images by their real range); ConfigError naming ``name`` when it does not exist,
+    is a folder, or is not an image."""
+    return images.load_image(path, mode, name)  # type: ignore[arg-type]
 
 
 def as_image(image: ImageLike, name: str = "image") -> torch.Tensor:

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -37,6 +39,7 @@ import pydantic
 
 from jointdiff.core.conditioner import Conditioner, check_geometry_maps
 from jointdiff.core.family import SD_LATENT
+from jointdiff.core.geometry import DEFAULT_MAX_MEGAPIXELS, check_canvas_megapixels
 from jointdiff.core.options import format_validation_error
 from jointdiff.core.registry import create
 from jointdiff.image.init_spec import InitSpec
@@ -44,6 +47,8 @@ from jointdiff.image.output import PATH_KEYS, read_job_metadata
 from jointdiff.models.loading import (
     check_device_name,
     check_dtype_name,
+    check_family_fits,
+    check_hub_loras,
     check_model_source,
     check_scheduler_name,
     known_family,
@@ -53,6 +58,8 @@ from jointdiff.models.loading import (
 )
 from jointdiff.models.lora import LoraSpec, looks_local
 from jointdiff.utils.errors import ConfigError
+from jointdiff.utils.files import check_checkpoint_path
+from jointdiff.utils.quiet import stdout_folded
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -60,6 +67,13 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 MAX_SEED = 2**63 - 1
+MAX_STEPS = 1000
+"""The most denoising steps a job takes: the schedulers of every family are trained on 1000
+timesteps (DDPM's ``num_train_timesteps``); diffusers' discrete schedulers refuse more."""
+FEW_STEPS = 8
+"""``fusion = "x0_renoise"`` is for models distilled to 1-8 steps (docs/fast-modes.md)."""
+logger = logging.getLogger(__name__)
+_noted: set[str] = set()
 """Largest seed: torch generators take 64-bit seeds; jointdiff keeps them non-negative."""
 
 
@@ -124,9 +138,11 @@ class Job(_Strict):
     geometry: PluginSpec
     conditioners: list[PluginSpec]
     synchronizer: PluginSpec = PluginSpec(name="none")
-    steps: int = pydantic.Field(50, ge=1)
+    steps: int = pydantic.Field(50, ge=1, le=MAX_STEPS, description=f"denoising steps, 1..{MAX_STEPS}")
     seed: int = pydantic.Field(0, ge=0, le=MAX_SEED, description=f"random seed, 0..{MAX_SEED}")
-    view_batch_size: int = pydantic.Field(4, ge=1)
+    view_batch_size: pydantic.PositiveInt | Literal["auto"] = pydantic.Field(
+        4, description='windows per model call, or "auto": as many as fit the free CUDA memory (4 elsewhere)'
+    )
     eta: float = 0.0
     fusion: Literal["latent", "x0", "x0_renoise"] | None = pydantic.Field(
         None, description="latent (MultiDiffusion), x0 (SyncTweedies) or x0_renoise (few-step models); None: the geometry's"
@@ -190,7 +206,11 @@ class Job(_Strict):
         _check_one_prompt(self.conditioners, conditioners)
         _check_fast_modes(self, geometry)
         check_geometry_maps(geometry, conditioners)
+        _check_steps_run(self, family)
         geometry.setup(family.latent if family is not None else SD_LATENT)
+        check_canvas_megapixels(geometry, DEFAULT_MAX_MEGAPIXELS if self.max_megapixels is None else self.max_megapixels)
+        for conditioner in conditioners:
+            conditioner.check_canvas(geometry)
         if family is not None and family.guidance_modes is not None and "cfg" not in family.guidance_modes:
             for spec, conditioner in zip(self.conditioners, conditioners):
                 if getattr(conditioner.options, "negative_prompt", None):
@@ -218,6 +238,36 @@ def _check_fast_modes(job: Job, geometry: Any) -> None:
             check_fewstep(geometry, job.eta)
     except ConfigError as error:
         raise ConfigError(f"job: {error}") from None
+
+
+def _check_steps_run(job: Job, family: type | None) -> None:
+    """Work that would do nothing, or a mode used far from its purpose, is said before the
+    model loads (a note, once): an init image whose ``strength`` leaves no step of ``steps``
+    to run (the rule of the family's image-to-image pipeline; the lenient flow-matching one
+    where the family is not known yet), ``x0_renoise`` with more than :data:`FEW_STEPS` steps."""
+    if job.init is not None:
+        steps, strength = job.steps, job.init.resolved_strength()
+        flow = family is None or family.flow_matching
+        start = int(max(steps - steps * strength, 0)) if flow else steps - min(int(steps * strength), steps)
+        if start >= steps:
+            fix = f"raise steps to at least {math.ceil(1 / strength)} or strength" if strength > 0 else "raise strength above 0"
+            _note_once(
+                f"init strength = {strength!r} with steps = {steps} runs no denoising step (the image comes back "
+                f"only re-encoded): {fix}"
+            )
+    if job.fusion == "x0_renoise" and job.steps > FEW_STEPS:
+        _note_once(
+            f"fusion = 'x0_renoise' is for few-step models (1-{FEW_STEPS} steps) and this job has steps = {job.steps}; "
+            "for an ordinary model use fusion = 'x0' or 'latent' (docs/fast-modes.md)"
+        )
+
+
+def _note_once(message: str) -> None:
+    """A notice on logger ``jointdiff.jobs.spec`` (a ``jointdiff: note:`` line in the CLI),
+    once per process: a job is validated again when it runs."""
+    if message not in _noted:
+        _noted.add(message)
+        logger.warning(message)
 
 
 def _check_one_prompt(specs: list[PluginSpec], conditioners: list[Any]) -> None:
@@ -390,6 +440,10 @@ def check_before_loading(job: Job) -> None:
     :meth:`Job.from_dict`; the output by :func:`jointdiff.image.output.check_writable`.)"""
     resolve_device(job.model.device)
     check_model_source(job.model.id)
+    check_family_fits(job.model.id, job.model.family)
+    check_hub_loras(job.model.loras)
+    if job.checkpoint is not None:
+        check_checkpoint_path(job.checkpoint.path)
 
 
 # -- the job of a composed engine --------------------------------------------------------
@@ -398,18 +452,19 @@ def check_before_loading(job: Job) -> None:
 def load_job_model(spec: ModelSpec, pipeline: Any = None):
     """The :class:`~jointdiff.core.family.ModelFamily` of a job's ``[model]`` table: loaded from
     ``spec.id`` (or bound to ``pipeline``), with its scheduler, LoRAs, device and dtype."""
-    return load_model(
-        pipeline if pipeline is not None else spec.id,
-        family=spec.family,
-        device=spec.device,
-        dtype=spec.dtype,
-        scheduler=spec.scheduler,
-        prediction_type=spec.prediction_type,
-        config=spec.config,
-        loras=spec.loras,
-        offload=spec.offload,
-        options={"positions": spec.positions},
-    )
+    with stdout_folded("loading the model"):  # a library's prints: one note, never on stdout
+        return load_model(
+            pipeline if pipeline is not None else spec.id,
+            family=spec.family,
+            device=spec.device,
+            dtype=spec.dtype,
+            scheduler=spec.scheduler,
+            prediction_type=spec.prediction_type,
+            config=spec.config,
+            loras=spec.loras,
+            offload=spec.offload,
+            options={"positions": spec.positions},
+        )
 
 
 def run_job(job: Job, pipeline: Any = None, *, progress: bool = True, callback=None, model: Any = None):
@@ -443,4 +498,14 @@ def run_job(job: Job, pipeline: Any = None, *, progress: bool = True, callback=N
         num_inference_steps=job.steps, seed=job.seed, progress=progress, callback=callback, checkpoint=checkpoint
     )
     result.metadata["job"] = job.to_dict()
+    result.metadata["job"]["geometry"].update(filled_options(job.geometry, geometry))
     return result
+
+
+def filled_options(spec: PluginSpec, plugin: Any) -> dict[str, Any]:
+    """Options the job left out that the plugin filled in with other than their default
+    (e.g. the ``mesh`` geometry's file ``sha256``), so that the saved job reruns the same."""
+    given, fields = spec.options, type(plugin.options).model_fields
+    dumped = plugin.options.model_dump(mode="json")
+    return {key: value for key, value in dumped.items()
+            if key not in given and key in fields and value != fields[key].default and value is not None}

@@ -6,12 +6,13 @@ import importlib
 import json
 import os
 import re
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from jointdiff.core.family import ModelFamily
 from jointdiff.core.registry import get_registry
-from jointdiff.models.lora import load_loras
+from jointdiff.models.lora import as_lora_spec, load_loras, local_path, looks_local
 from jointdiff.utils.errors import ConfigError, ModelLoadError
 
 if TYPE_CHECKING:
@@ -199,14 +200,69 @@ def family_for_class_name(class_name: str | None) -> type | None:
 
 def known_family(model: Any, family: str | None = None) -> type | None:
     """The family of ``model`` when it can be known without loading anything (an explicit
-    ``family``, a tiny model name, a local folder's ``model_index.json``, a pipeline object)."""
+    ``family``, a tiny model name, a local folder's ``model_index.json``, a pipeline object).
+    A forced ``family`` that contradicts what the model shows is refused
+    (:func:`check_family_fits`)."""
     if family is not None:
+        check_family_fits(model, family)
         return family_class(family)
+    return detected_family(model)
+
+
+def detected_family(model: Any) -> type | None:
+    """The family ``model`` itself shows without loading (a tiny model name, a local folder's
+    ``model_index.json``, a pipeline object's class), or None."""
     if isinstance(model, str):
         return tiny_model_family(model) or family_of_folder(Path(model).expanduser())
     if isinstance(model, ModelFamily):
         return type(model)
     return family_for_class_name(type(model).__name__)
+
+
+def check_family_fits(model: Any, family: str | None) -> None:
+    """ConfigError when the forced ``family`` is not the family ``model`` shows before
+    loading (``--family flux`` on the SD model ``tiny``); names both. A single-file
+    checkpoint or a hub id shows nothing here; it is checked once loaded
+    (:func:`check_pipeline_fits`)."""
+    if family is None:
+        return
+    forced, detected = family_class(family), detected_family(model)
+    if detected is not None and detected is not forced:
+        what = f"model {model!r}" if isinstance(model, str) else f"the {type(model).__name__} given"
+        raise ConfigError(
+            f"family = {family!r} does not fit {what}, which is a {detected.name!r} model "
+            f"({detected.pipeline_classes[0]}): remove the family setting (it is detected) or use a {family!r} model"
+        )
+
+
+def check_pipeline_fits(pipeline: Any, cls: type, model: Any) -> None:
+    """ConfigError when a loaded ``pipeline`` is not of the (forced) family ``cls``: it is
+    another family's pipeline, or lacks a component ``cls``'s stock pipeline requires
+    (the parameters of its ``__init__`` without a default, e.g. ``transformer`` for FLUX)."""
+    import inspect
+
+    if cls.accepts(pipeline):
+        return
+    name, other = type(pipeline).__name__, family_for_class_name(type(pipeline).__name__)
+    where = f"model {model!r}" if isinstance(model, str) else f"the {name} given"
+    if other is not None:
+        raise ConfigError(
+            f"family = {cls.name!r} does not fit {where}: it loaded as a {name}, a {other.name!r} model; "
+            f"remove the family setting or set family = {other.name!r}"
+        )
+    import diffusers
+
+    stock = getattr(diffusers, cls.pipeline_classes[0], None)
+    if stock is None:
+        return
+    needed = [p.name for p in inspect.signature(stock.__init__).parameters.values()
+              if p.default is inspect.Parameter.empty and p.name != "self" and p.kind is p.POSITIONAL_OR_KEYWORD]
+    missing = [part for part in needed if part not in getattr(pipeline, "components", {})]
+    if missing:
+        raise ConfigError(
+            f"family = {cls.name!r} does not fit {where}: a {name} without {', '.join(missing)}, "
+            f"which {cls.pipeline_classes[0]} needs; set the family of this model"
+        )
 
 
 def as_model(model: Any, family: str | None = None, options: Any = None) -> ModelFamily:
@@ -215,6 +271,8 @@ def as_model(model: Any, family: str | None = None, options: Any = None) -> Mode
     if isinstance(model, ModelFamily):
         return model
     cls = known_family(model, family)
+    if cls is not None and family is not None:
+        check_pipeline_fits(model, cls, model)
     if cls is None:
         supported = ", ".join(f"{name} ({', '.join(c.pipeline_classes[:1])})" for name, c in sorted(family_classes().items()))
         raise ConfigError(
@@ -287,11 +345,87 @@ def _component_problem(folder: Path) -> str | None:
 
 def check_model_source(model: Any) -> None:
     """ModelLoadError when ``model`` names a local model that cannot load (see
-    :func:`model_source_problem`); checked before diffusers is imported."""
+    :func:`model_source_problem`), or a hub id that cannot load because the hub is evidently
+    out of reach and the id is not cached (:func:`check_hub_model`); checked before diffusers
+    is imported."""
     if isinstance(model, str):
         problem = model_source_problem(model)
         if problem:
             raise ModelLoadError(problem)
+        if tiny_model_family(model) is None and not Path(model).expanduser().exists():
+            check_hub_model(model)
+
+
+HUB_PROBE_TIMEOUT_S = 2.0
+_hub_reach: dict[str, str | None] = {}
+
+
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face hub is evidently out of reach, or None: ``HF_HUB_OFFLINE`` is set,
+    or the hub's host does not answer a TCP connection within :data:`HUB_PROBE_TIMEOUT_S`
+    (not probed behind a proxy, which may reach it when we cannot). Asked once per process;
+    without this, huggingface_hub retries for half a minute before failing."""
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False"):
+        return "HF_HUB_OFFLINE is set"
+    if "reason" not in _hub_reach:
+        _hub_reach["reason"] = _probe_hub()
+    return _hub_reach["reason"]
+
+
+def _probe_hub() -> str | None:
+    import socket
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=HUB_PROBE_TIMEOUT_S).close()
+    except OSError as error:
+        return f"no network: {host} cannot be reached ({type(error).__name__})"
+    return None
+
+
+def _cached(repo: str, filename: str) -> bool:
+    """Whether the local hub cache holds ``filename`` of ``repo``; the hub is switched off for
+    this process first (``HF_HUB_OFFLINE=1``, read by huggingface_hub when it is imported), so
+    that loading reads the cache without retries."""
+    if "huggingface_hub" not in sys.modules:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo, filename), str)
+
+
+def check_hub_loras(loras: Sequence[Any]) -> None:
+    """ConfigError for a LoRA given as a hub id while the hub is out of reach
+    (:func:`hub_unreachable`) and the id's weights are not in the local cache."""
+    for index, item in enumerate(loras):
+        spec = as_lora_spec(item, index)
+        if looks_local(spec.path) or local_path(spec.path).exists():
+            continue
+        reason = hub_unreachable()
+        if reason is None:
+            return
+        if not _cached(spec.path, spec.weight_name or "pytorch_lora_weights.safetensors"):
+            raise ConfigError(
+                f"loras[{index}].path = {spec.path!r} is a hub id, but the Hugging Face hub is out of reach ({reason}) "
+                "and it is not in the local cache: pass a local LoRA file (.safetensors) or folder"
+            )
+
+
+def check_hub_model(model: str) -> None:
+    """When the hub is out of reach (:func:`hub_unreachable`): ModelLoadError unless ``model``
+    is in the local hub cache; if it is, the hub is switched off for this process
+    (``HF_HUB_OFFLINE=1``) so that loading reads the cache without retries."""
+    reason = hub_unreachable()
+    if reason is None or _cached(model, "model_index.json"):
+        return
+    raise ModelLoadError(
+        f"could not load model {model!r} from the Hugging Face hub (offline or unreachable: {reason}) and it is "
+        "not in the local cache: pass a local diffusers folder, a single-file checkpoint (.safetensors/.ckpt), "
+        "or 'tiny' for the built-in offline test model"
+    )
 
 
 def _load_from_string(model: str, dtype: torch.dtype, config: str | None, family: type | None):
@@ -368,12 +502,15 @@ def load_model(
             except Exception as error:
                 raise ModelLoadError(_explain_load_failure(model, error)) from error
             _name(pipeline, model)
+        if family is not None:
+            check_pipeline_fits(pipeline, cls, model)
         bound = as_model(pipeline, family, options)
     pipeline = bound.pipeline
     if scheduler or prediction_type:
         name = scheduler or _scheduler_name(pipeline.scheduler)
         pipeline.scheduler = make_scheduler(name, pipeline.scheduler.config, prediction_type, bound)
     if loras:
+        check_hub_loras(loras)
         load_loras(bound, loras)
     _place(bound, device, dtype, offload)
     return bound

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
@@ -234,18 +235,34 @@ def _load_one(pipeline: Any, spec: LoraSpec, adapter_name: str, index: int) -> N
     kwargs = {"weight_name": spec.weight_name} if spec.weight_name else {}
     where = f"loras[{index}].path = {spec.path!r}"
     try:
-        with _quiet_loading():
+        with _quiet_loading(), warnings.catch_warnings(record=True) as caught:  # _quiet_loading's filters hold
             pipeline.load_lora_weights(source, adapter_name=adapter_name, **kwargs)
-    except Exception as error:
+    except Exception as error:  # the one-line error says it all; the library's warnings are dropped
+        mismatch = _SIZE_MISMATCH.search(str(error))
+        if mismatch:
+            raise ConfigError(
+                f"{where}: its weights do not fit {type(pipeline).__name__} (layer {mismatch['layer']!r} is "
+                f"{mismatch['theirs']} in the LoRA, {mismatch['ours']} in the model); it is a LoRA for another "
+                "model family or size: use one made for this model"
+            ) from error
         hint = "" if local_path(spec.path).exists() else " (no such local path; tried as a Hugging Face hub repository)"
         raise ConfigError(
             f"{where}: could not load the LoRA into {type(pipeline).__name__}{hint}: {_one_line(error)}"
         ) from error
+    for warning in caught:  # loaded: the library's warnings are said as they were
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     if not injected_layers(pipeline, adapter_name):
         raise ConfigError(
             f"{where}: none of the LoRA's weights fit {type(pipeline).__name__} "
             "(its keys match no layer of the denoiser or text encoders); is it a LoRA for another model family?"
         )
+
+
+_SIZE_MISMATCH = re.compile(
+    r"size mismatch for (?P<layer>[\w.]+): copying a param with shape (?P<theirs>torch\.Size\(\[[\d, ]*\]\)) "
+    r"from checkpoint, the shape in current model is (?P<ours>torch\.Size\(\[[\d, ]*\]\))"
+)
+"""torch's ``load_state_dict`` message for a weight of another shape (a LoRA for another model)."""
 
 
 class _DropLoadingNotices(logging.Filter):

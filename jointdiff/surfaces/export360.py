@@ -53,6 +53,7 @@ import py360convert
 from PIL import Image
 
 from jointdiff.surfaces.cube import FACE_NAMES
+from jointdiff.utils import images
 from jointdiff.utils.errors import ConfigError
 from jointdiff.utils.files import save_image_atomic
 
@@ -324,8 +325,7 @@ def load_cubemap(path: str | Path | Sequence[str | Path], layout: CubeLayout = "
     name given to :func:`save_cubemap` (or a list of six files in the order px … nz)."""
     _check_layout(layout)
     if layout != "faces":
-        with Image.open(path) as image:  # type: ignore[arg-type]
-            return layout_to_faces(image.convert("RGB"), layout)
+        return layout_to_faces(images.load_image(path, "RGB", "cube map"), layout)  # type: ignore[arg-type]
     paths = [Path(p) for p in path] if isinstance(path, (list, tuple)) else cubemap_paths(path)
     if len(paths) != 6:
         raise ConfigError(f"a cube map needs six face files (px nx py ny pz nz), got {len(paths)}")
@@ -333,6 +333,5 @@ def load_cubemap(path: str | Path | Sequence[str | Path], layout: CubeLayout = "
     for key, face_path in zip(FACE_KEYS, paths):
         if not face_path.is_file():
             raise ConfigError(f"cube face {key} file {str(face_path)!r} does not exist")
-        with Image.open(face_path) as image:
-            faces[key] = image.convert("RGB")
+        faces[key] = images.load_image(face_path, "RGB", f"cube face {key}")
     return faces

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from jointdiff.utils import images
 from jointdiff.utils.errors import ConfigError
 
 THREE_CORE = "three.core.min.js"
@@ -123,20 +124,16 @@ def pano_data_url(pano_path: str | Path, max_width_px: int = MAX_TEXTURE_WIDTH_P
     """The panorama as a ``data:`` URL: the file's own bytes when it is a PNG, JPEG or WebP
     at most ``max_width_px`` wide, else re-encoded as PNG (downscaled to that width)."""
     path = Path(pano_path)
-    if not path.is_file():
-        raise ConfigError(f"panorama {str(path)!r} does not exist")
-    try:
-        with Image.open(path) as image:
-            image_format, width = image.format, image.width
-            if image_format in FORMAT_MIME and width <= max_width_px:
-                return f"data:{FORMAT_MIME[image_format]};base64,{base64.b64encode(path.read_bytes()).decode('ascii')}"
-            image = image.convert("RGB")
-            if width > max_width_px:
-                image = image.resize((max_width_px, max(1, round(image.height * max_width_px / width))), Image.LANCZOS)
-            buffer = io.BytesIO()
-            image.save(buffer, format="PNG")
-    except (OSError, SyntaxError) as error:
-        raise ConfigError(f"panorama {str(path)!r} is not a readable image ({error})") from None
+    opened = images.open_image_file(path, "panorama")
+    upright = opened.getexif().get(0x0112) in (None, 1)
+    if opened.format in FORMAT_MIME and opened.width <= max_width_px and upright and opened.mode in ("RGB", "RGBA", "L", "P"):
+        return f"data:{FORMAT_MIME[opened.format]};base64,{base64.b64encode(path.read_bytes()).decode('ascii')}"
+    # Browsers disagree on EXIF orientation in WebGL textures; 16-bit is not a texture format.
+    image = images.load_image(opened, "RGB", f"panorama {str(path)!r}")
+    if image.width > max_width_px:
+        image = image.resize((max_width_px, max(1, round(image.height * max_width_px / image.width))), Image.LANCZOS)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
     return f"data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode('ascii')}"
 
 
@@ -179,16 +176,32 @@ def write_viewer(pano_path: str | Path, html_path: str | Path, **view: float) ->
     if not html_path.parent.is_dir():
         raise ConfigError(f"output folder {str(html_path.parent)!r} does not exist")
     page = viewer_html(pano_path, **view)
-    fd, tmp = tempfile.mkstemp(prefix=f".{html_path.stem}.", suffix=".html", dir=html_path.parent)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{html_path.stem}.", suffix=".html", dir=html_path.parent)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(page)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a page is meant to be shared
         os.replace(tmp, html_path)
+    except OSError as error:  # named by the page, never by the temporary file
+        raise ConfigError(f"cannot write the viewer page {str(html_path)!r} ({error.strerror or type(error).__name__})") from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
     return html_path
+
+
+def equirect_shape_note(pano_path: str | Path) -> str | None:
+    """A sentence when ``pano_path`` is not 2:1 (an equirectangular panorama covers 360° by
+    180°, so it is twice as wide as high; another shape shows stretched), else None."""
+    with Image.open(pano_path) as image:
+        width, height = image.size
+        if image.getexif().get(0x0112) in (5, 6, 7, 8):  # shown turned by 90°
+            width, height = height, width
+    if width != 2 * height:
+        return (f"{str(pano_path)!r} is {width}×{height} px, not 2:1: the viewer shows it as a full 360°×180° "
+                "sphere, stretched; an equirectangular panorama is twice as wide as high")
+    return None
 
 
 def make_server(pano_path: str | Path, port: int = 8360, **view: float) -> http.server.ThreadingHTTPServer:

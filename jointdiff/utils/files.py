@@ -32,6 +32,22 @@ def check_writable(path: str | Path) -> Path:
     return path
 
 
+def check_checkpoint_path(path: str | Path) -> Path:
+    """Fail early (before any model loads, not after the first step) when a checkpoint cannot
+    be written at ``path``: its folder is missing or read-only, or it is a folder."""
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise ConfigError(f"checkpoint.path {str(path)!r} is a folder; give a file name such as {str(path / 'job.ckpt')!r}")
+    if not folder.is_dir():
+        raise ConfigError(f"checkpoint.path {str(path)!r}: its folder {str(folder)!r} does not exist; create it or change the path")
+    try:
+        _probe(folder, path)
+    except ConfigError:
+        raise ConfigError(f"checkpoint.path {str(path)!r}: its folder {str(folder)!r} is not writable") from None
+    return path
+
+
 def _probe(folder: Path, path: Path) -> None:
     """Write and remove a file in ``folder``: the only sure test of writability (permission
     bits, ACLs, read-only mounts, root squash)."""

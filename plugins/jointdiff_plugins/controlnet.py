@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 import pydantic
 
-from jointdiff.plugin import Conditioner, ConfigError, ModelLoadError, PluginOptions, check_geometry_maps, hookimpl
+from jointdiff.plugin import Conditioner, ConfigError, ModelLoadError, PluginOptions, check_geometry_maps, hookimpl, images
 
 if TYPE_CHECKING:
     import torch
@@ -384,15 +384,13 @@ def _as_tensor(item: Any, spec: ControlSpec, where: str) -> torch.Tensor:
     from PIL import Image
 
     if isinstance(item, (str, Path)):
-        with Image.open(Path(item).expanduser()) as opened:
-            item = opened.convert("RGB") if opened.mode not in ("L", "RGB") else opened.copy()
+        item = images.open_image_file(item, f"{where}: image")
     if isinstance(item, Image.Image):
-        item = item if item.mode in ("L", "RGB") else item.convert("RGB")
-        array = np.asarray(item)
-        tensor = torch.from_numpy(array.astype(np.float32) / 255.0)
-        tensor = tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1)
+        # Grey stays one channel (repeated later): a 16-bit depth map keeps its precision.
+        grey = item.mode in ("1", "L", "LA", "I", "F") or item.mode.startswith("I;16")
+        tensor = images.load_tensor(item, "L" if grey else "RGB", f"{where}: image")
     elif isinstance(item, np.ndarray):
-        array = item.astype(np.float32) / 255.0 if item.dtype == np.uint8 else item.astype(np.float32)
+        array = images.unit_array(item)
         tensor = torch.from_numpy(array)
         tensor = tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1) if tensor.ndim == 3 else tensor
     elif isinstance(item, torch.Tensor):

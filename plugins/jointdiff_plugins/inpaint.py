@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import pydantic
 
-from jointdiff.plugin import Conditioner, ConfigError, PluginOptions, hookimpl
+from jointdiff.plugin import Conditioner, ConfigError, PluginOptions, hookimpl, images
 
 if TYPE_CHECKING:
     import torch
@@ -75,6 +75,22 @@ class InpaintModelConditioner(Conditioner):
         @classmethod
         def _exists(cls, value: Any) -> Any:
             return _check_paths(value)
+
+    @classmethod
+    def example_options(cls) -> dict:
+        """Options for tests on the conformance kit's example canvas (512×256 px at a VAE
+        factor of 8): a grey image and a mask that repaints its right half, written as PNGs
+        to a new temporary folder (paths, so the options survive a job file's round trip)."""
+        import tempfile
+
+        from PIL import Image
+
+        folder = Path(tempfile.mkdtemp(prefix="jointdiff-inpaint-example-"))
+        Image.new("RGB", (512, 256), (128, 128, 128)).save(folder / "image.png")
+        mask = Image.new("L", (512, 256), 0)
+        mask.paste(255, (256, 0, 512, 256))
+        mask.save(folder / "mask.png")
+        return {"image": str(folder / "image.png"), "mask": str(folder / "mask.png")}
 
     def __repr__(self) -> str:
         def short(value: Any) -> str:
@@ -145,14 +161,11 @@ def _as_tensor(item: Any, option: str, channels: int) -> torch.Tensor:
     import torch
     from PIL import Image
 
-    if isinstance(item, (str, Path)):
-        with Image.open(Path(item).expanduser()) as opened:
-            item = opened.copy()
-    if isinstance(item, Image.Image):
-        item = item.convert("L" if channels == 1 else "RGB")
-    if isinstance(item, (Image.Image, np.ndarray)):
+    if isinstance(item, (str, Path, Image.Image)):
+        item = images.load_array(item, "L" if channels == 1 else "RGB", f"inpaint_model: {option}")
+    if isinstance(item, np.ndarray):
         array = np.asarray(item)
-        tensor = torch.from_numpy(array.astype(np.float32) / (255.0 if array.dtype == np.uint8 else 1.0))
+        tensor = torch.from_numpy(images.unit_array(array))
         tensor = tensor.permute(2, 0, 1) if tensor.ndim == 3 else tensor
     elif isinstance(item, torch.Tensor):
         tensor = item.detach().float().cpu()

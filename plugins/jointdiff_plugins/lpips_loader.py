@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from jointdiff.plugin import ConfigError, ModelLoadError
+from jointdiff.plugin import ConfigError, ModelLoadError, stdout_folded
 
 if TYPE_CHECKING:
     import torch
@@ -45,7 +45,7 @@ def backbone_weights_path(net: str) -> Path:
 def _build(net: str, random_backbone: bool) -> torch.nn.Module:
     import lpips
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), stdout_folded("LPIPS"):
         # lpips 0.1.4 passes torchvision's deprecated ``pretrained=`` argument.
         warnings.simplefilter("ignore", UserWarning)
         return lpips.LPIPS(net=net, pnet_rand=random_backbone, verbose=False)

@@ -122,6 +122,26 @@ class RegionsConditioner(Conditioner):
         self._masks = masks.to(context.device)
         self._backgrounds = self._bootstrap_backgrounds(context) if self.options.bootstrap_steps else None
 
+    def check_canvas(self, geometry) -> None:
+        """Every region on the canvas, checked before the model loads: its sheet exists, its
+        rect or polygon is well formed and overlaps the canvas, its mask image has the
+        canvas's size (read from the file's header, upright by its EXIF orientation)."""
+        sheets, height, width = geometry.canvas_shape_latent
+        h_px, w_px = geometry.latent_scale * height, geometry.latent_scale * width
+        for index, region in enumerate(self.options.regions):
+            where = f"regions: regions[{index}] ({region.prompt!r})"
+            if region.sheet >= sheets:
+                raise ConfigError(f"{where}: sheet = {region.sheet} but the canvas has {sheets} sheet(s)")
+            if region.mask is not None:
+                _check_mask_size(region.mask, (h_px, w_px), f"{where}: mask")
+                continue
+            kind, value = ("rect", region.rect) if region.rect is not None else ("polygon", region.polygon)
+            box = _bounding_box(kind, value, f"{where}: {kind}")
+            if box[2] <= 0 or box[3] <= 0 or box[0] >= w_px or box[1] >= h_px:
+                raise ConfigError(
+                    f"{where}: {kind} = {value!r} lies outside the {w_px}×{h_px} px canvas (x 0..{w_px}, y 0..{h_px})"
+                )
+
     def canvas_masks(self, geometry) -> torch.Tensor:
         """Fusion weights ``(P, S, 1, H, W)`` at latent resolution: background first, then
         every region in order (see the module docstring for the background)."""
@@ -209,6 +229,39 @@ class RegionsConditioner(Conditioner):
         background = self._backgrounds[picks]
         noisy = state.context.model.add_noise(background, noise, torch.as_tensor(state.timestep), batch.scheduler)
         return latents * mask + noisy.to(latents.dtype) * (1.0 - mask)
+
+
+def _bounding_box(kind: str, value: Any, what: str) -> tuple[float, float, float, float]:
+    """``(left, top, right, bottom)`` in pixels of a rect or polygon; ConfigError when it is
+    not well formed (as :func:`~jointdiff.core.masks.rectangle_mask` and ``polygon_mask``)."""
+    if kind == "rect":
+        left, top, right, bottom = (float(v) for v in value)
+        if not (right > left and bottom > top):
+            raise ConfigError(f"{what} = {list(value)!r} must be [left, top, right, bottom] with right > left and bottom > top")
+        return left, top, right, bottom
+    points = list(value)
+    if len(points) < 3 or any(len(point) != 2 for point in points):
+        raise ConfigError(f"{what} = {points!r} must be a list of at least three [x, y] points")
+    xs, ys = [float(p[0]) for p in points], [float(p[1]) for p in points]
+    return min(xs), min(ys), max(xs), max(ys)
+
+
+def _check_mask_size(mask: Any, size_px: tuple[int, int], what: str) -> None:
+    """A mask file's size against the canvas sheet's ``(h, w)``, from its header (in-memory
+    masks are checked when they are drawn)."""
+    if not isinstance(mask, (str, Path)):
+        return
+    from PIL import Image
+
+    with Image.open(Path(mask).expanduser()) as image:
+        width, height = image.size
+        if image.getexif().get(0x0112) in (5, 6, 7, 8):  # stored turned by 90°: shown swapped
+            width, height = height, width
+    if (height, width) != tuple(size_px):
+        raise ConfigError(
+            f"{what} is {width}×{height} px (w×h) but the canvas sheet is {size_px[1]}×{size_px[0]} px; "
+            "masks are drawn on the canvas"
+        )
 
 
 @hookimpl

@@ -8,9 +8,9 @@ What the stock ``StableDiffusionXLPipeline`` does, and this family reproduces pe
   (``text_encoder_2``) concatenated along features, ``(P, 77, 768 + 1280)``; the *pooled*
   embedding ``(P, 1280)`` comes from encoder 2's projection only (Sec. 2.1 of the paper).
 * negatives: with ``force_zeros_for_empty_prompt`` (the default of SDXL base) the unconditional
-  branch of an *absent* negative prompt is all zeros (both tensors), not the encoding of "".
-  jointdiff's conditioners spell "no negative prompt" as ``""``, so an empty negative prompt
-  gives zeros here, the result of the stock pipeline called without ``negative_prompt``.
+  branch of an *absent* negative prompt (None) is all zeros (both tensors), while ``""`` is
+  encoded, as in the stock pipeline (``absent_negative_differs``: the conditioners hand None
+  through for "no negative prompt").
 * ``added_cond_kwargs = {"text_embeds": pooled, "time_ids": (orig_h, orig_w, crop_top,
   crop_left, target_h, target_w)}`` (Sec. 2.2); every window is an image of its own pixel
   size ``(8h, 8w)`` with crop ``(0, 0)``, as the stock pipeline conditions an image of that size.
@@ -47,6 +47,7 @@ class StableDiffusionXL(VPFamily):
     the UNet's ``sample_size`` (128 cells = 1024 px)."""
 
     name = "sdxl"
+    absent_negative_differs = True  # force_zeros_for_empty_prompt: None gives zeros, "" is encoded
     pipeline_classes = (
         "StableDiffusionXLPipeline",
         "StableDiffusionXLImg2ImgPipeline",
@@ -110,24 +111,25 @@ class StableDiffusionXL(VPFamily):
     def encode_prompts(self, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None):
         """Both CLIP encoders through the pipeline's own ``encode_prompt`` (so rows equal the stock
         pipeline's exactly): ``prompt_embeds (P, 77, D1 + D2)``, ``pooled_prompt_embeds (P, D2)``
-        and, for refiner-style checkpoints, ``aesthetic_score (P, 1)``. Empty negative prompts
-        give zero rows under ``force_zeros_for_empty_prompt`` (see the module docstring)."""
+        and, for refiner-style checkpoints, ``aesthetic_score (P, 1)``. Absent (None) negative
+        prompts give zero rows under ``force_zeros_for_empty_prompt``; ``""`` is encoded (see
+        the module docstring)."""
         import torch
 
         prompts = list(prompts)
         negatives = self._checked_negatives(prompts, negative_prompts)
-        self._warn_truncated(prompts + (negatives or []))
+        self._warn_truncated(prompts + [n for n in negatives or [] if n])
         guided = negatives is not None
         with torch.no_grad():
             embeds, neg_embeds, pooled, neg_pooled = self.pipeline.encode_prompt(
                 prompt=prompts, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=guided,
-                negative_prompt=negatives, clip_skip=self.options.clip_skip,
+                negative_prompt=[n or "" for n in negatives] if guided else None, clip_skip=self.options.clip_skip,
             )
         positive = self._rows(embeds, pooled, self.options.aesthetic_score)
         if not guided:
             return positive, None
         if self.pipeline.config.get("force_zeros_for_empty_prompt", False):
-            keep = torch.tensor([bool(n) for n in negatives], device=neg_embeds.device)
+            keep = torch.tensor([n is not None for n in negatives], device=neg_embeds.device)
             neg_embeds = neg_embeds * keep[:, None, None].to(neg_embeds.dtype)
             neg_pooled = neg_pooled * keep[:, None].to(neg_pooled.dtype)
         return positive, self._rows(neg_embeds, neg_pooled, self.options.negative_aesthetic_score)
