@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from jointdiff import cli
+from jointdiff.cli import commands
 from jointdiff.models import loading
 
 
@@ -27,13 +28,13 @@ def test_lora_with_a_strength_that_is_no_number(capsys, no_loading):
     code, out, err = _run(["generate", "x", "--lora", "style.safetensors:abc", "--steps", "1"], capsys)
     assert code == 2 and out == "" and err.count("\n") == 1
     assert "--lora 'style.safetensors:abc': the strength after ':' must be a number, got 'abc'" in err
-    assert cli._lora_table("style.safetensors:0.5") == {"path": "style.safetensors", "scale": 0.5}
+    assert commands._lora_table("style.safetensors:0.5") == {"path": "style.safetensors", "scale": 0.5}
 
 
 def test_a_path_with_a_colon_is_a_path(tmp_path):
     odd = tmp_path / "a:b.safetensors"
     odd.write_bytes(b"")
-    assert cli._lora_table(str(odd)) == {"path": str(odd)}
+    assert commands._lora_table(str(odd)) == {"path": str(odd)}
 
 
 def test_estimate_and_profile_are_exclusive(capsys):
@@ -87,7 +88,7 @@ def _interrupt(*args, **kwargs):
 
 
 def test_ctrl_c_names_the_checkpoint_and_how_to_resume(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(cli, "run_job", _interrupt)
+    monkeypatch.setattr(commands, "run_job", _interrupt)
     (tmp_path / "job.ckpt").write_bytes(b"state")
     (tmp_path / "job.toml").write_text(
         'steps = 2\noutput = "out.png"\n[model]\nid = "tiny"\ndevice = "cpu"\n'
@@ -101,7 +102,7 @@ def test_ctrl_c_names_the_checkpoint_and_how_to_resume(tmp_path, capsys, monkeyp
 
 
 def test_ctrl_c_without_a_checkpoint_says_how_to_have_one(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(cli, "run_job", _interrupt)
+    monkeypatch.setattr(commands, "run_job", _interrupt)
     code, out, err = _run(["generate", "x", "-g", "length_px=768", "--steps", "1", "--device", "cpu",
                            "-o", str(tmp_path / "x.png")], capsys)
     assert code == 130 and err.startswith("jointdiff: interrupted; nothing was written; to resume a long job")
