@@ -7,7 +7,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from PIL import Image, PngImagePlugin
 
@@ -92,43 +92,32 @@ def save_image_atomic(
     leaves a half-written file at ``path``. PNGs get ``metadata`` as text chunks. With
     ``overwrite=False`` an existing ``path`` is never replaced (FileExistsError)."""
     path = Path(path)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent or ".")
-    except OSError as error:
-        raise ConfigError(f"cannot write output {str(path)!r}: {error.strerror or error}") from None
-    os.close(fd)
-    try:
-        kwargs: dict[str, Any] = {}
-        if path.suffix.lower() == ".png" and metadata:
-            info = PngImagePlugin.PngInfo()
-            for key, value in metadata.items():
-                info.add_itxt(key, value if isinstance(value, str) else json.dumps(value))
-            kwargs["pnginfo"] = info
-        image.save(tmp, **kwargs)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs are ordinary files
-        _place(tmp, path, overwrite)
-    except FileExistsError:
-        raise
-    except OSError as error:
-        raise ConfigError(f"cannot write output {str(path)!r}: {error.strerror or error}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    kwargs: dict[str, Any] = {}
+    if path.suffix.lower() == ".png" and metadata:
+        info = PngImagePlugin.PngInfo()
+        for key, value in metadata.items():
+            info.add_itxt(key, value if isinstance(value, str) else json.dumps(value))
+        kwargs["pnginfo"] = info
+    return _write_atomic(path, overwrite, lambda tmp: image.save(tmp, **kwargs))
 
 
 def write_text_atomic(text: str, path: str | Path, *, overwrite: bool = True) -> Path:
     """Write ``text`` (UTF-8) via a temporary file in the same folder and an atomic rename,
     as :func:`save_image_atomic`; with ``overwrite=False`` an existing ``path`` is never
     replaced (FileExistsError)."""
-    path = Path(path)
+    return _write_atomic(Path(path), overwrite, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def _write_atomic(path: Path, overwrite: bool, write: Callable[[str], Any]) -> Path:
+    """``write(tmp)`` into a temporary file beside ``path``, then move it there (:func:`_place`);
+    the temporary file never outlives the call. OSErrors become one-line ConfigErrors."""
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent or ".")
     except OSError as error:
         raise ConfigError(f"cannot write output {str(path)!r}: {error.strerror or error}") from None
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs are ordinary files
         _place(tmp, path, overwrite)
     except FileExistsError:

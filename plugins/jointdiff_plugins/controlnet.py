@@ -39,7 +39,15 @@ from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 import pydantic
 
-from jointdiff.plugin import Conditioner, ConfigError, ModelLoadError, PluginOptions, check_geometry_maps, hookimpl, images
+from jointdiff.plugin import (
+    Conditioner,
+    ConfigError,
+    ModelLoadError,
+    PluginOptions,
+    check_geometry_maps,
+    hookimpl,
+    images,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -96,25 +104,17 @@ def check_image(value: Any) -> Any:
     return value
 
 
-class ControlSpec(PluginOptions):
-    """One ControlNet with its condition (a table of ``controls``)."""
+class ControlImageOptions(PluginOptions):
+    """A control image and its preprocessing: what a ControlNet (:class:`ControlSpec`) and a
+    channel-concatenated control model (``flux_control``) both take."""
 
-    model: Any = pydantic.Field(description="hub id, local ControlNet folder, 'tiny', or a diffusers ControlNet model")
     image: Any = pydantic.Field(
         description="condition at the canvas's pixel size: path, PIL, array, tensor; a list per sheet; "
         "or the name of a map the geometry renders per window ('depth', 'normal', 'mask')"
     )
-    conditioning_scale: float = pydantic.Field(1.0, ge=0.0, description="residual scale (diffusers' controlnet_conditioning_scale)")
-    guidance_start: float = pydantic.Field(0.0, ge=0.0, le=1.0, description="first fraction of the steps with control")
-    guidance_end: float = pydantic.Field(1.0, ge=0.0, le=1.0, description="last fraction of the steps with control")
     preprocess: Literal["none", "canny"] = pydantic.Field("none", description="'canny': edges of a photo (OpenCV)")
     canny_low: int = pydantic.Field(100, ge=0, description="Canny hysteresis low threshold")
     canny_high: int = pydantic.Field(200, ge=0, description="Canny hysteresis high threshold")
-
-    @pydantic.field_validator("model")
-    @classmethod
-    def _known_model(cls, value: Any) -> Any:
-        return _check_model(value)
 
     @pydantic.field_validator("image")
     @classmethod
@@ -122,11 +122,29 @@ class ControlSpec(PluginOptions):
         return check_image(value)
 
     @pydantic.model_validator(mode="after")
+    def _canny_ordered(self):
+        if self.canny_low > self.canny_high:
+            raise ValueError(f"canny_low ({self.canny_low}) must not exceed canny_high ({self.canny_high})")
+        return self
+
+
+class ControlSpec(ControlImageOptions):
+    """One ControlNet with its condition (a table of ``controls``)."""
+
+    model: Any = pydantic.Field(description="hub id, local ControlNet folder, 'tiny', or a diffusers ControlNet model")
+    conditioning_scale: float = pydantic.Field(1.0, ge=0.0, description="residual scale (diffusers' controlnet_conditioning_scale)")
+    guidance_start: float = pydantic.Field(0.0, ge=0.0, le=1.0, description="first fraction of the steps with control")
+    guidance_end: float = pydantic.Field(1.0, ge=0.0, le=1.0, description="last fraction of the steps with control")
+
+    @pydantic.field_validator("model")
+    @classmethod
+    def _known_model(cls, value: Any) -> Any:
+        return _check_model(value)
+
+    @pydantic.model_validator(mode="after")
     def _ordered(self):
         if self.guidance_start >= self.guidance_end:
             raise ValueError(f"guidance_start ({self.guidance_start}) must be below guidance_end ({self.guidance_end})")
-        if self.canny_low > self.canny_high:
-            raise ValueError(f"canny_low ({self.canny_low}) must not exceed canny_high ({self.canny_high})")
         return self
 
 

@@ -27,12 +27,10 @@ are taken per batch and repeated for every guidance branch.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-import pydantic
-
-from jointdiff.plugin import Conditioner, ConfigError, PluginOptions, check_geometry_maps, hookimpl
-from jointdiff_plugins.controlnet import check_image, geometry_map_name, load_condition, load_window_maps
+from jointdiff.plugin import Conditioner, ConfigError, check_geometry_maps, hookimpl
+from jointdiff_plugins.controlnet import ControlImageOptions, geometry_map_name, load_condition, load_window_maps
 
 if TYPE_CHECKING:
     import torch
@@ -48,25 +46,8 @@ class FluxControlConditioner(Conditioner):
     name = "flux_control"
     one_per_job = True
 
-    class Options(PluginOptions):
-        image: Any = pydantic.Field(
-            description="control image at the canvas's pixel size: path, PIL, array, tensor (RGB in [0, 1]); "
-            "a list per sheet; or the name of a map the geometry renders per window ('depth', 'normal', 'mask')"
-        )
-        preprocess: Literal["none", "canny"] = pydantic.Field("none", description="'canny': edges of a photo (OpenCV)")
-        canny_low: int = pydantic.Field(100, ge=0, description="Canny hysteresis low threshold")
-        canny_high: int = pydantic.Field(200, ge=0, description="Canny hysteresis high threshold")
-
-        @pydantic.field_validator("image")
-        @classmethod
-        def _image_exists(cls, value: Any) -> Any:
-            return check_image(value)
-
-        @pydantic.model_validator(mode="after")
-        def _ordered(self):
-            if self.canny_low > self.canny_high:
-                raise ValueError(f"canny_low ({self.canny_low}) must not exceed canny_high ({self.canny_high})")
-            return self
+    class Options(ControlImageOptions):
+        """The control image (RGB in [0, 1] for arrays and tensors), as a ControlNet's."""
 
     def __repr__(self) -> str:
         image = self.options.image
