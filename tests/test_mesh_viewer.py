@@ -9,14 +9,13 @@ two-colour texture, three to the blue half; shown unlit, the page must draw thos
 from __future__ import annotations
 
 import base64
-import io
 import re
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from viewer_pages import canvas_pixels, open_page
 
 from jointdiff.cli import main
 from jointdiff.surfaces import mesh_viewer
@@ -131,24 +130,6 @@ def test_cli_view_glb_keeps_existing_pages_unless_overwrite(cube, tmp_path, caps
 
 
 # ---- in the browser ----------------------------------------------------------------------
-
-
-def open_page(driver, url: str) -> dict:
-    driver.get(url)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        state = driver.execute_script("return window.jointdiffViewer || null")
-        if state and (state.get("ready") or state.get("error")):
-            assert "error" not in state, state["error"]
-            return state
-        time.sleep(0.1)
-    raise AssertionError(f"the viewer at {url} did not become ready in 60 s")
-
-
-def canvas_pixels(driver) -> np.ndarray:
-    url = driver.execute_script("return document.querySelector('canvas').toDataURL('image/png')")
-    with Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))) as image:
-        return np.asarray(image.convert("RGB"), np.float32)
 
 
 def share_of(pixels: np.ndarray, colour: tuple[int, int, int], tolerance: float = 6) -> float:

@@ -14,7 +14,6 @@ import io
 import math
 import re
 import threading
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 import py360convert
 import pytest
 from PIL import Image
+from viewer_pages import canvas_pixels, open_page
 
 from jointdiff.cli import main
 from jointdiff.surfaces import viewer
@@ -101,24 +101,6 @@ def test_server_listens_on_localhost_only_and_serves_the_page():
 # ---- in the browser ----------------------------------------------------------------------
 
 
-def open_viewer(driver, url: str) -> dict:
-    driver.get(url)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        state = driver.execute_script("return window.jointdiffViewer || null")
-        if state and (state.get("ready") or state.get("error")):
-            assert "error" not in state, state["error"]
-            return state
-        time.sleep(0.1)
-    raise AssertionError(f"the viewer at {url} did not become ready in 30 s")
-
-
-def canvas_pixels(driver) -> np.ndarray:
-    url = driver.execute_script("return document.querySelector('canvas').toDataURL('image/png')")
-    with Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))) as image:
-        return np.asarray(image.convert("RGB"), np.float32)
-
-
 def reference_view(pixels: np.ndarray, state: dict) -> np.ndarray:
     """py360convert's perspective view of the fixture for the viewer's yaw, pitch and
     (vertical) field of view, at the canvas size."""
@@ -133,7 +115,7 @@ def test_viewer_renders_the_panorama_and_dragging_turns_the_view(browser, tmp_pa
     from selenium.webdriver.common.action_chains import ActionChains
 
     page = viewer.write_viewer(FIXTURE, tmp_path / "view.html")
-    state = open_viewer(browser, page.as_uri())
+    state = open_page(browser, page.as_uri(), timeout_s=30)
     before = canvas_pixels(browser)
     assert before.std() > 20 and len(np.unique(before.reshape(-1, 3), axis=0)) > 50  # not blank
     # Sphere tessellation and GPU filtering differ from e2p's exact sampling only at edges.
@@ -155,7 +137,7 @@ def test_wheel_zooms_and_the_served_page_renders(browser):
     server = viewer.make_server(FIXTURE, port=0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        state = open_viewer(browser, f"http://127.0.0.1:{server.server_address[1]}/")
+        state = open_page(browser, f"http://127.0.0.1:{server.server_address[1]}/", timeout_s=30)
         canvas = browser.find_element("tag name", "canvas")
         ActionChains(browser).scroll_from_origin(ScrollOrigin.from_element(canvas), 0, -400).perform()
         zoomed = browser.execute_script("return window.jointdiffViewer")
