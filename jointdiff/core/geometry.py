@@ -99,8 +99,8 @@ class Geometry(Configurable, ABC):
     def window_map(self, name: str, window_ids: Sequence[int], scale: int = 1) -> torch.Tensor:
         """The map ``name`` (one of :attr:`window_maps`) of each window, ``(B, C, scale*h,
         scale*w)`` float32 in [0, 1] (``scale`` 1: the latent window, the VAE factor: its
-        pixels). ``depth``: C = 1, near = 1, far and background = 0 (the ControlNet
-        convention); ``normal``: C = 3, ``(n + 1) / 2`` in the view's camera frame; ``mask``:
+        pixels). ``depth``: C = 1, near = 1, background = 0, far surfaces above 0 (the
+        ControlNet convention, the silhouette kept); ``normal``: C = 3, ``(n + 1) / 2`` in the view's camera frame; ``mask``:
         C = 1, 1 where the window shows the surface. Raises ConfigError for other names."""
         raise ConfigError(
             f"{self.name}: no per-window map {name!r}"

@@ -225,11 +225,7 @@ class MeshGeometry(Geometry):
             if name == "mask":
                 out.append(view.mask[None].astype(np.float32))
             elif name == "depth":
-                depth = np.zeros(view.depth.shape)
-                if view.mask.any():
-                    near, far = view.depth[view.mask].min(), view.depth[view.mask].max()
-                    depth[view.mask] = (far - view.depth[view.mask]) / max(far - near, 1e-12)
-                out.append(depth[None].astype(np.float32))
+                out.append(depth_map(view.depth, view.mask)[None])
             else:
                 local = view.normal @ camera.axes()
                 flip = np.where((local[..., 2] < 0)[..., None], -1.0, 1.0)  # the side the camera sees
@@ -320,3 +316,23 @@ class MeshGeometry(Geometry):
         c = torch.randn(sheets, channels, 4, 1, 1, generator=g, dtype=torch.float64)
         return c[:, :, 0] + c[:, :, 1] * x + c[:, :, 2] * y + c[:, :, 3] * x * y
 
+
+DEPTH_FLOOR = 0.2
+"""The depth map's value at the farthest surface of a view: the surface stays apart from the
+background (0), so a ControlNet sees the silhouette on every view."""
+
+
+def depth_map(depth: "np.ndarray", mask: "np.ndarray") -> "np.ndarray":
+    """A view's depth map as depth ControlNets take it: ``(h, w)`` float32, 1 at the nearest
+    surface, :data:`DEPTH_FLOOR` at the farthest, 0 where no surface is. A view of one flat
+    face square to the camera (all surface at one depth) is 1 on the surface."""
+    import numpy as np
+
+    out = np.zeros(depth.shape, np.float32)
+    if mask.any():
+        surface = depth[mask]
+        near, far = float(surface.min()), float(surface.max())
+        span = far - near
+        relative = (far - surface) / span if span > 1e-6 * max(abs(far), 1.0) else np.ones_like(surface)
+        out[mask] = DEPTH_FLOOR + (1.0 - DEPTH_FLOOR) * relative
+    return out
