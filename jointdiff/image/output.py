@@ -16,11 +16,11 @@ JOB_KEY = "jointdiff:job"
 SEED_KEY = "jointdiff:seed"
 VERSION_KEY = "jointdiff:version"
 INPUTS_KEY = "jointdiff:inputs"
+"""The job's input files (init image, masks, condition images): ``{"init.image": {"path":
+..., "sha256": ...}, ...}`` as JSON, so a reproduction can tell whether an input changed."""
 BATCH_KEY = "jointdiff:batch"
 """A batch job's fingerprint and image count (``{"fingerprint": ..., "images": n}`` as JSON):
 how ``jointdiff batch`` tells a finished output of the same job (:mod:`jointdiff.jobs.batch`)."""
-"""The job's input files (init image, masks, condition images): ``{"init.image": {"path":
-..., "sha256": ...}, ...}`` as JSON, so a reproduction can tell whether an input changed."""
 
 
 PATH_KEYS = frozenset({"image", "mask", "masks"})
