@@ -456,3 +456,33 @@ def test_a_finished_job_hands_every_view_to_the_geometry(tiny_pipeline, meshes, 
     assert sorted(i for ids, _ in handed for i in ids) == [0, 1, 2, 3]
     assert all(tuple(shape_[1:]) == (4, 8, 8) for _, shape_ in handed)
     assert shape._final == {}  # used by the decode
+
+
+# -- review fixes: references, UV range, cameras, output names, depth, fusion ------------------
+
+
+def textured_triangle_obj(folder, statement: str, uv: str = "vt 0 0\nvt 1 0\nvt 0 1\n"):
+    """A one-triangle OBJ with UVs whose MTL has the texture statement ``statement``."""
+    (folder / "tri.mtl").write_text(f"newmtl a\n{statement}\n")
+    (folder / "tri.obj").write_text("mtllib tri.mtl\nv 0 0 0\nv 1 0 0\nv 0 1 0\n" + uv + "usemtl a\nf 1/1 2/2 3/3\n")
+    return folder / "tri.obj"
+
+
+def test_mtl_texture_options_with_several_values_are_not_the_file_name(tmp_path):
+    assert mesh_asset.mtl_texture_file("-s 1 1 1 -o 0.5 0.5 0 tex.png") == "tex.png"
+    assert mesh_asset.mtl_texture_file("-mm 0 1 -bm 0.5 -clamp on sub\\tex 2.png") == "sub/tex 2.png"
+    assert mesh_asset.mtl_texture_file("-o 0.5 tex.png") == "tex.png"
+    path = textured_triangle_obj(tmp_path, "map_Kd -s 1 1 1 -o 0.5 0.5 0 tex.png")
+    with pytest.raises(ConfigError, match=r"missing: tex\.png$"):
+        mesh_asset.load_mesh(path)
+    Image.new("RGB", (4, 4)).save(tmp_path / "tex.png")
+    assert len(mesh_asset.load_mesh(path).faces) == 1
+
+
+def test_gltf_uris_are_percent_decoded(tmp_path, meshes):
+    document = {"asset": {"version": "2.0"}, "images": [{"uri": "my%20tex.png"}]}
+    (tmp_path / "a.gltf").write_text(json.dumps(document))
+    with pytest.raises(ConfigError, match=r"missing: my tex\.png$"):
+        mesh_asset.check_references(tmp_path / "a.gltf")
+    Image.new("RGB", (4, 4)).save(tmp_path / "my tex.png")
+    mesh_asset.check_references(tmp_path / "a.gltf")

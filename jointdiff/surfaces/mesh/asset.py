@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import re
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,6 +78,37 @@ def load_mesh_cached(path: str, sha256: str, normalize: bool, max_faces: int) ->
     return load_mesh(path, normalize, max_faces)
 
 
+MTL_OPTION_ARITY = {"-blendu": 1, "-blendv": 1, "-bm": 1, "-boost": 1, "-cc": 1, "-clamp": 1, "-imfchan": 1,
+                    "-mm": 2, "-o": 3, "-s": 3, "-t": 3, "-texres": 1, "-type": 1}
+"""Options of an MTL texture statement and their most values (``-o``, ``-s``, ``-t``: u [v [w]])."""
+
+
+def mtl_texture_file(arguments: str) -> str:
+    """The file named by an MTL texture statement's arguments (``-s 1 1 1 -o 0.5 0.5 0 tex.png``
+    gives ``tex.png``): known options and their values are skipped (a variable-length option
+    takes the numbers that follow it), backslashes become ``/``; what is left is the file."""
+    tokens = arguments.split()
+    index = 0
+    while index < len(tokens) and tokens[index].lower() in MTL_OPTION_ARITY:
+        most = MTL_OPTION_ARITY[tokens[index].lower()]
+        index += 1
+        if most == 1:
+            index += 1
+            continue
+        taken = 0
+        while taken < most and index < len(tokens) - 1 and _is_number(tokens[index]):
+            index, taken = index + 1, taken + 1
+    return " ".join(tokens[index:]).replace("\\", "/")
+
+
+def _is_number(token: str) -> bool:
+    try:
+        float(token)
+    except ValueError:
+        return False
+    return True
+
+
 def check_references(path: Path) -> None:
     """ConfigError when an OBJ's MTL or an MTL's / glTF's texture files are missing."""
     suffix = path.suffix.lower()
@@ -88,12 +120,14 @@ def check_references(path: Path) -> None:
             if not mtl_path.is_file():
                 missing.append(mtl)
                 continue
-            maps = re.findall(r"^\s*map_\w+\s+(?:-\S+\s+\S+\s+)*(.+?)\s*$", mtl_path.read_text(errors="replace"), flags=re.M)
-            missing += [name for name in maps if not (mtl_path.parent / name).is_file()]
+            maps = re.findall(r"^\s*(?:map_\w+|bump|disp|decal|refl)\s+(.+?)\s*$", mtl_path.read_text(errors="replace"), flags=re.M)
+            names = [mtl_texture_file(arguments) for arguments in maps]
+            missing += [name for name in names if name and not (mtl_path.parent / name).is_file()]
     elif suffix == ".gltf":
         document = json.loads(path.read_text())
         uris = [item.get("uri") for key in ("images", "buffers") for item in document.get(key, [])]
-        missing += [uri for uri in uris if uri and not uri.startswith("data:") and not (path.parent / uri).is_file()]
+        names = [urllib.parse.unquote(uri).replace("\\", "/") for uri in uris if uri and not uri.startswith("data:")]
+        missing += [name for name in names if not (path.parent / name).is_file()]
     if missing:
         raise ConfigError(f"mesh: path = {str(path)!r} references files that are missing: {', '.join(missing)}")
 
