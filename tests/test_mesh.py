@@ -486,3 +486,12 @@ def test_gltf_uris_are_percent_decoded(tmp_path, meshes):
         mesh_asset.check_references(tmp_path / "a.gltf")
     Image.new("RGB", (4, 4)).save(tmp_path / "my tex.png")
     mesh_asset.check_references(tmp_path / "a.gltf")
+
+
+def test_uvs_outside_the_unit_square_are_refused_naming_path_and_range(tmp_path):
+    path = textured_triangle_obj(tmp_path, "Kd 1 1 1", uv="vt 0 0\nvt 1.5 0\nvt 0 1\n")
+    with pytest.raises(ConfigError, match=r"path = '.*tri\.obj' has UVs outside \[0, 1\] \(u in \[0, 1\.5\], v in \[0, 1\]\)") as error:
+        create("geometry", "mesh", path=str(path))
+    assert "\n" not in str(error.value)
+    within = textured_triangle_obj(tmp_path, "Kd 1 1 1", uv="vt 0 -0.00005\nvt 1.00005 0\nvt 0 1\n")
+    assert len(mesh_asset.load_mesh(within).faces) == 1

@@ -202,9 +202,22 @@ def unwrap(vertices: np.ndarray, faces: np.ndarray, where: str) -> np.ndarray:
     return np.asarray(uvs, dtype=np.float64)[indices]
 
 
+UV_TOLERANCE = 1e-4
+"""How far outside ``[0, 1]`` a UV may lie (rounding in exporters) before the mesh is refused."""
+
+
+def check_uv_range(corner_uv: np.ndarray, where: str) -> None:
+    """ConfigError when a UV lies outside ``[0, 1]`` (tiled or UDIM layouts): every material
+    is one texture sheet, so a texel outside the unit square has no place in it."""
+    low, high = corner_uv.min(axis=(0, 1)), corner_uv.max(axis=(0, 1))
+    if (low < -UV_TOLERANCE).any() or (high > 1 + UV_TOLERANCE).any():
+        raise ConfigError(f"mesh: path = {where!r} has UVs outside [0, 1] (u in [{low[0]:.4g}, {high[0]:.4g}], "
+                          f"v in [{low[1]:.4g}, {high[1]:.4g}]); tiled or UDIM layouts are not supported")
+
+
 def assemble(parts: list[trimesh.Trimesh], normalize: bool, where: str) -> MeshAsset:
     """One :class:`MeshAsset` from per-material parts: drop degenerate faces, unwrap parts
-    without UVs, centre and scale to the unit sphere when ``normalize``."""
+    without UVs, refuse UVs outside ``[0, 1]``, centre and scale to the unit sphere when ``normalize``."""
     all_vertices = np.concatenate([np.asarray(p.vertices, dtype=np.float64) for p in parts])
     diagonal = float(np.linalg.norm(all_vertices.max(0) - all_vertices.min(0))) if len(all_vertices) else 0.0
     vertices, faces, corner_uv, face_sheet, names, unwrapped = [], [], [], [], [], False
@@ -226,6 +239,7 @@ def assemble(parts: list[trimesh.Trimesh], normalize: bool, where: str) -> MeshA
         offset += len(v)
     if not faces:
         raise ConfigError(f"mesh: path = {where!r} has only degenerate (zero-area) faces")
+    check_uv_range(np.concatenate(corner_uv), where)
     asset = MeshAsset(np.concatenate(vertices), np.concatenate(faces), np.concatenate(corner_uv),
                       np.concatenate(face_sheet), names, unwrapped=unwrapped)
     return normalized(asset) if normalize else asset
