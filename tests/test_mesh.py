@@ -495,3 +495,20 @@ def test_uvs_outside_the_unit_square_are_refused_naming_path_and_range(tmp_path)
     assert "\n" not in str(error.value)
     within = textured_triangle_obj(tmp_path, "Kd 1 1 1", uv="vt 0 -0.00005\nvt 1.00005 0\nvt 0 1\n")
     assert len(mesh_asset.load_mesh(within).faces) == 1
+
+
+@pytest.mark.parametrize("camera, message", [
+    ((0.0, 0.0, 3.0, 180.0), r"cameras\[1\] = \(0\.0, 0\.0, 3\.0, 180\.0\): fov_deg must be in \(0, 180\), got 180\.0"),
+    ((0.0, 0.0, 3.0, 0.0), r"cameras\[1\] = .*: fov_deg must be in \(0, 180\), got 0\.0"),
+    ((0.0, 0.0, -2.0, 40.0), r"cameras\[1\] = .*: distance must be > 0, got -2\.0"),
+    ((0.0, 0.0, 0.8, 40.0), r"cameras\[1\] = \(0\.0, 0\.0, 0\.8, 40\.0\): distance must be > 1 .*, got 0\.8"),
+])
+def test_impossible_cameras_are_refused_naming_the_camera(meshes, camera, message):
+    with pytest.raises(ConfigError, match=message) as error:
+        create("geometry", "mesh", path=str(meshes / "cube.obj"), cameras=[FOUR_VIEWS[0], camera])
+    assert "\n" not in str(error.value)
+
+
+def test_a_camera_inside_the_unit_sphere_is_allowed_in_the_mesh_own_frame(meshes):
+    g = create("geometry", "mesh", path=str(meshes / "cube.obj"), normalize=False, cameras=[(0.0, 0.0, 0.9, 60.0)])
+    assert g.options.cameras == [(0.0, 0.0, 0.9, 60.0)]

@@ -58,6 +58,20 @@ class MeshOptions(PluginOptions):
     fuse_until: float = pydantic.Field(0.8, ge=0, le=1, description="fraction of the steps the views are fused (SyncMVD: 0.8)")
     backend: Literal["auto", "embree", "triangle"] = pydantic.Field("auto", description="ray casting: Embree or trimesh's numpy caster")
 
+    @pydantic.model_validator(mode="after")
+    def _cameras_are_possible(self):
+        """Every camera: 0 < fov_deg < 180 and distance > 0; outside the unit sphere
+        (distance > 1) when the mesh is normalised to it."""
+        for index, (elevation_deg, azimuth_deg, distance, fov_deg) in enumerate(self.cameras or []):
+            shown = f"cameras[{index}] = {(elevation_deg, azimuth_deg, distance, fov_deg)!r}"
+            if not 0 < fov_deg < 180:
+                raise ValueError(f"{shown}: fov_deg must be in (0, 180), got {fov_deg!r}")
+            if not distance > 0:
+                raise ValueError(f"{shown}: distance must be > 0, got {distance!r}")
+            if self.normalize and not distance > 1:
+                raise ValueError(f"{shown}: distance must be > 1 (outside the unit sphere the mesh is normalised to), got {distance!r}")
+        return self
+
 
 class MeshGeometry(Geometry):
     """Texture a mesh (see the module docstring). Tensors ``(B, C, h, w)``; canvases
