@@ -4,6 +4,7 @@ caster, the adjoint identity, round trips, the conformance kit, bad meshes, whol
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -278,7 +279,7 @@ def test_whole_job_writes_texture_glb_obj_and_turntable(meshes, tmp_path, model)
     written = result.save(tmp_path / "crate.png")
     names = sorted(p.name for p in written)
     assert {"crate_0.png", "crate_1.png", "crate.glb", "crate.obj", "crate.mtl", "crate_turntable.png", "crate.html",
-            "crate_wood.png", "crate_metal.png"} <= set(names)
+            "crate_mat0_metal.png", "crate_mat1_wood.png"} <= set(names)
     assert "crate.glb" in (tmp_path / "crate.html").read_text() and (tmp_path / "crate.html").stat().st_size > 10_000
     with Image.open(tmp_path / "crate_0.png") as image:
         assert image.size == (64, 64)
@@ -422,7 +423,7 @@ def test_exported_textured_mesh_loads_back_with_its_uvs_and_materials(meshes, tm
     assert not again.unwrapped and again.num_sheets == 2
     for sheet in range(2):
         name = asset.sheet_names[sheet]
-        other = [n.removeprefix("out_") for n in again.sheet_names].index(name)
+        other = [re.sub(r"^out_mat\d+_", "", n) for n in again.sheet_names].index(name)
         vertices, _, uv = asset.sheet_mesh(sheet)
         vertices_again, _, uv_again = again.sheet_mesh(other)
         order = lambda v, u: np.lexsort(np.round(np.concatenate([v, u], 1), 6).T)  # noqa: E731
@@ -512,3 +513,20 @@ def test_impossible_cameras_are_refused_naming_the_camera(meshes, camera, messag
 def test_a_camera_inside_the_unit_sphere_is_allowed_in_the_mesh_own_frame(meshes):
     g = create("geometry", "mesh", path=str(meshes / "cube.obj"), normalize=False, cameras=[(0.0, 0.0, 0.9, 60.0)])
     assert g.options.cameras == [(0.0, 0.0, 0.9, 60.0)]
+
+
+def test_texture_file_names_are_safe_distinct_and_apart_from_the_other_outputs(tmp_path):
+    from jointdiff.surfaces.mesh import export
+
+    triangle = np.array([[0.0, 0, 0], [1, 0, 0], [0, 1, 0]])
+    vertices = np.concatenate([triangle + (0, 0, z) for z in range(4)])
+    corner_uv = np.tile(np.array([[0.0, 0], [1, 0], [0, 1]]), (4, 1, 1))
+    names = ["turntable", "1", "a/b", "a_b"]
+    asset = mesh_asset.MeshAsset(vertices, np.arange(12).reshape(4, 3), corner_uv, np.arange(4), names)
+    paths = export.export_textured(asset, [Image.new("RGB", (8, 8), c) for c in ("red", "green", "blue", "white")], tmp_path / "out")
+    pngs = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert pngs == ["out_mat0_turntable.png", "out_mat1_1.png", "out_mat2_a_b.png", "out_mat3_a_b.png"]
+    assert {"out_turntable.png", "out_1.png"}.isdisjoint(pngs) and not (tmp_path / "a").exists()
+    assert {p.name for p in paths.values()} >= {"out.glb", "out.obj", "out.mtl", "out.html", *pngs}
+    with Image.open(tmp_path / "out_mat2_a_b.png") as image:
+        assert image.getpixel((0, 0)) == (0, 0, 255)

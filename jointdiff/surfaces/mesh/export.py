@@ -8,6 +8,7 @@ Textures are ``PIL`` RGB images, row 0 at the top (``v = 1``).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -20,13 +21,22 @@ from jointdiff.surfaces.mesh.raster import Backend, rasterize_views
 from jointdiff.surfaces.mesh_viewer import write_mesh_viewer
 
 
-def textured_scene(asset: MeshAsset, textures: list[Image.Image], prefix: str = "") -> trimesh.Scene:
+def texture_file_stems(names: list[str], stem: str) -> list[str]:
+    """File stems of the materials' texture PNGs: ``<stem>_mat<i>_<safe>`` with ``<safe>`` the
+    material name with every character outside ``[A-Za-z0-9._-]`` replaced by ``_``. The index
+    makes them distinct, and the ``mat`` prefix keeps them apart from the other outputs
+    (``<stem>_<i>.png``, ``<stem>_turntable.png``) whatever the materials are called."""
+    return [f"{stem}_mat{index}_{re.sub(r'[^A-Za-z0-9._-]', '_', name)}" for index, name in enumerate(names)]
+
+
+def textured_scene(asset: MeshAsset, textures: list[Image.Image], names: list[str] | None = None) -> trimesh.Scene:
     """A scene of one mesh per material, each with its texture as PBR base colour; material
-    names start with ``prefix`` (the OBJ exporter names texture files after them)."""
+    names are ``names`` (default: the asset's; the OBJ exporter names texture files after them)."""
+    names = asset.sheet_names if names is None else names
     scene = trimesh.Scene()
     for sheet, image in enumerate(textures):
         vertices, faces, uv = asset.sheet_mesh(sheet)
-        material = trimesh.visual.material.PBRMaterial(name=prefix + asset.sheet_names[sheet], baseColorTexture=image,
+        material = trimesh.visual.material.PBRMaterial(name=names[sheet], baseColorTexture=image,
                                                        metallicFactor=0.0, roughnessFactor=1.0)
         visual = trimesh.visual.TextureVisuals(uv=uv, material=material)
         mesh = trimesh.Trimesh(asset.to_source(vertices), faces, visual=visual, process=False)
@@ -36,7 +46,7 @@ def textured_scene(asset: MeshAsset, textures: list[Image.Image], prefix: str = 
 
 def export_textured(asset: MeshAsset, textures: list[Image.Image], stem: str | Path) -> dict[str, Path]:
     """Write ``<stem>.glb``, ``<stem>.obj`` (+ ``<stem>.mtl`` and the texture PNGs it names,
-    ``<stem>_<material>.png``) and the offline viewer page ``<stem>.html`` of the GLB
+    ``<stem>_mat<i>_<material>.png``, see :func:`texture_file_stems`) and the offline viewer page ``<stem>.html`` of the GLB
     (:mod:`jointdiff.surfaces.mesh_viewer`). Returns the paths by kind."""
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
@@ -45,7 +55,8 @@ def export_textured(asset: MeshAsset, textures: list[Image.Image], stem: str | P
     paths["glb"] = stem.with_suffix(".glb")
     paths["glb"].write_bytes(scene.export(file_type="glb"))
     paths["obj"] = stem.with_suffix(".obj")
-    files = trimesh.exchange.obj.export_obj(textured_scene(asset, textures, f"{stem.name}_"), include_texture=True, return_texture=True,
+    obj_scene = textured_scene(asset, textures, texture_file_stems(asset.sheet_names, stem.name))
+    files = trimesh.exchange.obj.export_obj(obj_scene, include_texture=True, return_texture=True,
                                              mtl_name=stem.with_suffix(".mtl").name)
     text, extras = files
     paths["obj"].write_text(text)
