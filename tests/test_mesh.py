@@ -530,3 +530,16 @@ def test_texture_file_names_are_safe_distinct_and_apart_from_the_other_outputs(t
     assert {p.name for p in paths.values()} >= {"out.glb", "out.obj", "out.mtl", "out.html", *pngs}
     with Image.open(tmp_path / "out_mat2_a_b.png") as image:
         assert image.getpixel((0, 0)) == (0, 0, 255)
+
+
+def test_depth_maps_keep_every_surface_pixel_apart_from_the_background(meshes):
+    from jointdiff.surfaces.mesh.geometry import DEPTH_FLOOR
+
+    assert DEPTH_FLOOR == 0.2
+    g = geometry(meshes / "cube.obj", cameras=[(0.0, 0.0, 3.0, 40.0), (25.0, 35.0, 3.0, 40.0)])
+    depth, mask = g.window_map("depth", [0, 1], scale=2), g.window_map("mask", [0, 1], scale=2) > 0
+    front, oblique = depth[0, 0], depth[1, 0]
+    assert mask[0, 0].any() and (front[mask[0, 0]] > 0).all() and (front[~mask[0, 0]] == 0).all()
+    assert torch.allclose(front[mask[0, 0]], torch.ones(()))  # one flat face square to the camera
+    assert (oblique[mask[1, 0]] >= DEPTH_FLOOR - 1e-6).all() and (oblique[~mask[1, 0]] == 0).all()
+    assert oblique[mask[1, 0]].max() == pytest.approx(1.0) and oblique[mask[1, 0]].min() == pytest.approx(DEPTH_FLOOR)

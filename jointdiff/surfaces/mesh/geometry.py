@@ -224,7 +224,7 @@ class MeshGeometry(Geometry):
         return self._state(1, device)["mask"][list(window_ids)]
 
     def window_map(self, name: str, window_ids: Sequence[int], scale: int = 1) -> torch.Tensor:
-        """``depth`` (near 1, farthest surface point and background 0, per view), ``normal``
+        """``depth`` (:func:`depth_map`: nearest surface 1, farthest :data:`DEPTH_FLOOR`, background 0), ``normal``
         (``(n + 1) / 2`` in the camera frame: x right, y up, z toward the camera; background
         0) or ``mask``, ``(B, C, scale·h, scale·w)`` float32 (see :meth:`Geometry.window_map`)."""
         import numpy as np
