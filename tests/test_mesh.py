@@ -543,3 +543,37 @@ def test_depth_maps_keep_every_surface_pixel_apart_from_the_background(meshes):
     assert torch.allclose(front[mask[0, 0]], torch.ones(()))  # one flat face square to the camera
     assert (oblique[mask[1, 0]] >= DEPTH_FLOOR - 1e-6).all() and (oblique[~mask[1, 0]] == 0).all()
     assert oblique[mask[1, 0]].max() == pytest.approx(1.0) and oblique[mask[1, 0]].min() == pytest.approx(DEPTH_FLOOR)
+
+
+@pytest.mark.parametrize("fusion", ["latent", "x0_renoise"])
+def test_fusion_other_than_x0_is_refused_before_the_model_loads(tiny_pipeline, meshes, fusion):
+    from jointdiff.engine.loop import JointDiffusion
+    from jointdiff.jobs.spec import Job, check_before_loading
+
+    data = {
+        "model": {"id": "tiny", "device": "cpu", "dtype": "float32"},
+        "geometry": {"name": "mesh", "path": str(meshes / "cube.obj"), "cameras": FOUR_VIEWS, **SMALL},
+        "conditioners": [{"name": "text", "prompt": "a crate"}], "steps": 2, "fusion": fusion,
+    }
+    message = rf"fusion = '{fusion}' cannot be used with geometry 'mesh': its windows need fusion = 'x0'"
+    with pytest.raises(ConfigError, match="^job: " + message) as error:
+        check_before_loading(Job.from_dict(data))
+    assert "\n" not in str(error.value)
+    g, text = geometry(meshes / "cube.obj", cameras=FOUR_VIEWS), create("conditioner", "text", prompt="a crate")
+    with pytest.raises(ConfigError, match="^" + message):
+        JointDiffusion(tiny_pipeline, g, [text], fusion=fusion)
+    assert JointDiffusion(tiny_pipeline, g, [text], fusion="x0").fusion == "x0"
+    Job.from_dict({**data, "fusion": "x0"})
+
+
+def test_geometries_need_x0_fusion_only_for_coverage_or_an_early_fuse_until(meshes):
+    from jointdiff.core.geometry import needs_x0_fusion
+
+    assert needs_x0_fusion(geometry(meshes / "cube.obj"))
+    from jointdiff.core.registry import get_registry
+
+    for name in ("strip", "equirect"):
+        cls = get_registry().get("geometry", name)
+        assert not needs_x0_fusion(create("geometry", name, cls.example_options()))
+    g = geometry(meshes / "cube.obj", fuse_until=1.0)
+    assert needs_x0_fusion(g)  # fused to the last step, but its views keep their own background

@@ -289,3 +289,24 @@ def check_canvas_megapixels(geometry: Geometry, max_megapixels: float | None = D
         f"above max_megapixels = {max_megapixels:g}; if you mean it, raise max_megapixels (JointDiffusion(max_megapixels=...) "
         "or the job's max_megapixels), else make the canvas smaller"
     )
+
+
+def needs_x0_fusion(geometry: Geometry) -> bool:
+    """Whether ``geometry``'s windows work only with ``x0`` fusion (SyncTweedies): it says where
+    its windows show the canvas (:meth:`Geometry.window_coverage` overridden: elsewhere a
+    window keeps its own x̂0) or stops fusing before the last step (``fuse_until`` < 1). The
+    ``latent`` and ``x0_renoise`` fusions cut windows out of the canvas and know neither."""
+    own_coverage = type(geometry).window_coverage is not Geometry.window_coverage
+    return own_coverage or float(getattr(geometry, "fuse_until", 1.0)) < 1.0
+
+
+def check_fusion_option(geometry: Geometry, fusion: str | None) -> None:
+    """ConfigError naming ``fusion`` when it is not ``x0`` (or None: the geometry's preferred
+    fusion) for a geometry that :func:`needs_x0_fusion`."""
+    if fusion is None or fusion == "x0" or not needs_x0_fusion(geometry):
+        return
+    raise ConfigError(
+        f"fusion = {fusion!r} cannot be used with geometry {geometry.name!r}: its windows need fusion = 'x0' "
+        "(views that keep their own background and stop being fused after fuse_until); remove fusion or set it to 'x0'"
+    )
+

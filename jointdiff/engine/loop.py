@@ -28,7 +28,7 @@ import torch
 
 from jointdiff.core.conditioner import Conditioner, Prompt, check_geometry_maps
 from jointdiff.core.context import JobContext, StepState, WindowBatch
-from jointdiff.core.geometry import Geometry, check_canvas_megapixels
+from jointdiff.core.geometry import Geometry, check_canvas_megapixels, check_fusion_option
 from jointdiff.core.synchronizer import Synchronizer
 from jointdiff.cost import budget, profiling
 from jointdiff.engine import job_state
@@ -156,6 +156,7 @@ class JointDiffusion:
         if not isinstance(geometry, Geometry):
             raise ConfigError(f"geometry must be a Geometry, got {geometry!r}")
         check_windows_option(windows, geometry, fusion)
+        check_fusion_option(geometry, fusion)
         if fusion == "x0_renoise":
             check_fewstep(geometry, eta)
 

@@ -39,7 +39,7 @@ import pydantic
 
 from jointdiff.core.conditioner import Conditioner, check_geometry_maps
 from jointdiff.core.family import SD_LATENT
-from jointdiff.core.geometry import DEFAULT_MAX_MEGAPIXELS, check_canvas_megapixels
+from jointdiff.core.geometry import DEFAULT_MAX_MEGAPIXELS, check_canvas_megapixels, check_fusion_option
 from jointdiff.core.options import format_validation_error
 from jointdiff.core.registry import create
 from jointdiff.image.init_spec import InitSpec
@@ -223,7 +223,12 @@ class Job(_Strict):
 
 def _check_fast_modes(job: Job, geometry: Any) -> None:
     """``windows = "shifted"`` and ``fusion = "x0_renoise"`` where they cannot apply
-    (docs/fast-modes.md), before any model loads: ConfigError naming the option."""
+    (docs/fast-modes.md), and a fusion other than ``x0`` for a geometry that needs it, before
+    any model loads: ConfigError naming the option."""
+    try:
+        check_fusion_option(geometry, job.fusion)
+    except ConfigError as error:
+        raise ConfigError(f"job: {error}") from None
     if job.windows == "overlap" and job.fusion != "x0_renoise":
         return  # nothing to check; returning first keeps validation free of torch (fewstep, shifted import it)
     # lazy: loads torch; jointdiff.jobs.spec must import without it
