@@ -491,7 +491,8 @@ def test_gltf_uris_are_percent_decoded(tmp_path, meshes):
 
 def test_uvs_outside_the_unit_square_are_refused_naming_path_and_range(tmp_path):
     path = textured_triangle_obj(tmp_path, "Kd 1 1 1", uv="vt 0 0\nvt 1.5 0\nvt 0 1\n")
-    with pytest.raises(ConfigError, match=r"path = '.*tri\.obj' has UVs outside \[0, 1\] \(u in \[0, 1\.5\], v in \[0, 1\]\)") as error:
+    message = r"path = '.*tri\.obj' has UVs outside \[0, 1\] \(u in \[0, 1\.5\], v in \[0, 1\]\)"
+    with pytest.raises(ConfigError, match=message) as error:
         create("geometry", "mesh", path=str(path))
     assert "\n" not in str(error.value)
     within = textured_triangle_obj(tmp_path, "Kd 1 1 1", uv="vt 0 -0.00005\nvt 1.00005 0\nvt 0 1\n")
@@ -523,7 +524,8 @@ def test_texture_file_names_are_safe_distinct_and_apart_from_the_other_outputs(t
     corner_uv = np.tile(np.array([[0.0, 0], [1, 0], [0, 1]]), (4, 1, 1))
     names = ["turntable", "1", "a/b", "a_b"]
     asset = mesh_asset.MeshAsset(vertices, np.arange(12).reshape(4, 3), corner_uv, np.arange(4), names)
-    paths = export.export_textured(asset, [Image.new("RGB", (8, 8), c) for c in ("red", "green", "blue", "white")], tmp_path / "out")
+    textures = [Image.new("RGB", (8, 8), colour) for colour in ("red", "green", "blue", "white")]
+    paths = export.export_textured(asset, textures, tmp_path / "out")
     pngs = sorted(p.name for p in tmp_path.glob("*.png"))
     assert pngs == ["out_mat0_turntable.png", "out_mat1_1.png", "out_mat2_a_b.png", "out_mat3_a_b.png"]
     assert {"out_turntable.png", "out_1.png"}.isdisjoint(pngs) and not (tmp_path / "a").exists()

@@ -120,7 +120,8 @@ def check_references(path: Path) -> None:
             if not mtl_path.is_file():
                 missing.append(mtl)
                 continue
-            maps = re.findall(r"^\s*(?:map_\w+|bump|disp|decal|refl)\s+(.+?)\s*$", mtl_path.read_text(errors="replace"), flags=re.M)
+            statement = r"^\s*(?:map_\w+|bump|disp|decal|refl)\s+(.+?)\s*$"
+            maps = re.findall(statement, mtl_path.read_text(errors="replace"), flags=re.M)
             names = [mtl_texture_file(arguments) for arguments in maps]
             missing += [name for name in names if name and not (mtl_path.parent / name).is_file()]
     elif suffix == ".gltf":

@@ -46,7 +46,8 @@ def textured_scene(asset: MeshAsset, textures: list[Image.Image], names: list[st
 
 def export_textured(asset: MeshAsset, textures: list[Image.Image], stem: str | Path) -> dict[str, Path]:
     """Write ``<stem>.glb``, ``<stem>.obj`` (+ ``<stem>.mtl`` and the texture PNGs it names,
-    ``<stem>_mat<i>_<material>.png``, see :func:`texture_file_stems`) and the offline viewer page ``<stem>.html`` of the GLB
+    ``<stem>_mat<i>_<material>.png``, see :func:`texture_file_stems`) and the offline viewer
+    page ``<stem>.html`` of the GLB
     (:mod:`jointdiff.surfaces.mesh_viewer`). Returns the paths by kind."""
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)

@@ -69,7 +69,8 @@ class MeshOptions(PluginOptions):
             if not distance > 0:
                 raise ValueError(f"{shown}: distance must be > 0, got {distance!r}")
             if self.normalize and not distance > 1:
-                raise ValueError(f"{shown}: distance must be > 1 (outside the unit sphere the mesh is normalised to), got {distance!r}")
+                raise ValueError(f"{shown}: distance must be > 1 (outside the unit sphere the mesh is normalised to), "
+                                 f"got {distance!r}")
         return self
 
 
