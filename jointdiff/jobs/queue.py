@@ -84,7 +84,8 @@ class JobRecord:
 @dataclass
 class Live:
     """What a running job shows while it runs: steps done, ETA, the latest preview (any
-    object the queue's ``preview`` returned), whether it was asked to stop."""
+    object the queue's ``preview`` returned; a preview that raised keeps the previous one and
+    counts in ``preview_errors``), whether it was asked to stop."""
 
     step: int = 0
     steps: int = 0
@@ -93,6 +94,7 @@ class Live:
     eta_s: float | None = None
     preview: Any = None
     preview_step: int = -1
+    preview_errors: int = 0
     cancel: bool = False
 
 
@@ -272,26 +274,36 @@ class JobQueue:
         return None
 
     def _work(self, device: str) -> None:
+        """Run ``device``'s jobs until the queue closes; whatever goes wrong with one job is
+        recorded as its failure and the thread takes the next."""
         while (job_id := self._next_job(device)) is not None:
-            self._run(job_id)
+            try:
+                self._run(job_id)
+            except Exception as error:  # the worker must outlive any one job
+                self._fail(job_id, error)
 
     def _run(self, job_id: int) -> None:
-        """Run one job; any failure is recorded as its one-line error (the worker goes on)."""
+        """Run one job and write its outputs; any failure (running or saving) is recorded as its
+        one-line error (the worker goes on)."""
         record, live = self.get(job_id), self.live[job_id]
         began = time.monotonic()
         try:
             result = self._execute(job_id, record, live)
+            stopped = result.metadata.get("stopped_at_step")
+            if stopped is not None:
+                self._set(job_id, status="cancelled", step=stopped + 1, seconds=_elapsed(record, began))
+                return
+            outputs = [str(p) for p in save_result(result, record.job["output"], overwrite=True)]
+            self._set(job_id, status="done", finished=time.time(), seconds=_elapsed(record, began),
+                      step=record.steps, outputs=json.dumps(outputs))
         except Exception as error:  # a failing job must not take the worker (or the server) down
-            self._set(job_id, status="failed", finished=time.time(), seconds=_elapsed(record, began),
-                      error=one_line(error))
-            return
-        stopped = result.metadata.get("stopped_at_step")
-        if stopped is not None:
-            self._set(job_id, status="cancelled", step=stopped + 1, seconds=_elapsed(record, began))
-            return
-        outputs = [str(p) for p in save_result(result, record.job["output"], overwrite=True)]
-        self._set(job_id, status="done", finished=time.time(), seconds=_elapsed(record, began), step=record.steps,
-                  outputs=json.dumps(outputs))
+            self._fail(job_id, error, _elapsed(record, began))
+
+    def _fail(self, job_id: int, error: BaseException, seconds: float | None = None) -> None:
+        values: dict[str, Any] = {"status": "failed", "finished": time.time(), "error": one_line(error)}
+        if seconds is not None:
+            values["seconds"] = seconds
+        self._set(job_id, **values)
 
     def _execute(self, job_id: int, record: JobRecord, live: Live) -> Any:
         # lazy: loads torch; jointdiff.jobs.queue must import without it
@@ -325,7 +337,10 @@ class JobQueue:
         if done > 0:
             live.eta_s = (now - live.started) / done * (live.steps - live.step)
         if self.preview is not None and model is not None and (i % self.preview_every == 0 or live.step == live.steps):
-            live.preview, live.preview_step = self.preview(model, canvas), live.step
+            try:
+                live.preview, live.preview_step = self.preview(model, canvas), live.step
+            except Exception:  # noqa: BLE001 - a preview is a courtesy: the job goes on, the last one stays
+                live.preview_errors += 1
         for hook in self.step_hooks:
             hook(self, job_id, i)
 
