@@ -223,3 +223,35 @@ def test_ray_option_without_ray_says_what_to_install(tmp_path, monkeypatch, caps
     assert capsys.readouterr().err.strip() == (
         "jointdiff: error: --ray needs Ray, which is not installed: pip install 'jointdiff[ray]'"
     )
+
+
+def test_a_job_whose_mesh_file_changed_is_made_again_and_an_unchanged_one_is_skipped(tmp_path, monkeypatch):
+    trimesh = pytest.importorskip("trimesh")
+    from types import SimpleNamespace
+
+    mesh = tmp_path / "shape.obj"
+    trimesh.creation.box().export(mesh)
+    job = Job.from_dict({"model": {"id": "tiny", "device": "cpu"}, "geometry": {"name": "mesh", "path": str(mesh)},
+                         "conditioners": [{"name": "text", "prompt": "a box"}], "steps": 1,
+                         "output": str(tmp_path / "out" / "box.png")})
+    calls: list[Job] = []
+
+    def fake_run_job(job, **kwargs):  # what run_job returns, with an option the plugin filled in
+        calls.append(job)
+        recorded = job.to_dict()
+        recorded["geometry"]["mesh_sha256"] = "filled-in"
+        return SimpleNamespace(images=[Image.new("RGB", (8, 8))], metadata={"job": recorded, "seed": 0})
+
+    monkeypatch.setattr(batch_module, "run_job", fake_run_job)
+    cache = ModelCache()
+    monkeypatch.setattr(cache, "get", lambda model: SimpleNamespace(device="cpu"))
+    assert run_one(job, cache).status == "done" and len(calls) == 1
+    with Image.open(job.output) as image:
+        embedded = json.loads(image.text["jointdiff:job"])
+    assert embedded["geometry"]["mesh_sha256"] == "filled-in" and "checkpoint" not in embedded
+    assert run_one(job, cache).status == "skipped" and len(calls) == 1  # same mesh: nothing to do
+    before = job_fingerprint(job)
+    trimesh.creation.icosphere(1).export(mesh)  # the same job on another mesh
+    assert job_fingerprint(job) != before and job_fingerprint(job).split("-")[0] == before.split("-")[0]
+    assert run_one(job, cache).status == "done" and len(calls) == 2
+    assert run_one(job, cache).status == "skipped" and len(calls) == 2
