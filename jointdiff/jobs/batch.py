@@ -72,7 +72,8 @@ class JobRecord:
     """One row of the summary. ``status``: ``done`` (written now), ``skipped`` (its output
     was already there with this fingerprint), ``failed`` (``error`` says why) or ``pending``
     (the batch was interrupted first). ``gpu_s``: seconds the job held a GPU (0 on a CPU);
-    ``cpu_s``: CPU time of the process that ran it."""
+    ``cpu_s``: CPU time of the process that ran it. The timings (``seconds``,
+    ``model_load_s``, ``gpu_s``, ``cpu_s``) are summed over all the job's attempts."""
 
     output: str
     status: str = "pending"
@@ -455,7 +456,20 @@ def _with_retries(planned: PlannedJob, cache: ModelCache, retries: int,
     record = run_attempt(planned, cache, step_callback=step_callback)
     attempts = 1
     while record.status == "failed" and record.retry and attempts <= retries:
-        record = run_attempt(planned, cache, step_callback=step_callback)
+        record = with_earlier_attempts(run_attempt(planned, cache, step_callback=step_callback), record)
         attempts += 1
     record.attempts = attempts
+    return record
+
+
+TIME_FIELDS = ("seconds", "model_load_s", "gpu_s", "cpu_s")
+"""The timings a job's record sums over all its attempts."""
+
+
+def with_earlier_attempts(record: JobRecord, earlier: JobRecord | None) -> JobRecord:
+    """``record`` (the latest attempt) with the timings of the ``earlier`` attempts added:
+    a retried job's summary row counts all the time spent on it."""
+    if earlier is not None:
+        for name in TIME_FIELDS:
+            setattr(record, name, getattr(record, name) + getattr(earlier, name))
     return record
