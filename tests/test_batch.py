@@ -255,3 +255,17 @@ def test_a_job_whose_mesh_file_changed_is_made_again_and_an_unchanged_one_is_ski
     assert job_fingerprint(job) != before and job_fingerprint(job).split("-")[0] == before.split("-")[0]
     assert run_one(job, cache).status == "done" and len(calls) == 2
     assert run_one(job, cache).status == "skipped" and len(calls) == 2
+
+
+def test_two_jobs_sharing_one_checkpoint_path_are_refused_up_front(tmp_path):
+    folder = tmp_path / "jobs"
+    folder.mkdir()
+    for name, checkpoint in (("a", "shared.ckpt"), ("b", "own.ckpt"), ("c", "./shared.ckpt")):
+        text = BASE.format(steps=2).replace('"out/sky.png"', f'"out/{name}.png"')
+        (folder / f"{name}.toml").write_text(text + f'\n[checkpoint]\npath = "{checkpoint}"\nevery = 1\n')
+    with pytest.raises(BadJobsError) as caught:
+        collect_jobs([folder])
+    [problem] = caught.value.problems
+    assert re.fullmatch(r".*c\.toml: checkpoint path '.*shared\.ckpt' is also the checkpoint path of .*a\.toml", problem)
+    (folder / "c.toml").unlink()
+    assert [Path(item.job.output).name for item in collect_jobs([folder])] == ["a.png", "b.png"]
