@@ -213,7 +213,7 @@ def test_model_cache_is_least_recently_used_and_bounded():
     cache.get(euler)
     assert (cache.loads, len(cache), ddim in cache, euler in cache) == (2, 1, False, True)
     assert cache.get(ddim) is not first and cache.loads == 3
-    with pytest.raises(ConfigError, match="max_models must be a positive integer, got 0"):
+    with pytest.raises(ConfigError, match=r"--max-models \(max_models\) = 0: must be a positive integer"):
         ModelCache(max_models=0)
 
 
@@ -269,3 +269,15 @@ def test_two_jobs_sharing_one_checkpoint_path_are_refused_up_front(tmp_path):
     assert re.fullmatch(r".*c\.toml: checkpoint path '.*shared\.ckpt' is also the checkpoint path of .*a\.toml", problem)
     (folder / "c.toml").unlink()
     assert [Path(item.job.output).name for item in collect_jobs([folder])] == ["a.png", "b.png"]
+
+
+@pytest.mark.parametrize(("flag", "value", "message"), [
+    ("--retries", "-1", "--retries (retries) = -1: must be a non-negative integer"),
+    ("--max-models", "0", "--max-models (max_models) = 0: must be a positive integer"),
+    ("--checkpoint-every", "-3", "--checkpoint-every (checkpoint_every) = -3: must be a positive number of steps"),
+])
+def test_bad_batch_flags_are_named_as_flags(tmp_path, monkeypatch, capsys, flag, value, message):
+    base, manifest = write_batch(tmp_path, ROWS[:1])
+    monkeypatch.setattr(batch_module, "run_job", lambda *a, **k: pytest.fail("a job ran"))
+    assert main(["batch", str(manifest), "--base", str(base), "-q", flag, value]) == 2
+    assert capsys.readouterr().err.startswith(f"jointdiff: error: {message}")

@@ -253,7 +253,8 @@ def plan_batch(items: Sequence[BatchJob], *, overwrite: bool = False, checkpoint
     checkpoint; :class:`~jointdiff.jobs.manifest.BadJobsError` naming every output made by
     another job unless ``overwrite``."""
     if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or checkpoint_every < 1):
-        raise ConfigError(f"checkpoint_every must be a positive integer or None, got {checkpoint_every!r}")
+        raise ConfigError(f"--checkpoint-every (checkpoint_every) = {checkpoint_every!r}: must be a positive number "
+                          "of steps (0 on the command line, None in Python: no checkpoints)")
     planned, taken = [], []
     folders: set[Path] = set()
     models: set[str] = set()
@@ -432,7 +433,7 @@ def run_batch(
     ones). ``cache`` (or a new one of ``max_models``) keeps models between jobs and batches.
     On KeyboardInterrupt the summary so far is written (the rest ``pending``) and it passes."""
     if not isinstance(retries, int) or retries < 0:
-        raise ConfigError(f"retries must be a non-negative integer, got {retries!r}")
+        raise ConfigError(f"--retries (retries) = {retries!r}: must be a non-negative integer")
     planned = prepare(jobs, base, overwrite, checkpoint_every)
     cache = cache if cache is not None else ModelCache(max_models)
     records = [JobRecord(p.job.output, "skipped" if p.finished else "pending", where=p.item.where) for p in planned]

@@ -80,7 +80,7 @@ def run_ray_batch(
     actors alive at the end."""
     ray = require_ray()
     if not isinstance(retries, int) or retries < 0:
-        raise ConfigError(f"retries must be a non-negative integer, got {retries!r}")
+        raise ConfigError(f"--retries (retries) = {retries!r}: must be a non-negative integer")
     planned = prepare(jobs, base, overwrite, checkpoint_every, check_devices=False)
     records = [JobRecord(p.job.output, "skipped" if p.finished else "pending", where=p.item.where) for p in planned]
     start, queue = time.perf_counter(), _Queue(planned)
