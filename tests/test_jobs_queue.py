@@ -159,3 +159,16 @@ def test_a_failing_preview_keeps_the_previous_one_and_the_job_finishes(tmp_path)
         assert live.preview_errors == 2
     finally:
         q.close()
+
+
+def test_a_second_queue_on_the_same_folder_is_refused_until_the_first_closes(tmp_path):
+    first = JobQueue(tmp_path / "app", start=False)
+    try:
+        with pytest.raises(ConfigError, match=r"folder '.*app' is already served by another job queue"):
+            JobQueue(tmp_path / "app", start=False)
+        job_id = first.submit(tiny_job())
+        assert first._claim(job_id) and not first._claim(job_id)  # claimed once only
+        assert first.get(job_id).status == "running"
+    finally:
+        first.close()
+    JobQueue(tmp_path / "app", start=False).close()  # free again once closed

@@ -12,12 +12,16 @@ The queue drives :func:`jointdiff.jobs.spec.run_job` with models from a
 :class:`~jointdiff.jobs.cache.ModelCache` per device (the next job with the same ``[model]``
 table reuses the loaded model); anything that submits jobs (the web UI, a script) shares it.
 SQLite (the standard library's ``sqlite3``) is the store because it is one file, needs no
-server and survives a crash mid-write; one process at a time serves a folder's queue.
+server and survives a crash mid-write. One queue at a time serves a folder: it holds an
+exclusive lock (``fcntl.flock``) on ``folder/jobs.lock`` while open, a second one is refused,
+and a worker claims a job with one conditional update (``queued`` to ``running``), so no job
+runs twice. (Where ``fcntl`` is missing, Windows, the folder is not locked.)
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -30,6 +34,11 @@ from jointdiff.jobs.cache import ModelCache
 from jointdiff.jobs.spec import Job, check_before_loading, run_job
 from jointdiff.models.loading import resolve_device
 from jointdiff.utils.errors import ConfigError, JointDiffError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks, one process per folder is up to the user
+    fcntl = None  # type: ignore[assignment]
 
 STATUSES = ("queued", "running", "done", "failed", "cancelled", "interrupted")
 RESUMABLE = frozenset({"cancelled", "interrupted", "failed"})
@@ -118,6 +127,7 @@ class JobQueue:
         self.folder = Path(folder).absolute()
         for sub in ("outputs", "checkpoints"):
             (self.folder / sub).mkdir(parents=True, exist_ok=True)
+        self._folder_lock = _lock_folder(self.folder)
         self.preview, self.preview_every, self.checkpoint_every = preview, preview_every, checkpoint_every
         self.step_hooks: list[StepHook] = []
         self.live: dict[int, Live] = {}
@@ -244,6 +254,9 @@ class JobQueue:
         for worker in workers:
             worker.join(timeout=60)
         self._db.close()
+        if self._folder_lock is not None:
+            self._folder_lock.close()  # releases the folder's lock
+            self._folder_lock = None
 
     # -- running ------------------------------------------------------------------------------
 
@@ -265,13 +278,23 @@ class JobQueue:
                 row = self._db.execute(
                     "SELECT id FROM jobs WHERE device = ? AND status = 'queued' ORDER BY seq LIMIT 1", (device,)
                 ).fetchone()
-                if row is not None:
+                if row is not None and self._claim(int(row[0])):
                     job_id = int(row[0])
-                    self._set(job_id, status="running", started=time.time(), error=None)
                     self.live[job_id] = Live()
                     return job_id
+                if row is not None:
+                    continue  # taken meanwhile (cancelled): look again
                 self._wake.wait(timeout=1.0)
         return None
+
+    def _claim(self, job_id: int) -> bool:
+        """Mark a queued job running in one conditional update; False when it is no longer queued."""
+        with self._lock:
+            cursor = self._db.execute(
+                "UPDATE jobs SET status = 'running', started = ?, error = NULL WHERE id = ? AND status = 'queued'",
+                (time.time(), job_id),
+            )
+            return cursor.rowcount == 1
 
     def _work(self, device: str) -> None:
         """Run ``device``'s jobs until the queue closes; whatever goes wrong with one job is
@@ -348,6 +371,25 @@ class JobQueue:
         columns = ", ".join(f"{key} = ?" for key in values)
         with self._lock:
             self._db.execute(f"UPDATE jobs SET {columns} WHERE id = ?", (*values.values(), job_id))
+
+
+def _lock_folder(folder: Path) -> Any:
+    """The open ``folder/jobs.lock`` holding an exclusive lock (None without ``fcntl``);
+    ConfigError when another queue holds it."""
+    if fcntl is None:
+        return None
+    handle = open(folder / "jobs.lock", "a+")  # noqa: SIM115 - held open for the queue's lifetime
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise ConfigError(f"folder {str(folder)!r} is already served by another job queue (it holds "
+                          f"{str(folder / 'jobs.lock')!r}); stop that one or choose another folder") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")  # who holds it, for a person looking
+    handle.flush()
+    return handle
 
 
 def device_key(device: str) -> str:
