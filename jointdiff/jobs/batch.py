@@ -193,7 +193,7 @@ def _option_files(data: dict[str, Any]) -> dict[str, str | None]:
             for key, item in value.items():
                 inner = f"{where}.{key}"
                 if key in MAYBE_PATH_KEYS and isinstance(item, str) and Path(item).expanduser().is_file():
-                    found[inner] = file_sha256(Path(item).expanduser())
+                    found[inner] = _file_digest(Path(item).expanduser())
                 else:
                     walk(item, inner)
         elif isinstance(value, list):
@@ -203,6 +203,19 @@ def _option_files(data: dict[str, Any]) -> dict[str, str | None]:
     for key in ("geometry", "synchronizer", "conditioners", "init"):
         walk(data.get(key), key)
     return found
+
+
+_DIGESTS: dict[tuple[str, int, int], str | None] = {}
+
+
+def _file_digest(path: Path) -> str | None:
+    """``file_sha256`` of ``path``, read once per process while its size and mtime stay the
+    same (hundreds of jobs naming one large model file hash it once)."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = file_sha256(path)
+    return _DIGESTS[key]
 
 
 def _sidecar(path: Path) -> Path:
