@@ -213,7 +213,7 @@ def test_model_cache_is_least_recently_used_and_bounded():
     cache.get(euler)
     assert (cache.loads, len(cache), ddim in cache, euler in cache) == (2, 1, False, True)
     assert cache.get(ddim) is not first and cache.loads == 3
-    with pytest.raises(ConfigError, match="max_models must be a positive integer, got 0"):
+    with pytest.raises(ConfigError, match=r"--max-models \(max_models\) = 0: must be a positive integer"):
         ModelCache(max_models=0)
 
 
@@ -223,3 +223,61 @@ def test_ray_option_without_ray_says_what_to_install(tmp_path, monkeypatch, caps
     assert capsys.readouterr().err.strip() == (
         "jointdiff: error: --ray needs Ray, which is not installed: pip install 'jointdiff[ray]'"
     )
+
+
+def test_a_job_whose_mesh_file_changed_is_made_again_and_an_unchanged_one_is_skipped(tmp_path, monkeypatch):
+    trimesh = pytest.importorskip("trimesh")
+    from types import SimpleNamespace
+
+    mesh = tmp_path / "shape.obj"
+    trimesh.creation.box().export(mesh)
+    job = Job.from_dict({"model": {"id": "tiny", "device": "cpu"}, "geometry": {"name": "mesh", "path": str(mesh)},
+                         "conditioners": [{"name": "text", "prompt": "a box"}], "steps": 1,
+                         "output": str(tmp_path / "out" / "box.png")})
+    calls: list[Job] = []
+
+    def fake_run_job(job, **kwargs):  # what run_job returns, with an option the plugin filled in
+        calls.append(job)
+        recorded = job.to_dict()
+        recorded["geometry"]["mesh_sha256"] = "filled-in"
+        return SimpleNamespace(images=[Image.new("RGB", (8, 8))], metadata={"job": recorded, "seed": 0})
+
+    monkeypatch.setattr(batch_module, "run_job", fake_run_job)
+    cache = ModelCache()
+    monkeypatch.setattr(cache, "get", lambda model: SimpleNamespace(device="cpu"))
+    assert run_one(job, cache).status == "done" and len(calls) == 1
+    with Image.open(job.output) as image:
+        embedded = json.loads(image.text["jointdiff:job"])
+    assert embedded["geometry"]["mesh_sha256"] == "filled-in" and "checkpoint" not in embedded
+    assert run_one(job, cache).status == "skipped" and len(calls) == 1  # same mesh: nothing to do
+    before = job_fingerprint(job)
+    trimesh.creation.icosphere(1).export(mesh)  # the same job on another mesh
+    assert job_fingerprint(job) != before and job_fingerprint(job).split("-")[0] == before.split("-")[0]
+    assert run_one(job, cache).status == "done" and len(calls) == 2
+    assert run_one(job, cache).status == "skipped" and len(calls) == 2
+
+
+def test_two_jobs_sharing_one_checkpoint_path_are_refused_up_front(tmp_path):
+    folder = tmp_path / "jobs"
+    folder.mkdir()
+    for name, checkpoint in (("a", "shared.ckpt"), ("b", "own.ckpt"), ("c", "./shared.ckpt")):
+        text = BASE.format(steps=2).replace('"out/sky.png"', f'"out/{name}.png"')
+        (folder / f"{name}.toml").write_text(text + f'\n[checkpoint]\npath = "{checkpoint}"\nevery = 1\n')
+    with pytest.raises(BadJobsError) as caught:
+        collect_jobs([folder])
+    [problem] = caught.value.problems
+    assert re.fullmatch(r".*c\.toml: checkpoint path '.*shared\.ckpt' is also the checkpoint path of .*a\.toml", problem)
+    (folder / "c.toml").unlink()
+    assert [Path(item.job.output).name for item in collect_jobs([folder])] == ["a.png", "b.png"]
+
+
+@pytest.mark.parametrize(("flag", "value", "message"), [
+    ("--retries", "-1", "--retries (retries) = -1: must be a non-negative integer"),
+    ("--max-models", "0", "--max-models (max_models) = 0: must be a positive integer"),
+    ("--checkpoint-every", "-3", "--checkpoint-every (checkpoint_every) = -3: must be a positive number of steps"),
+])
+def test_bad_batch_flags_are_named_as_flags(tmp_path, monkeypatch, capsys, flag, value, message):
+    base, manifest = write_batch(tmp_path, ROWS[:1])
+    monkeypatch.setattr(batch_module, "run_job", lambda *a, **k: pytest.fail("a job ran"))
+    assert main(["batch", str(manifest), "--base", str(base), "-q", flag, value]) == 2
+    assert capsys.readouterr().err.startswith(f"jointdiff: error: {message}")

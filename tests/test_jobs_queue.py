@@ -121,3 +121,54 @@ def test_bad_jobs_are_refused_before_queueing_with_the_cli_message(queue):
     assert queue.history() == []
     with pytest.raises(ConfigError, match="only .* can be resumed"):
         queue.resume(queue.wait(queue.submit(tiny_job())).id)
+
+
+def test_an_error_while_saving_fails_the_job_with_one_line_and_the_worker_goes_on(queue, monkeypatch):
+    from jointdiff.jobs import queue as queue_module
+
+    real = queue_module.save_result
+
+    def full_disk(result, output, **kwargs):
+        if result.metadata["job"]["seed"] == 21:
+            raise OSError(28, "No space left on device")
+        return real(result, output, **kwargs)
+
+    monkeypatch.setattr(queue_module, "save_result", full_disk)
+    bad, good = queue.submit(tiny_job(seed=21)), queue.submit(tiny_job(seed=22))
+    failed = queue.wait(bad)
+    assert failed.status == "failed" and failed.error == "OSError: [Errno 28] No space left on device"
+    assert failed.finished is not None and not failed.outputs
+    assert queue.wait(good).status == "done"
+
+
+def test_a_failing_preview_keeps_the_previous_one_and_the_job_finishes(tmp_path):
+    calls: list[int] = []
+
+    def preview(model, canvas):
+        calls.append(len(calls))
+        if len(calls) > 1:
+            raise RuntimeError("preview decoder broke")
+        return "first preview"
+
+    q = JobQueue(tmp_path / "app", preview=preview)
+    try:
+        job_id = q.submit(tiny_job(steps=3))
+        assert q.wait(job_id).status == "done"
+        live = q.live[job_id]
+        assert len(calls) == 3 and live.preview == "first preview" and live.preview_step == 1
+        assert live.preview_errors == 2
+    finally:
+        q.close()
+
+
+def test_a_second_queue_on_the_same_folder_is_refused_until_the_first_closes(tmp_path):
+    first = JobQueue(tmp_path / "app", start=False)
+    try:
+        with pytest.raises(ConfigError, match=r"folder '.*app' is already served by another job queue"):
+            JobQueue(tmp_path / "app", start=False)
+        job_id = first.submit(tiny_job())
+        assert first._claim(job_id) and not first._claim(job_id)  # claimed once only
+        assert first.get(job_id).status == "running"
+    finally:
+        first.close()
+    JobQueue(tmp_path / "app", start=False).close()  # free again once closed

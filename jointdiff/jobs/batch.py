@@ -2,10 +2,11 @@
 resumed, failures retried, and a summary table of the whole batch (``jointdiff batch``).
 
 - **Idempotent outputs.** Every job has a fingerprint (:func:`job_fingerprint`: the job
-  without its output path, checkpoint, device and micro-batch size, plus the sha256 of its
-  input images). It is written into the output (a PNG text chunk, or a hidden
+  without its output path, checkpoint, device and micro-batch size, plus the sha256 of the
+  files it reads: input images, a mesh, a plugin's model file). It is written into the output (a PNG text chunk, or a hidden
   ``.NAME.jointdiff.json`` beside a JPEG or WebP); an output that carries the job's
-  fingerprint is skipped without loading anything.
+  fingerprint is skipped without loading anything; one made by the same job from files that
+  have changed since is made again.
 - **Resume.** Each job checkpoints every ``checkpoint_every`` steps to
   ``.jointdiff-checkpoints/`` beside its output (a job's own ``[checkpoint]`` is kept), so an
   interrupted batch continues each job from its last checkpoint.
@@ -36,10 +37,10 @@ from typing import Any, Callable, Sequence
 
 from PIL import Image
 
-from jointdiff.image.output import BATCH_KEY, input_files, save_result
+from jointdiff.image.output import BATCH_KEY, file_sha256, input_files, save_result
 from jointdiff.jobs.cache import ModelCache, model_key, release_memory
 from jointdiff.jobs.manifest import BadJobsError, BatchJob, collect_jobs
-from jointdiff.jobs.spec import CheckpointSpec, Job, check_before_loading, run_job
+from jointdiff.jobs.spec import MAYBE_PATH_KEYS, CheckpointSpec, Job, check_before_loading, run_job
 from jointdiff.utils.errors import ConfigError, JointDiffError
 from jointdiff.utils.files import check_writable, output_paths
 
@@ -71,7 +72,8 @@ class JobRecord:
     """One row of the summary. ``status``: ``done`` (written now), ``skipped`` (its output
     was already there with this fingerprint), ``failed`` (``error`` says why) or ``pending``
     (the batch was interrupted first). ``gpu_s``: seconds the job held a GPU (0 on a CPU);
-    ``cpu_s``: CPU time of the process that ran it."""
+    ``cpu_s``: CPU time of the process that ran it. The timings (``seconds``,
+    ``model_load_s``, ``gpu_s``, ``cpu_s``) are summed over all the job's attempts."""
 
     output: str
     status: str = "pending"
@@ -161,16 +163,59 @@ class BatchSummary:
 
 
 def job_fingerprint(job: Job) -> str:
-    """What makes two jobs give the same image: the job without ``output``, ``checkpoint``,
-    ``view_batch_size`` and the model's ``device`` and ``offload``, plus the sha256 of every
-    input image it reads. (Weights of a local model or LoRA are known by path, not content.)"""
+    """What makes two jobs give the same image, as ``JOB-INPUTS`` (two 16-digit hex parts):
+    ``JOB`` digests the job without ``output``, ``checkpoint``, ``view_batch_size`` and the
+    model's ``device`` and ``offload``; ``INPUTS`` digests the sha256 of every file it reads:
+    input images and, under the option names of :data:`~jointdiff.jobs.spec.MAYBE_PATH_KEYS`
+    (a mesh's ``path``, a plugin's ``model`` file), every existing local file. An output whose
+    ``JOB`` part matches but whose ``INPUTS`` differ was made from files that have changed
+    since: it is made again. (The ``[model]`` table's weights are known by path, not content.)"""
     data = job.to_dict()
     for key in ("output", "checkpoint", "view_batch_size"):
         data.pop(key, None)
     data["model"] = {k: v for k, v in data["model"].items() if k not in ("device", "offload")}
     inputs = {where: entry["sha256"] for where, entry in input_files(data).items()}
-    text = json.dumps({"job": data, "inputs": inputs}, sort_keys=True)
-    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+    inputs.update(_option_files(data))
+    return f"{_digest(data)}-{_digest(inputs)}"
+
+
+def _digest(value: Any) -> str:
+    return hashlib.blake2b(json.dumps(value, sort_keys=True).encode(), digest_size=8).hexdigest()
+
+
+def _option_files(data: dict[str, Any]) -> dict[str, str | None]:
+    """``{where: sha256}`` of the existing local files named by plugin options under
+    :data:`MAYBE_PATH_KEYS` (nested tables and lists included; folders and hub ids skipped)."""
+    found: dict[str, str | None] = {}
+
+    def walk(value: Any, where: str) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                inner = f"{where}.{key}"
+                if key in MAYBE_PATH_KEYS and isinstance(item, str) and Path(item).expanduser().is_file():
+                    found[inner] = _file_digest(Path(item).expanduser())
+                else:
+                    walk(item, inner)
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                walk(item, f"{where}[{i}]")
+
+    for key in ("geometry", "synchronizer", "conditioners", "init"):
+        walk(data.get(key), key)
+    return found
+
+
+_DIGESTS: dict[tuple[str, int, int], str | None] = {}
+
+
+def _file_digest(path: Path) -> str | None:
+    """``file_sha256`` of ``path``, read once per process while its size and mtime stay the
+    same (hundreds of jobs naming one large model file hash it once)."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = file_sha256(path)
+    return _DIGESTS[key]
 
 
 def _sidecar(path: Path) -> Path:
@@ -194,14 +239,17 @@ def read_mark(path: str | Path) -> dict[str, Any] | None:
 
 def output_state(output: str | Path, fingerprint: str) -> str:
     """``finished`` (every image there with this fingerprint), ``other`` (an image of
-    another job, or no mark, is there) or ``missing``."""
+    another job, or no mark, is there) or ``missing`` (nothing there, or an image of this job
+    made from input files that have changed since)."""
     target = Path(output)
     for first in (target, output_paths(target, 2)[0]):
         if not first.exists():
             continue
         mark = read_mark(first)
-        if mark is None or mark.get("fingerprint") != fingerprint:
+        if mark is None or not isinstance(mark.get("fingerprint"), str):
             return "other"
+        if mark["fingerprint"] != fingerprint:  # the same job on changed input files is made again
+            return "missing" if mark["fingerprint"].split("-")[0] == fingerprint.split("-")[0] else "other"
         count = int(mark.get("images", 1))
         paths = output_paths(target, count)
         marks = [read_mark(p) for p in paths]
@@ -218,7 +266,8 @@ def plan_batch(items: Sequence[BatchJob], *, overwrite: bool = False, checkpoint
     checkpoint; :class:`~jointdiff.jobs.manifest.BadJobsError` naming every output made by
     another job unless ``overwrite``."""
     if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or checkpoint_every < 1):
-        raise ConfigError(f"checkpoint_every must be a positive integer or None, got {checkpoint_every!r}")
+        raise ConfigError(f"--checkpoint-every (checkpoint_every) = {checkpoint_every!r}: must be a positive number "
+                          "of steps (0 on the command line, None in Python: no checkpoints)")
     planned, taken = [], []
     folders: set[Path] = set()
     models: set[str] = set()
@@ -247,7 +296,7 @@ def _with_checkpoint(job: Job, fingerprint: str, every: int | None) -> Job:
     if job.checkpoint is not None or every is None:
         return job
     output = Path(job.output)
-    path = output.parent / CHECKPOINT_FOLDER / f"{output.stem}.{fingerprint[:16]}.ckpt"
+    path = output.parent / CHECKPOINT_FOLDER / f"{output.stem}.{fingerprint}.ckpt"
     checkpoint = CheckpointSpec(path=str(path), every=every, resume=True, overwrite=True)
     return job.model_copy(update={"checkpoint": checkpoint})
 
@@ -309,7 +358,13 @@ def run_one(job: Job, cache: ModelCache, *, checkpoint_every: int | None = 10, o
 
 
 def _save(result: Any, planned: PlannedJob) -> None:
-    result.metadata["job"] = planned.embedded
+    """Write the outputs with the job the engine recorded (options a plugin filled in, such
+    as a mesh's sha256, included) less the batch's own checkpoint, and the batch mark."""
+    embedded = dict(result.metadata.get("job") or planned.embedded)
+    embedded.pop("checkpoint", None)
+    if "checkpoint" in planned.embedded:  # the job's own [checkpoint] stays recorded
+        embedded["checkpoint"] = planned.embedded["checkpoint"]
+    result.metadata["job"] = embedded
     result.metadata["batch"] = {"fingerprint": planned.fingerprint, "images": len(result.images)}
     for path in save_result(result, planned.job.output, overwrite=True):
         if path.suffix.lower() != ".png":
@@ -391,7 +446,7 @@ def run_batch(
     ones). ``cache`` (or a new one of ``max_models``) keeps models between jobs and batches.
     On KeyboardInterrupt the summary so far is written (the rest ``pending``) and it passes."""
     if not isinstance(retries, int) or retries < 0:
-        raise ConfigError(f"retries must be a non-negative integer, got {retries!r}")
+        raise ConfigError(f"--retries (retries) = {retries!r}: must be a non-negative integer")
     planned = prepare(jobs, base, overwrite, checkpoint_every)
     cache = cache if cache is not None else ModelCache(max_models)
     records = [JobRecord(p.job.output, "skipped" if p.finished else "pending", where=p.item.where) for p in planned]
@@ -415,7 +470,20 @@ def _with_retries(planned: PlannedJob, cache: ModelCache, retries: int,
     record = run_attempt(planned, cache, step_callback=step_callback)
     attempts = 1
     while record.status == "failed" and record.retry and attempts <= retries:
-        record = run_attempt(planned, cache, step_callback=step_callback)
+        record = with_earlier_attempts(run_attempt(planned, cache, step_callback=step_callback), record)
         attempts += 1
     record.attempts = attempts
+    return record
+
+
+TIME_FIELDS = ("seconds", "model_load_s", "gpu_s", "cpu_s")
+"""The timings a job's record sums over all its attempts."""
+
+
+def with_earlier_attempts(record: JobRecord, earlier: JobRecord | None) -> JobRecord:
+    """``record`` (the latest attempt) with the timings of the ``earlier`` attempts added:
+    a retried job's summary row counts all the time spent on it."""
+    if earlier is not None:
+        for name in TIME_FIELDS:
+            setattr(record, name, getattr(record, name) + getattr(earlier, name))
     return record

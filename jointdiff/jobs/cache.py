@@ -47,7 +47,7 @@ class ModelCache:
 
     def __init__(self, max_models: int = 1) -> None:
         if not isinstance(max_models, int) or max_models < 1:
-            raise ConfigError(f"max_models must be a positive integer, got {max_models!r}")
+            raise ConfigError(f"--max-models (max_models) = {max_models!r}: must be a positive integer")
         self.max_models = max_models
         self.loads = 0
         self.load_seconds = 0.0

@@ -64,7 +64,7 @@ def collect_jobs(sources: Sequence[str | Path], base: str | Path | None = None) 
                     jobs.extend(_manifest_jobs(path, base_data, problems))
             else:
                 jobs.extend(_file_job(path, problems))
-    problems.extend(_duplicate_outputs(jobs))
+    problems.extend(_duplicate_outputs(jobs))  # outputs and checkpoints
     if problems:
         raise BadJobsError(problems)
     return jobs
@@ -232,13 +232,19 @@ def _numbered(output: str, number: int, width: int) -> str:
 
 
 def _duplicate_outputs(jobs: list[BatchJob]) -> list[str]:
-    """Two jobs writing one output: each after the first named with the first."""
-    first: dict[str, str] = {}
+    """Two jobs writing one output, or one ``[checkpoint] path`` (each would overwrite the
+    other's, or resume from it): each after the first named with the first."""
     problems = []
-    for item in jobs:
-        output = str(Path(item.job.output).absolute())
-        if output in first:
-            problems.append(f"{item.where}: output {item.job.output!r} is also the output of {first[output]}")
-        else:
-            first[output] = item.where
+    for name, path_of in (("output", lambda job: job.output),
+                          ("checkpoint path", lambda job: job.checkpoint.path if job.checkpoint is not None else None)):
+        first: dict[str, str] = {}
+        for item in jobs:
+            path = path_of(item.job)
+            if path is None:
+                continue
+            key = str(Path(path).absolute())
+            if key in first:
+                problems.append(f"{item.where}: {name} {path!r} is also the {name} of {first[key]}")
+            else:
+                first[key] = item.where
     return problems

@@ -12,12 +12,16 @@ The queue drives :func:`jointdiff.jobs.spec.run_job` with models from a
 :class:`~jointdiff.jobs.cache.ModelCache` per device (the next job with the same ``[model]``
 table reuses the loaded model); anything that submits jobs (the web UI, a script) shares it.
 SQLite (the standard library's ``sqlite3``) is the store because it is one file, needs no
-server and survives a crash mid-write; one process at a time serves a folder's queue.
+server and survives a crash mid-write. One queue at a time serves a folder: it holds an
+exclusive lock (``fcntl.flock``) on ``folder/jobs.lock`` while open, a second one is refused,
+and a worker claims a job with one conditional update (``queued`` to ``running``), so no job
+runs twice. (Where ``fcntl`` is missing, Windows, the folder is not locked.)
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -30,6 +34,11 @@ from jointdiff.jobs.cache import ModelCache
 from jointdiff.jobs.spec import Job, check_before_loading, run_job
 from jointdiff.models.loading import resolve_device
 from jointdiff.utils.errors import ConfigError, JointDiffError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks, one process per folder is up to the user
+    fcntl = None  # type: ignore[assignment]
 
 STATUSES = ("queued", "running", "done", "failed", "cancelled", "interrupted")
 RESUMABLE = frozenset({"cancelled", "interrupted", "failed"})
@@ -84,7 +93,8 @@ class JobRecord:
 @dataclass
 class Live:
     """What a running job shows while it runs: steps done, ETA, the latest preview (any
-    object the queue's ``preview`` returned), whether it was asked to stop."""
+    object the queue's ``preview`` returned; a preview that raised keeps the previous one and
+    counts in ``preview_errors``), whether it was asked to stop."""
 
     step: int = 0
     steps: int = 0
@@ -93,6 +103,7 @@ class Live:
     eta_s: float | None = None
     preview: Any = None
     preview_step: int = -1
+    preview_errors: int = 0
     cancel: bool = False
 
 
@@ -116,6 +127,7 @@ class JobQueue:
         self.folder = Path(folder).absolute()
         for sub in ("outputs", "checkpoints"):
             (self.folder / sub).mkdir(parents=True, exist_ok=True)
+        self._folder_lock = _lock_folder(self.folder)
         self.preview, self.preview_every, self.checkpoint_every = preview, preview_every, checkpoint_every
         self.step_hooks: list[StepHook] = []
         self.live: dict[int, Live] = {}
@@ -242,6 +254,9 @@ class JobQueue:
         for worker in workers:
             worker.join(timeout=60)
         self._db.close()
+        if self._folder_lock is not None:
+            self._folder_lock.close()  # releases the folder's lock
+            self._folder_lock = None
 
     # -- running ------------------------------------------------------------------------------
 
@@ -263,35 +278,55 @@ class JobQueue:
                 row = self._db.execute(
                     "SELECT id FROM jobs WHERE device = ? AND status = 'queued' ORDER BY seq LIMIT 1", (device,)
                 ).fetchone()
-                if row is not None:
+                if row is not None and self._claim(int(row[0])):
                     job_id = int(row[0])
-                    self._set(job_id, status="running", started=time.time(), error=None)
                     self.live[job_id] = Live()
                     return job_id
+                if row is not None:
+                    continue  # taken meanwhile (cancelled): look again
                 self._wake.wait(timeout=1.0)
         return None
 
+    def _claim(self, job_id: int) -> bool:
+        """Mark a queued job running in one conditional update; False when it is no longer queued."""
+        with self._lock:
+            cursor = self._db.execute(
+                "UPDATE jobs SET status = 'running', started = ?, error = NULL WHERE id = ? AND status = 'queued'",
+                (time.time(), job_id),
+            )
+            return cursor.rowcount == 1
+
     def _work(self, device: str) -> None:
+        """Run ``device``'s jobs until the queue closes; whatever goes wrong with one job is
+        recorded as its failure and the thread takes the next."""
         while (job_id := self._next_job(device)) is not None:
-            self._run(job_id)
+            try:
+                self._run(job_id)
+            except Exception as error:  # the worker must outlive any one job
+                self._fail(job_id, error)
 
     def _run(self, job_id: int) -> None:
-        """Run one job; any failure is recorded as its one-line error (the worker goes on)."""
+        """Run one job and write its outputs; any failure (running or saving) is recorded as its
+        one-line error (the worker goes on)."""
         record, live = self.get(job_id), self.live[job_id]
         began = time.monotonic()
         try:
             result = self._execute(job_id, record, live)
+            stopped = result.metadata.get("stopped_at_step")
+            if stopped is not None:
+                self._set(job_id, status="cancelled", step=stopped + 1, seconds=_elapsed(record, began))
+                return
+            outputs = [str(p) for p in save_result(result, record.job["output"], overwrite=True)]
+            self._set(job_id, status="done", finished=time.time(), seconds=_elapsed(record, began),
+                      step=record.steps, outputs=json.dumps(outputs))
         except Exception as error:  # a failing job must not take the worker (or the server) down
-            self._set(job_id, status="failed", finished=time.time(), seconds=_elapsed(record, began),
-                      error=one_line(error))
-            return
-        stopped = result.metadata.get("stopped_at_step")
-        if stopped is not None:
-            self._set(job_id, status="cancelled", step=stopped + 1, seconds=_elapsed(record, began))
-            return
-        outputs = [str(p) for p in save_result(result, record.job["output"], overwrite=True)]
-        self._set(job_id, status="done", finished=time.time(), seconds=_elapsed(record, began), step=record.steps,
-                  outputs=json.dumps(outputs))
+            self._fail(job_id, error, _elapsed(record, began))
+
+    def _fail(self, job_id: int, error: BaseException, seconds: float | None = None) -> None:
+        values: dict[str, Any] = {"status": "failed", "finished": time.time(), "error": one_line(error)}
+        if seconds is not None:
+            values["seconds"] = seconds
+        self._set(job_id, **values)
 
     def _execute(self, job_id: int, record: JobRecord, live: Live) -> Any:
         # lazy: loads torch; jointdiff.jobs.queue must import without it
@@ -325,7 +360,10 @@ class JobQueue:
         if done > 0:
             live.eta_s = (now - live.started) / done * (live.steps - live.step)
         if self.preview is not None and model is not None and (i % self.preview_every == 0 or live.step == live.steps):
-            live.preview, live.preview_step = self.preview(model, canvas), live.step
+            try:
+                live.preview, live.preview_step = self.preview(model, canvas), live.step
+            except Exception:  # noqa: BLE001 - a preview is a courtesy: the job goes on, the last one stays
+                live.preview_errors += 1
         for hook in self.step_hooks:
             hook(self, job_id, i)
 
@@ -333,6 +371,25 @@ class JobQueue:
         columns = ", ".join(f"{key} = ?" for key in values)
         with self._lock:
             self._db.execute(f"UPDATE jobs SET {columns} WHERE id = ?", (*values.values(), job_id))
+
+
+def _lock_folder(folder: Path) -> Any:
+    """The open ``folder/jobs.lock`` holding an exclusive lock (None without ``fcntl``);
+    ConfigError when another queue holds it."""
+    if fcntl is None:
+        return None
+    handle = open(folder / "jobs.lock", "a+")  # noqa: SIM115 - held open for the queue's lifetime
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise ConfigError(f"folder {str(folder)!r} is already served by another job queue (it holds "
+                          f"{str(folder / 'jobs.lock')!r}); stop that one or choose another folder") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")  # who holds it, for a person looking
+    handle.flush()
+    return handle
 
 
 def device_key(device: str) -> str:

@@ -33,6 +33,7 @@ from jointdiff.jobs.batch import (
     prepare,
     remove_empty_checkpoint_folders,
     run_attempt,
+    with_earlier_attempts,
 )
 from jointdiff.jobs.cache import ModelCache, model_key
 from jointdiff.jobs.manifest import BatchJob
@@ -79,7 +80,7 @@ def run_ray_batch(
     actors alive at the end."""
     ray = require_ray()
     if not isinstance(retries, int) or retries < 0:
-        raise ConfigError(f"retries must be a non-negative integer, got {retries!r}")
+        raise ConfigError(f"--retries (retries) = {retries!r}: must be a non-negative integer")
     planned = prepare(jobs, base, overwrite, checkpoint_every, check_devices=False)
     records = [JobRecord(p.job.output, "skipped" if p.finished else "pending", where=p.item.where) for p in planned]
     start, queue = time.perf_counter(), _Queue(planned)
@@ -175,6 +176,7 @@ def _dispatch(ray: Any, actors: list[Any], planned: list[PlannedJob], queue: _Qu
     idle, running = list(actors), {}
     held: dict[Any, set[str]] = {actor: set() for actor in actors}
     attempts: collections.Counter = collections.Counter()
+    earlier: dict[int, JobRecord] = {}  # the failed attempts so far, their timings summed
     while len(queue) or running:
         while idle and len(queue):
             actor = idle.pop()
@@ -193,8 +195,10 @@ def _dispatch(ray: Any, actors: list[Any], planned: list[PlannedJob], queue: _Qu
             idle.append(actor)
             held[actor].add(queue.keys[index])
         attempts[index] += 1
+        record = with_earlier_attempts(record, earlier.pop(index, None))
         record.attempts = attempts[index]
         if record.status == "failed" and record.retry and attempts[index] <= retries:
+            earlier[index] = record
             queue.put_back(index)
             continue
         records[index] = record

@@ -306,7 +306,10 @@ def _tick(queue: JobQueue, job: int | None, seen: dict[str, Any]) -> list[Any]:
     page["history"] = signature
     if job is None:
         return [page, "No job yet.", gr.skip(), gr.skip(), gr.skip(), gr.skip(), table, gallery]
-    record = queue.get(job)
+    try:
+        record = queue.get(job)
+    except ConfigError:  # a number typed for a job that is not in this queue: say so, keep ticking
+        return [page, _error_html(f"job {job} does not exist"), gr.skip(), gr.skip(), gr.skip(), gr.skip(), table, gallery]
     live = queue.live.get(record.id)
     preview = gr.skip()
     if live is not None and live.preview is not None and page.get("preview") != (record.id, live.preview_step):

@@ -6,6 +6,12 @@ checked before the job is queued: a relative path is taken relative to the first
 the real path (symbolic links followed, ``..`` folded) must lie inside one of the roots, so
 no one at the browser can read an arbitrary file on the server. Names that are not paths
 (tiny models, hub ids such as ``org/model`` that are not local folders) pass unchanged.
+
+A LoRA's ``weight_name`` must name a file inside its LoRA folder (no absolute value, nothing
+that resolves outside). Options of third-party plugins are not known by name, so every other
+string option value (in nested lists and tables too) that looks like a path (absolute, with
+``~``, a path separator or ``..``, or naming an existing file relative to the working folder)
+is confined the same way; prompts and plain words pass unchanged.
 """
 
 from __future__ import annotations
@@ -37,6 +43,8 @@ def confine_paths(data: Mapping[str, Any], roots: Sequence[Path]) -> dict[str, A
         if isinstance(lora, dict) and isinstance(lora.get("path"), str):
             local = looks_local(lora["path"])
             lora = {**lora, "path": _confine(lora["path"], f"model.loras[{i}].path", roots, hub_id_allowed=not local)}
+            if isinstance(lora.get("weight_name"), str):
+                _confine_weight_name(lora["path"], lora["weight_name"], f"model.loras[{i}].weight_name")
         loras.append(lora)
     if loras:
         model["loras"] = loras
@@ -54,6 +62,8 @@ def _confine_options(table: Any, where: str, roots: list[Path]) -> Any:
     """Path-valued options anywhere in a plugin table (nested tables and lists included)."""
     if isinstance(table, list):
         return [_confine_options(item, f"{where}[{i}]", roots) for i, item in enumerate(table)]
+    if isinstance(table, str) and _looks_like_path(table):  # a list item of an unknown option
+        return _confine(table, where, roots, hub_id_allowed=True)
     if not isinstance(table, dict):
         return table
     out = {}
@@ -65,18 +75,42 @@ def _confine_options(table: Any, where: str, roots: list[Path]) -> Any:
             out[key] = [_confine(v, f"{inner}[{i}]", roots, False) if isinstance(v, str) else v for i, v in enumerate(value)]
         elif key in MAYBE_PATH_KEYS and isinstance(value, str):
             out[key] = _confine(value, inner, roots, hub_id_allowed=True)
-        elif key != "name":
+        elif key not in TEXT_KEYS:
             out[key] = _confine_options(value, inner, roots)
         else:
             out[key] = value
     return out
 
 
+TEXT_KEYS = frozenset({"name", "prompt", "prompts", "negative_prompt", "style_prompt"})
+"""Option names whose strings are text, never files (a prompt may hold ``/`` or ``..``)."""
+
+
+def _looks_like_path(value: str) -> bool:
+    """Whether an option string of an unknown plugin may name a file: absolute, ``~``, a
+    separator or ``..`` in it, or an existing file relative to the working folder."""
+    if tiny_model_family(value) is not None or "\n" in value:
+        return False
+    return (os.path.isabs(value) or value.startswith("~") or "/" in value or "\\" in value
+            or ".." in value or Path(value).is_file())
+
+
+def _confine_weight_name(folder: str, weight_name: str, where: str) -> None:
+    """ConfigError unless ``weight_name`` stays inside the LoRA ``folder`` (a confined local
+    folder, or a hub id, where it must be relative and free of ``..``)."""
+    bad = os.path.isabs(weight_name) or weight_name.startswith(("~", "\\")) or ".." in Path(weight_name).parts
+    if not bad and Path(folder).is_dir():
+        root = Path(folder).resolve()
+        bad = not (root / weight_name).resolve().is_relative_to(root)
+    if bad:
+        raise ConfigError(f"{where} = {weight_name!r} must name a file inside the LoRA folder {folder!r}")
+
+
 def _confine(value: str, where: str, roots: list[Path], hub_id_allowed: bool) -> str:
     """``value`` as an absolute path inside ``roots`` (or unchanged: a hub id, where allowed)."""
     if not value:
         return value
-    explicit = value.startswith((".", "/", "~", "\\")) or os.path.isabs(value)
+    explicit = value.startswith((".", "/", "~", "\\")) or os.path.isabs(value) or ".." in Path(value).parts
     candidate = Path(value).expanduser()
     if not candidate.is_absolute():
         candidate = roots[0] / candidate
