@@ -360,7 +360,10 @@ def test_estimate_shows_what_the_engine_announces(page, server):
     box = page.locator("#estimate-text textarea")
     page.wait_for_function("el => el.value.includes('windows:')", arg=box.element_handle())
     job = tiny_job(seed=9, prompt="a watercolor fox")
-    assert box.input_value() == estimate_text(Job.from_dict(job))
+    shown = box.input_value()
+    assert shown == estimate_text(Job.from_dict(job))
+    # counted by hand: a 96 px strip is 12 latent cells; 8-cell windows every 4 cells are 2 windows
+    assert "windows: 2 of 8×8 cells" in shown and "over 2 steps" in shown and "memory:" in shown
 
 
 def test_uploads_are_capped_and_kept_under_the_app_folder(page, server, tmp_path):

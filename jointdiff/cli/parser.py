@@ -88,6 +88,12 @@ def _add_output_options(parser: argparse.ArgumentParser, output_help: str, defau
                         "networks), denoises and writes nothing")
 
 
+def _add_geometry_options(parser: argparse.ArgumentParser, what: str, example: str) -> None:
+    """``-g KEY=VALUE`` (repeatable): geometry options, values read as TOML."""
+    parser.add_argument("-g", "--geometry-option", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"{what}, value read as TOML (repeat: {example})")
+
+
 def _add_run(sub: Any) -> None:
     run = _subparser(
         sub, "run", "run a job file (.toml, .json, or a PNG made by jointdiff)",
@@ -112,8 +118,7 @@ def _add_generate(sub: Any) -> None:
                      "Generate an image from a prompt: the same job as a TOML file, built from flags.")
     gen.add_argument("prompt", help="what every window shows (the 'text' conditioner's prompt)")
     gen.add_argument("--geometry", default="strip", help="geometry plugin: strip, grid, equirect, cubemap, torus, atlas, cube_texture, ... (see 'jointdiff plugins')")
-    gen.add_argument("-g", "--geometry-option", action="append", default=[], metavar="KEY=VALUE",
-                     help="a geometry option, value read as TOML (repeat: -g length_px=3072 -g wrap=true)")
+    _add_geometry_options(gen, "a geometry option", "-g length_px=3072 -g wrap=true")
     gen.add_argument("--init-image", metavar="IMAGE", help="start from this image (docs/from-an-image.md); "
                      "without --place it must have the canvas's size")
     gen.add_argument("--place", choices=["sphere", "canvas", "loop", "tileable", "upscale"],
@@ -172,8 +177,7 @@ def _add_sky(sub: Any) -> None:
     sky.add_argument("--roll", type=float, default=0.0, metavar="DEG", help="degrees, as py360convert's in_rot_deg")
     sky.add_argument("--fov", type=float, default=90.0, metavar="DEG", help="the photo's horizontal field of view, in (0, 180)")
     sky.add_argument("--width-px", type=int, default=2048, help="panorama width (height = width / 2)")
-    sky.add_argument("-g", "--geometry-option", action="append", default=[], metavar="KEY=VALUE",
-                     help="another equirect option, value read as TOML (repeat: -g window_latent=64)")
+    _add_geometry_options(sky, "another equirect option", "-g window_latent=64")
     _add_init_options(sky)
     _add_job_options(sky, "sky.png")
     sky.set_defaults(func=cmd_sky)
@@ -191,8 +195,7 @@ def _add_texture(sub: Any) -> None:
     texture.add_argument("prompt", help="what the object looks like")
     texture.add_argument("--texture-px", type=int, default=1024, help="side of every output texture")
     texture.add_argument("--keep-frame", action="store_true", help="keep the mesh's own frame (default: centred, unit sphere)")
-    texture.add_argument("-g", "--geometry-option", action="append", default=[], metavar="KEY=VALUE",
-                         help="another mesh option, value read as TOML (repeat: -g window_latent=64)")
+    _add_geometry_options(texture, "another mesh option", "-g window_latent=64")
     _add_job_options(texture, "texture.png")
     texture.set_defaults(func=cmd_texture)
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from jointdiff.utils.errors import ConfigError, JointDiffError
+from jointdiff.utils.files import write_atomic
 
 if TYPE_CHECKING:
     from jointdiff.core.context import WindowBatch
@@ -422,17 +422,11 @@ def save_checkpoint(checkpoint: Checkpoint, comm: Distributed | None, fingerprin
 def _atomic_save(payload: dict, path: Path) -> None:
     """Write through a temporary file and a rename; a failure names the checkpoint, never
     the temporary file."""
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent if str(path.parent) else ".")
-        os.close(fd)
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except OSError as error:
-        raise ConfigError(f"checkpoint.path {str(path)!r}: cannot write it ({error.strerror or type(error).__name__})") from None
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomic(Path(path), lambda tmp: torch.save(payload, tmp), describe=_cannot_write_checkpoint)
+
+
+def _cannot_write_checkpoint(path: Path, error: OSError) -> str:
+    return f"checkpoint.path {str(path)!r}: cannot write it ({error.strerror or type(error).__name__})"
 
 
 def load_checkpoint(checkpoint: Checkpoint, comm: Distributed | None, fingerprint: dict) -> dict | None:

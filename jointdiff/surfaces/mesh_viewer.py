@@ -25,7 +25,7 @@ import re
 import struct
 from pathlib import Path
 
-from jointdiff.surfaces.viewer import THREE_CORE, THREE_MODULE, vendored_text
+from jointdiff.surfaces.viewer import PAGE_HEAD, THREE_CORE, THREE_MODULE, vendored_text
 from jointdiff.utils.errors import ConfigError
 from jointdiff.utils.files import write_text_atomic
 
@@ -35,22 +35,7 @@ ADDONS = ("BufferGeometryUtils.js", "SkeletonUtils.js", "GLTFLoader.js", "OrbitC
 GLB_MAGIC = b"glTF"
 BACKGROUND = "#3a3f44"
 
-PAGE = """<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{title}</title>
-<style>
-html, body {{ margin: 0; height: 100%; overflow: hidden; background: {background}; }}
-canvas {{ display: block; cursor: grab; touch-action: none; }}
-canvas:active {{ cursor: grabbing; }}
-#hud {{ position: fixed; left: 8px; bottom: 8px; padding: 4px 8px; border-radius: 4px;
-  font: 12px sans-serif; color: #eee; background: rgba(0, 0, 0, 0.55); user-select: none; }}
-</style>
-</head>
-<body>
-<div id="hud">{title} · drag to orbit · wheel to zoom · right-drag to pan</div>
+PAGE = PAGE_HEAD + """<div id="hud">{title} · drag to orbit · wheel to zoom · right-drag to pan</div>
 {scripts}
 <script type="text/plain" id="glb">{glb}</script>
 <script type="module">

@@ -33,14 +33,14 @@ THREE_MODULE = "three.module.min.js"
 MAX_TEXTURE_WIDTH_PX = 8192  # the widest texture WebGL implementations commonly accept
 FORMAT_MIME = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 
-PAGE = """<!doctype html>
+PAGE_HEAD = """<!doctype html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{title}</title>
 <style>
-html, body {{ margin: 0; height: 100%; overflow: hidden; background: #000; }}
+html, body {{ margin: 0; height: 100%; overflow: hidden; background: {background}; }}
 canvas {{ display: block; cursor: grab; touch-action: none; }}
 canvas:active {{ cursor: grabbing; }}
 #hud {{ position: fixed; left: 8px; bottom: 8px; padding: 4px 8px; border-radius: 4px;
@@ -48,7 +48,11 @@ canvas:active {{ cursor: grabbing; }}
 </style>
 </head>
 <body>
-<div id="hud">{title} · drag to look around · wheel to zoom · <span id="fov"></span></div>
+"""
+"""The start of every viewer page (the 360° page and the mesh page): a full-window canvas
+under a small heads-up line."""
+
+PAGE = PAGE_HEAD.replace("{background}", "#000") + """<div id="hud">{title} · drag to look around · wheel to zoom · <span id="fov"></span></div>
 <script type="text/plain" id="three-core">{three_core}</script>
 <script type="text/plain" id="three-module">{three_module}</script>
 <script type="module">

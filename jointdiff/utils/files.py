@@ -98,23 +98,31 @@ def save_image_atomic(
         for key, value in metadata.items():
             info.add_itxt(key, value if isinstance(value, str) else json.dumps(value))
         kwargs["pnginfo"] = info
-    return _write_atomic(path, overwrite, lambda tmp: image.save(tmp, **kwargs))
+    return write_atomic(path, lambda tmp: image.save(tmp, **kwargs), overwrite=overwrite)
 
 
 def write_text_atomic(text: str, path: str | Path, *, overwrite: bool = True) -> Path:
     """Write ``text`` (UTF-8) via a temporary file in the same folder and an atomic rename,
     as :func:`save_image_atomic`; with ``overwrite=False`` an existing ``path`` is never
     replaced (FileExistsError)."""
-    return _write_atomic(Path(path), overwrite, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    return write_atomic(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), overwrite=overwrite)
 
 
-def _write_atomic(path: Path, overwrite: bool, write: Callable[[str], Any]) -> Path:
-    """``write(tmp)`` into a temporary file beside ``path``, then move it there (:func:`_place`);
-    the temporary file never outlives the call. OSErrors become one-line ConfigErrors."""
+def _cannot_write_output(path: Path, error: OSError) -> str:
+    return f"cannot write output {str(path)!r}: {error.strerror or error}"
+
+
+def write_atomic(
+    path: Path, write: Callable[[str], Any], *, overwrite: bool = True,
+    describe: Callable[[Path, OSError], str] = _cannot_write_output,
+) -> Path:
+    """``write(tmp)`` into a temporary file beside ``path``, then move it there (:func:`_place`):
+    a crash never leaves a half-written file at ``path``, and the temporary file never outlives
+    the call. An OSError becomes a one-line ConfigError, ``describe(path, error)``."""
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent or ".")
     except OSError as error:
-        raise ConfigError(f"cannot write output {str(path)!r}: {error.strerror or error}") from None
+        raise ConfigError(describe(path, error)) from None
     os.close(fd)
     try:
         write(tmp)
@@ -123,7 +131,7 @@ def _write_atomic(path: Path, overwrite: bool, write: Callable[[str], Any]) -> P
     except FileExistsError:
         raise
     except OSError as error:
-        raise ConfigError(f"cannot write output {str(path)!r}: {error.strerror or error}") from None
+        raise ConfigError(describe(path, error)) from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
